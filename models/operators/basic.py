@@ -1,0 +1,151 @@
+"""The basic linear operators: :class:`Identity` (denoising), :class:`Matrix` (dense) and
+:class:`Mask` (inpainting, motif scaffolding), all with an exact SVD."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from models.operators.base import SVD, LinearOperator
+
+__all__ = ["Identity", "Matrix", "Mask"]
+
+
+class Identity(LinearOperator):
+    """:math:`A = I` on signals of shape ``shape`` (denoising); ``U = V = I``, ``s = 1``.
+
+    Args:
+        shape: the signal's event shape, e.g. ``(d,)`` or ``(C, H, W)``.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        shape = tuple(int(n) for n in torch.Size(shape))
+        super().__init__(shape, shape)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y
+
+    def svd(self) -> SVD:
+        d = math.prod(self.in_shape)
+        unflatten = lambda z: z.reshape((-1,) + tuple(self.in_shape))  # noqa: E731
+        return SVD(
+            singular_values=torch.ones(d, dtype=torch.float64),
+            vt=lambda x: x.flatten(1),
+            v=unflatten,
+            ut=lambda y: y.flatten(1),
+            u=unflatten,
+        )
+
+
+class Matrix(LinearOperator):
+    r"""A dense matrix :math:`A \in \mathbb{R}^{m \times d}` on vectors ``(d,)``.
+
+    Its full SVD (``torch.linalg.svd``) is computed on first use and cached.
+
+    Args:
+        matrix: shape ``(m, d)``; its device and dtype are kept, and inputs are cast to them.
+    """
+
+    def __init__(self, matrix: Tensor):
+        matrix = torch.as_tensor(matrix)
+        if matrix.dim() != 2:
+            raise ValueError(f"Matrix expects a 2-D tensor (m, d); got shape {tuple(matrix.shape)}")
+        if not torch.isfinite(matrix).all():
+            raise ValueError("Matrix: the matrix has non-finite entries")
+        super().__init__((matrix.shape[1],), (matrix.shape[0],))
+        self.weight = matrix
+        self._svd: SVD | None = None
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.to(x).T
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y @ self.weight.to(y)
+
+    def matrix(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        return self.weight.to(dtype=dtype, device=device)
+
+    def svd(self) -> SVD:
+        if self._svd is None:
+            left, singular_values, right_t = torch.linalg.svd(self.weight, full_matrices=True)
+            self._svd = SVD(
+                singular_values=singular_values,
+                vt=lambda x: x @ right_t.to(x).T,
+                v=lambda z: z @ right_t.to(z),
+                ut=lambda y: y @ left.to(y),
+                u=lambda z: z @ left.to(z).T,
+            )
+        return self._svd
+
+
+class Mask(LinearOperator):
+    r"""Keep the observed entries: ``forward(x) = x[..., mask]`` as a flat vector in index order.
+
+    The adjoint scatters measurements back into the signal's shape (zeros elsewhere). Its SVD has
+    ``s = 1``, ``U = I`` and ``V`` the permutation that lists the observed entries first (in index
+    order) and the unobserved ones after them.
+
+    Args:
+        mask: boolean tensor of the signal's event shape (e.g. ``(C, H, W)`` for inpainting, or
+            ``(d,)`` for a set of coordinates of a vector, as in motif scaffolding), ``True`` where
+            observed; or a 1-D integer tensor of observed coordinates together with ``shape``.
+        shape: the event shape, only with integer coordinates.
+    """
+
+    def __init__(self, mask: Tensor, shape: tuple[int, ...] | None = None):
+        mask = torch.as_tensor(mask)
+        if mask.dtype != torch.bool:
+            if shape is None or mask.dim() != 1 or mask.is_floating_point():
+                raise ValueError(
+                    "Mask expects a boolean mask of the signal's shape, or 1-D integer "
+                    f"coordinates with shape=...; got dtype {mask.dtype}, shape {tuple(mask.shape)}"
+                )
+            d = math.prod(shape)
+            if mask.numel() and (mask.min() < 0 or mask.max() >= d):
+                raise ValueError(f"Mask coordinates must lie in [0, {d}); got {mask.tolist()}")
+            if mask.unique().numel() != mask.numel():
+                raise ValueError("Mask coordinates must be distinct")
+            flat = torch.zeros(d, dtype=torch.bool)
+            flat[mask.long()] = True
+            mask = flat.reshape(shape)
+        elif shape is not None and tuple(shape) != tuple(mask.shape):
+            raise ValueError(f"Mask: shape {tuple(shape)} does not match the mask's {tuple(mask.shape)}")
+        if mask.dim() == 0:
+            raise ValueError("Mask needs at least one dimension")
+        observed = mask.flatten().nonzero().squeeze(1)
+        if observed.numel() == 0:
+            raise ValueError("Mask observes no entry")
+        super().__init__(tuple(mask.shape), (observed.numel(),))
+        self.mask = mask
+        self.observed = observed
+        self.unobserved = (~mask.flatten()).nonzero().squeeze(1)
+        self.permutation = torch.cat([self.observed, self.unobserved])
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, self.observed.to(x.device)]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        flat = y.new_zeros(y.shape[0], math.prod(self.in_shape))
+        flat[:, self.observed.to(y.device)] = y
+        return flat.reshape((-1,) + tuple(self.in_shape))
+
+    def svd(self) -> SVD:
+        permutation = self.permutation
+
+        def v(z: Tensor) -> Tensor:
+            flat = torch.empty_like(z)
+            flat[:, permutation.to(z.device)] = z
+            return flat.reshape((-1,) + tuple(self.in_shape))
+
+        return SVD(
+            singular_values=torch.ones(self.observed.numel(), dtype=torch.float64),
+            vt=lambda x: x.flatten(1)[:, permutation.to(x.device)],
+            v=v,
+            ut=lambda y: y,
+            u=lambda z: z,
+        )

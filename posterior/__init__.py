@@ -1,0 +1,17 @@
+"""How posteriors are inferred: read a Pyro model into a :class:`Problem`, run an engine with
+:func:`sample`, get a :class:`ParticleSet` back.
+
+Example::
+
+    result = posterior.sample(model, posterior.Exact(), num_particles=256, num_chains=4, seed=0,
+                              model_kwargs={"y": y})
+    tree = result.to_datatree()
+"""
+
+from posterior.driver import sample
+from posterior.engines import Engine, EngineFailed, Exact
+from posterior.particles import ParticleSet
+from posterior.problem import Problem
+
+__all__ = ["sample", "Problem", "ParticleSet", "EngineFailed", "Engine", "Exact"]
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""The run driver: one loop for every engine."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from posterior.engines.base import Engine, EngineFailed
+from posterior.particles import ParticleSet
+from posterior.problem import Problem
+
+__all__ = ["sample"]
+
+
+def _progress_enabled(progress: bool) -> bool:
+    return progress and not any(key in os.environ for key in ("CI", "PYTEST_XDIST_WORKER"))
+
+
+def _check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
+    if not torch.isfinite(state.particles).all():
+        raise EngineFailed(engine.name, step, t, "non-finite particles")
+    log_weights = state.log_weights
+    if torch.isnan(log_weights).any() or not torch.isfinite(torch.logsumexp(log_weights, -1)).all():
+        raise EngineFailed(engine.name, step, t, "collapsed weights (no particle has positive weight)")
+
+
+def _stack_statistics(records: list[dict[str, Tensor]], num_chains: int) -> dict[str, Tensor]:
+    """Per-step dicts of ``(chains,)`` tensors or scalars -> name -> ``(chains, steps)``."""
+    stats: dict[str, Tensor] = {}
+    if not records:
+        return stats
+    for key in records[0]:
+        column = []
+        for record in records:
+            value = torch.as_tensor(record[key])
+            column.append(value.detach().reshape(-1).expand(num_chains) if value.numel() == 1 else value.detach())
+        stats[key] = torch.stack(column, dim=1)
+    return stats
+
+
+def sample(
+    model: Callable,
+    engine: Engine,
+    *,
+    num_particles: int,
+    num_chains: int = 1,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    callback: Callable[[int, Any, dict[str, Tensor]], None] | None = None,
+    model_args: tuple = (),
+    model_kwargs: dict[str, Any] | None = None,
+) -> ParticleSet:
+    """Run an inference engine on the inverse problem declared by a Pyro model.
+
+    Args:
+        model: a Pyro model with one :class:`~models.priors.DiffusionPrior` latent site and
+            observed sites.
+        engine: an engine instance, e.g. ``posterior.Exact()``.
+        num_particles: particles per chain (``draws``).
+        num_chains: independent runs, batched together.
+        seed: seed of the run's ``torch.Generator`` (drawn at random and recorded when ``None``);
+            the same seed on the same device gives identical results.
+        device: where to run; must be the prior's device (the default).
+        batch_size: chunk size of denoiser and likelihood calls (``None``: all particles at once).
+        progress: show a progress bar (always off when ``CI`` is set).
+        callback: called as ``callback(step, state, info)`` after every step.
+        model_args: positional arguments of the model.
+        model_kwargs: keyword arguments of the model (the observations, e.g. ``{"y": y}``).
+
+    Returns:
+        A :class:`~posterior.particles.ParticleSet` with values ``(num_chains, num_particles,
+        *event)`` under the prior site's name.
+
+    Raises:
+        ValueError: a misdeclared model, bad arguments, or an engine that cannot handle the
+            problem (naming the missing capability).
+        EngineFailed: non-finite particles or collapsed weights, with the step and time.
+    """
+    if not isinstance(engine, Engine):
+        raise ValueError(f"engine must be a posterior engine instance (e.g. posterior.Exact()); got {engine!r}")
+    for name, value in (("num_particles", num_particles), ("num_chains", num_chains)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    problem = Problem.from_model(model, *model_args, batch_size=batch_size, **(model_kwargs or {}))
+    if device is not None and torch.device(device) != problem.device:
+        raise ValueError(
+            f"device={device!r} but the prior lives on {problem.device}: move the prior's denoiser "
+            "(and the observations) there instead"
+        )
+    problem.require(engine)
+    seed = secrets.randbits(63) if seed is None else int(seed)
+    generator = torch.Generator(device=problem.device).manual_seed(seed)
+
+    start = time.perf_counter()
+    state = engine.init(problem, num_chains, num_particles, generator)
+    _check_state(engine, state, 0, None)
+    records = []
+    steps = tqdm(range(engine.num_steps), desc=engine.name, disable=engine.num_steps == 0 or not _progress_enabled(progress))
+    for step in steps:
+        state, info = engine.step(problem, state, generator)
+        t = info.get("t")
+        _check_state(engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0]))
+        records.append(info)
+        if callback is not None:
+            callback(step, state, info)
+    if problem.device.type == "cuda":
+        torch.cuda.synchronize(problem.device)
+    wall_time = time.perf_counter() - start
+
+    event = tuple(problem.event_shape)
+    particles = state.particles.detach()
+    log_likelihood = None
+    if "finite_likelihood" in problem.capabilities:
+        with torch.no_grad():
+            log_likelihood = problem.log_likelihood(particles).reshape(num_chains, num_particles)
+    log_evidence = getattr(state, "log_evidence", None)
+    return ParticleSet(
+        values={problem.latent_name: particles.reshape((num_chains, num_particles) + event)},
+        log_weights=state.log_weights.detach(),
+        log_evidence=None if log_evidence is None else log_evidence.detach(),
+        log_likelihood=log_likelihood,
+        observed={name: value.detach() for name, value in problem.observed.items()},
+        stats=_stack_statistics(records, num_chains),
+        info={
+            "engine": engine.name,
+            "config": engine.config(),
+            "num_particles": num_particles,
+            "num_chains": num_chains,
+            "nfe": problem.nfe,
+            "vjp": problem.vjp,
+            "wall_time": wall_time,
+            "seed": seed,
+            "latent_name": problem.latent_name,
+            "device": str(problem.device),
+        },
+    )

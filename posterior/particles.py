@@ -1,0 +1,223 @@
+"""The result of an inference run: weighted particles from independent chains.
+
+A :class:`ParticleSet` stores every value as ``(chains, draws, *event)``: chains are independent
+runs of the engine (batched together), draws are the particles of one run. Weighted engines (SMC)
+keep normalised log-weights per chain; unweighted ones have uniform weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posterior.resampling import ess as _ess
+from posterior.resampling import normalize_log_weights, systematic
+
+__all__ = ["ParticleSet"]
+
+
+@dataclass
+class ParticleSet:
+    """Weighted particles from ``chains`` independent runs.
+
+    Attributes:
+        values: site name -> tensor ``(chains, draws, *event)``; the latent site of the prior
+            (``problem.latent_name``) is always present.
+        log_weights: ``(chains, draws)``, normalised per chain (``logsumexp == 0`` over draws).
+        log_evidence: ``(chains,)`` estimate of ``log p(y)`` per chain, or ``None``.
+        log_likelihood: ``(chains, draws)`` total ``log p(y | x)`` of each particle, or ``None``
+            when the likelihood is degenerate (noiseless observation).
+        observed: observed site name -> the observed value (unbatched).
+        stats: per-step statistics, name -> ``(chains, steps)`` (e.g. ``ess``, ``resampled``,
+            ``t``, ``log_evidence_increment``).
+        info: engine name and configuration, ``num_particles``, ``num_chains``, ``nfe``,
+            ``vjp``, ``wall_time``, ``seed``, ``latent_name``, ``event_dims``.
+    """
+
+    values: dict[str, Tensor]
+    log_weights: Tensor
+    log_evidence: Tensor | None = None
+    log_likelihood: Tensor | None = None
+    observed: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.log_weights.dim() != 2:
+            raise ValueError(
+                f"ParticleSet.log_weights must be (chains, draws); got {tuple(self.log_weights.shape)}"
+            )
+        for name, value in self.values.items():
+            if value.shape[:2] != self.log_weights.shape:
+                raise ValueError(
+                    f"ParticleSet value {name!r} has shape {tuple(value.shape)}; expected leading "
+                    f"(chains, draws) = {tuple(self.log_weights.shape)}"
+                )
+
+    @property
+    def num_chains(self) -> int:
+        return self.log_weights.shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return self.log_weights.shape[1]
+
+    @property
+    def latent_name(self) -> str:
+        """Name of the prior's latent site."""
+        return self.info.get("latent_name", next(iter(self.values)))
+
+    def _site(self, name: str | None) -> Tensor:
+        name = self.latent_name if name is None else name
+        if name not in self.values:
+            raise ValueError(f"no site {name!r} in this ParticleSet; it has {sorted(self.values)}")
+        return self.values[name]
+
+    def _event_weights(self, value: Tensor) -> Tensor:
+        weights = self.log_weights.exp().to(value.dtype)
+        return weights.reshape(weights.shape + (1,) * (value.dim() - 2))
+
+    def mean(self, name: str | None = None) -> Tensor:
+        """Weighted posterior mean over chains and draws, shape ``event``."""
+        value = self._site(name)
+        return (self._event_weights(value) * value).sum(1).mean(0)
+
+    def var(self, name: str | None = None) -> Tensor:
+        """Weighted posterior variance over chains and draws (chains pooled), shape ``event``."""
+        value = self._site(name)
+        weights = self._event_weights(value)
+        mean = self.mean(name)
+        return (weights * (value - mean) ** 2).sum(1).mean(0)
+
+    def ess(self) -> Tensor:
+        """Effective sample size of the weights per chain, ``(chains,)``; ``draws`` if uniform."""
+        return _ess(self.log_weights)
+
+    def get_samples(
+        self, group_by_chain: bool = False, seed: int | None = None
+    ) -> dict[str, Tensor]:
+        """Equal-weight draws, Pyro style.
+
+        Uniformly weighted sets are returned as they are. Weighted ones are resampled per chain
+        with systematic resampling, seeded by ``seed`` (default: the run's seed), so the call is
+        deterministic.
+
+        Args:
+            group_by_chain: keep ``(chains, draws, *event)``; otherwise ``(chains * draws, *event)``.
+            seed: seed of the resampling generator.
+
+        Returns:
+            Site name -> tensor.
+        """
+        values = self.values
+        uniform = math.log(self.num_draws)
+        if not torch.allclose(self.log_weights, torch.full_like(self.log_weights, -uniform)):
+            seed = self.info.get("seed", 0) if seed is None else seed
+            generator = torch.Generator(device=self.log_weights.device).manual_seed(int(seed))
+            ancestors = systematic(self.log_weights, generator)
+            values = {
+                name: torch.gather(
+                    v, 1, ancestors.reshape(ancestors.shape + (1,) * (v.dim() - 2)).expand_as(v)
+                )
+                for name, v in values.items()
+            }
+        if group_by_chain:
+            return dict(values)
+        return {name: v.flatten(0, 1) for name, v in values.items()}
+
+    def to_datatree(self, **kwargs):
+        """This set as an ``xarray.DataTree`` in the ArviZ 1.x layout (see
+        :func:`diagnostics.to_datatree` for the arguments)."""
+        from diagnostics.convert import to_datatree
+
+        return to_datatree(self, **kwargs)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> ParticleSet:
+        """A copy with every tensor moved (floating tensors also cast to ``dtype``)."""
+
+        def move(value: Tensor | None) -> Tensor | None:
+            if value is None:
+                return None
+            if dtype is not None and value.is_floating_point():
+                return value.to(device=device, dtype=dtype)
+            return value.to(device=device)
+
+        return ParticleSet(
+            values={k: move(v) for k, v in self.values.items()},
+            log_weights=move(self.log_weights),
+            log_evidence=move(self.log_evidence),
+            log_likelihood=move(self.log_likelihood),
+            observed={k: move(v) for k, v in self.observed.items()},
+            stats={k: move(v) for k, v in self.stats.items()},
+            info=dict(self.info),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Save with ``torch.save`` (tensors moved to the CPU); read back with :meth:`load`."""
+        cpu = self.to("cpu")
+        torch.save(
+            {
+                "values": cpu.values,
+                "log_weights": cpu.log_weights,
+                "log_evidence": cpu.log_evidence,
+                "log_likelihood": cpu.log_likelihood,
+                "observed": cpu.observed,
+                "stats": cpu.stats,
+                "info": cpu.info,
+            },
+            Path(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> ParticleSet:
+        """Load a set written by :meth:`save`, onto ``device`` (default CPU)."""
+        data = torch.load(Path(path), map_location=device or "cpu", weights_only=True)
+        return cls(**data)
+
+    @classmethod
+    def concat(cls, sets: list[ParticleSet]) -> ParticleSet:
+        """Join runs of the same problem along ``chain`` (so R-hat compares independent runs)."""
+        if not sets:
+            raise ValueError("ParticleSet.concat needs at least one set")
+        first = sets[0]
+        for other in sets[1:]:
+            if other.values.keys() != first.values.keys() or other.num_draws != first.num_draws:
+                raise ValueError("ParticleSet.concat: sets differ in sites or number of draws")
+
+        def join(getter) -> Tensor | None:
+            parts = [getter(s) for s in sets]
+            return None if any(p is None for p in parts) else torch.cat(parts, 0)
+
+        stats = {}
+        for key in first.stats:
+            if all(key in s.stats and s.stats[key].shape[1:] == first.stats[key].shape[1:] for s in sets):
+                stats[key] = torch.cat([s.stats[key] for s in sets], 0)
+        info = dict(first.info)
+        info["num_chains"] = sum(s.num_chains for s in sets)
+        for key in ("nfe", "vjp", "wall_time"):
+            if all(key in s.info for s in sets):
+                info[key] = sum(s.info[key] for s in sets)
+        return cls(
+            values={k: torch.cat([s.values[k] for s in sets], 0) for k in first.values},
+            log_weights=join(lambda s: s.log_weights),
+            log_evidence=join(lambda s: s.log_evidence),
+            log_likelihood=join(lambda s: s.log_likelihood),
+            observed=dict(first.observed),
+            stats=stats,
+            info=info,
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.values.items())
+        engine = self.info.get("engine", "?")
+        return f"ParticleSet(engine={engine}, chains={self.num_chains}, draws={self.num_draws}, {shapes})"
+
+
+def uniform_log_weights(num_chains: int, num_draws: int, like: Tensor) -> Tensor:
+    """Uniform normalised log-weights ``(chains, draws)`` on ``like``'s device and dtype."""
+    return normalize_log_weights(like.new_zeros(num_chains, num_draws))
