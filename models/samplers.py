@@ -34,6 +34,7 @@ __all__ = [
     "SAMPLERS",
     "ddim_coefficients",
     "ddim_step",
+    "default_grid",
     "euler_step",
     "heun_step",
     "initial_noise",
@@ -132,6 +133,20 @@ def heun_step(denoiser: Denoiser, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
     return x_t + (s - t).to(x_t) * 0.5 * (slope + slope_next)
 
 
+def default_grid(schedule: Schedule, num_steps: int, kind: str) -> Tensor:
+    """The sampler's grid: ``kind`` when the schedule allows it, else uniform.
+
+    The Karras grid needs a finite noise ratio at ``t = 1`` and one below its ``noise_min`` at
+    ``t = 0``; rectified flow (infinite ratio at 1) and VE (ratio ``sigma_min`` at 0) fall back to
+    the uniform grid.
+    """
+    if kind == "karras":
+        ends = schedule.noise_ratio(torch.tensor([0.0, 1.0], dtype=torch.float64))
+        if not (torch.isfinite(ends[1]) and ends[0] < 2e-3):
+            kind = "uniform"
+    return time_grid(num_steps, kind, schedule=schedule)
+
+
 def sample(
     denoiser: Denoiser,
     shape: tuple[int, ...],
@@ -169,7 +184,7 @@ def sample(
     if sampler == "ddpm" and eta != 1.0:
         raise ValueError("the 'ddpm' sampler is DDIM with eta = 1; use sampler='ddim' for other eta")
     if grid is None:
-        grid = time_grid(num_steps or default_steps, kind, schedule=denoiser.schedule)
+        grid = default_grid(denoiser.schedule, num_steps or default_steps, kind)
     grid = grid.to(dtype=torch.float64)
     x = initial_noise(denoiser.schedule, shape, generator, t_max=float(grid[0]), dtype=dtype, device=device)
     for step, (t, s) in enumerate(zip(grid[:-1], grid[1:])):

@@ -37,7 +37,7 @@ class Exact(Engine):
     """
 
     num_steps: int = 0
-    requires: ClassVar[frozenset[str]] = frozenset({"exact_prior", "linear"})
+    requires: ClassVar[frozenset[str]] = frozenset({"exact_prior", "gaussian_observation", "linear"})
 
     def __post_init__(self):
         super().__post_init__()
