@@ -386,8 +386,11 @@ def time_grid(
         noise ratio :math:`r = \sigma/\alpha` between ``schedule.noise_ratio(t_max)`` and
         ``noise_min``, mapped back to times through the schedule, followed by ``t = 0``.
         ``"ddim"``: the DDIM sub-sequence of a discrete schedule with ``num_train_steps`` steps,
-        ``n_i = i * (num_train_steps // K) + 1`` for ``i = 0..K-1`` (Song et al. 2021,
-        "uniform" skip), read at :math:`t = n / N` and followed by ``t = 0``.
+        ``n_i = floor(i N / K) + 1`` for ``i = 0..K-1``, read at :math:`t = n / N` and followed
+        by ``t = 0``. When ``K`` divides ``N`` this is DDIM's "uniform" skip ``i (N / K) + 1``
+        (Song et al. 2021); otherwise it stays evenly spread over the whole range (diffusers'
+        "leading" spacing ``i (N // K)`` would stop near ``t = K (N // K) / N``, e.g. half way
+        for ``N = 999, K = 500``).
 
     Args:
         num_steps: number of sampling steps ``K >= 1``.
@@ -451,8 +454,8 @@ def time_grid(
                 f"time_grid(kind='ddim') needs num_steps <= num_train_steps ({num_train_steps}); "
                 f"got {num_steps}"
             )
-        skip = num_train_steps // num_steps
-        indices = torch.arange(num_steps - 1, -1, -1, dtype=torch.float64) * skip + 1
+        steps = torch.arange(num_steps - 1, -1, -1, dtype=torch.float64)
+        indices = torch.floor(steps * num_train_steps / num_steps) + 1
         grid = torch.cat([indices / num_train_steps, torch.zeros(1, dtype=torch.float64)])
         return grid.to(dtype=dtype, device=device)
     raise ValueError(f"time_grid kind must be 'uniform', 'karras' or 'ddim'; got {kind!r}")

@@ -104,8 +104,9 @@ def sample(
     state = engine.init(problem, num_chains, num_particles, generator)
     _check_state(engine, state, 0, None)
     records = []
-    steps = tqdm(range(engine.num_steps), desc=engine.name, disable=engine.num_steps == 0 or not _progress_enabled(progress))
-    for step in steps:
+    iterations = engine.iterations(state)
+    bar = tqdm(range(iterations), desc=engine.name, disable=iterations == 0 or not _progress_enabled(progress))
+    for step in bar:
         state, info = engine.step(problem, state, generator)
         t = info.get("t")
         _check_state(engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0]))

@@ -117,7 +117,8 @@ class ParticleSet:
         values = self.values
         uniform = math.log(self.num_draws)
         if not torch.allclose(self.log_weights, torch.full_like(self.log_weights, -uniform)):
-            seed = self.info.get("seed", 0) if seed is None else seed
+            seed = self.info.get("seed") if seed is None else seed
+            seed = 0 if seed is None else seed
             generator = torch.Generator(device=self.log_weights.device).manual_seed(int(seed))
             ancestors = systematic(self.log_weights, generator)
             values = {

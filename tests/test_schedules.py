@@ -339,18 +339,26 @@ def test_time_grid_karras_single_step():
     torch.testing.assert_close(grid, t64([1.0, 0.0]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("num_steps", "num_train_steps"), [(50, 1000), (10, 1000), (7, 100)])
+@pytest.mark.parametrize(("num_steps", "num_train_steps"), [(50, 1000), (10, 1000)])
 def test_time_grid_ddim_uniform_skip(num_steps, num_train_steps):
     grid = time_grid(num_steps, "ddim", num_train_steps=num_train_steps)
     assert_valid_grid(grid, num_steps)
     # Official DDIM code (skip_type="uniform"): seq = range(0, N, N // K), network steps 0-based,
     # noise level alphas_cumprod[seq_i] = bar-alpha_{seq_i + 1}, i.e. t = (seq_i + 1) / N.
-    # When K does not divide N that range is longer than K; the library keeps the first K
-    # (diffusers' "leading" spacing), so the grid has exactly K steps.
     skip = num_train_steps // num_steps
-    seq = list(range(0, num_train_steps, skip))[:num_steps]
+    seq = list(range(0, num_train_steps, skip))
     expected = [(n + 1) / num_train_steps for n in reversed(seq)] + [0.0]
     torch.testing.assert_close(grid, t64(expected), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("num_steps", "num_train_steps"), [(7, 100), (500, 999), (20, 999)])
+def test_time_grid_ddim_spreads_over_the_whole_range_when_steps_do_not_divide(num_steps, num_train_steps):
+    grid = time_grid(num_steps, "ddim", num_train_steps=num_train_steps)
+    assert_valid_grid(grid, num_steps)
+    # evenly spread: n_i = floor(i N / K) + 1, so the first time is within one skip of t = 1
+    expected = [(math.floor(i * num_train_steps / num_steps) + 1) / num_train_steps for i in reversed(range(num_steps))]
+    torch.testing.assert_close(grid, t64(expected + [0.0]), rtol=0, atol=0)
+    assert grid[0] > 1 - 2 / num_steps
 
 
 def test_time_grid_dtype_and_device():

@@ -70,6 +70,10 @@ class Engine:
     def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator):
         raise NotImplementedError
 
+    def iterations(self, state) -> int:
+        """How many times the driver calls :meth:`step` after ``init`` (default ``num_steps``)."""
+        return self.num_steps
+
     def step(self, problem: Problem, state, generator: torch.Generator) -> tuple[Any, dict[str, Tensor]]:
         raise NotImplementedError
 

@@ -1,0 +1,135 @@
+r"""The Feynman–Kac machinery shared by the SMC engines.
+
+Every SMC engine here is a reverse-time particle filter over a decreasing time grid
+:math:`t_K > \dots > t_0 = 0`. One step from ``t`` to ``s`` does, for each chain independently:
+
+1. **reweight**: add incremental log-weights :math:`\log G` to the normalised log-weights; the
+   log-evidence grows by :math:`\log \sum_i W_i G_i` (:func:`reweight`);
+2. **resample** when the ESS falls below ``ess_threshold * N`` (:func:`resample`): the ancestors'
+   indices, flattened over chains, select the particles (and anything cached per particle);
+3. **propose**: move the (resampled) particles to time ``s``.
+
+Auxiliary filters (MCGDiff, FPS), whose weight depends on the parent only, reweight and resample
+before proposing; the others (TDS, SMCDiff, FK steering) reweight after proposing and resample at
+the start of the next step. Both orders are compositions of the same two functions, and both keep
+the same statistics per step: ``ess`` (before resampling), ``resampled``, ``t`` and
+``log_evidence_increment``.
+
+References:
+    Chopin, Papaspiliopoulos. An Introduction to Sequential Monte Carlo. Springer 2020, ch. 10.
+    Del Moral. Feynman–Kac Formulae. Springer 2004.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from models.schedules import DiscreteVP, Schedule, time_grid
+from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
+
+__all__ = ["SMCState", "reweight", "resample", "select", "check_resampling", "sampling_grid", "uniform_log_weights"]
+
+
+class SMCState(NamedTuple):
+    """State of a reverse-time particle filter.
+
+    Attributes:
+        particles: ``(chains * N, *event)`` at time ``grid[step]``.
+        log_weights: ``(chains, N)``, normalised per chain.
+        log_evidence: ``(chains,)`` running estimate of ``log p(y)``.
+        step: index into ``grid`` of the particles' time.
+        grid: the decreasing time grid, ``(K + 1,)`` float64.
+        cache: per-particle tensors ``(chains * N, ...)`` carried between steps (resampled with
+            the particles), e.g. the last denoiser output.
+        constants: per-run quantities computed once in ``init`` (the rotated observation, the
+            noise levels of the observed coordinates, ...).
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    log_evidence: Tensor
+    step: int
+    grid: Tensor
+    cache: dict[str, Tensor]
+    constants: dict[str, Tensor]
+
+
+def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:
+    """``(chains, N)`` log-weights all equal to ``-log N``, on ``like``'s device and dtype."""
+    return like.new_full((num_chains, num_particles), -math.log(num_particles))
+
+
+def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
+    """The DDIM sub-sequence grid the SMC papers sample on, float64 ``(num_steps + 1,)``.
+
+    A :class:`~models.schedules.DiscreteVP` uses its own number of training steps; continuous
+    schedules use 1000, as the DDPM networks the papers load.
+    """
+    train_steps = schedule.num_train_steps if isinstance(schedule, DiscreteVP) else 1000
+    return time_grid(min(num_steps, train_steps), "ddim", num_train_steps=train_steps, device=device)
+
+
+def check_resampling(engine_name: str, scheme: str, ess_threshold: float) -> None:
+    """Validate an engine's resampling fields (``ValueError`` naming the engine)."""
+    if scheme not in RESAMPLERS:
+        raise ValueError(f"{engine_name}: resampling must be one of {sorted(RESAMPLERS)}; got {scheme!r}")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"{engine_name}: ess_threshold must lie in [0, 1]; got {ess_threshold}")
+
+
+def reweight(log_weights: Tensor, log_increments: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Multiply normalised weights by incremental ones.
+
+    Args:
+        log_weights: ``(chains, N)`` normalised.
+        log_increments: ``(chains, N)`` incremental log-weights :math:`\log G_i`.
+
+    Returns:
+        ``(new_log_weights, log_evidence_increment)``: normalised ``(chains, N)`` and
+        :math:`\log \sum_i W_i G_i` per chain ``(chains,)``.
+    """
+    unnormalised = log_weights + log_increments
+    # a NaN increment is a bug upstream; -inf everywhere is handled by the driver (collapse)
+    return normalize_log_weights(unnormalised), torch.logsumexp(unnormalised, -1)
+
+
+def resample(
+    log_weights: Tensor, scheme: str, ess_threshold: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Resample the chains whose ESS is at most ``ess_threshold * N``.
+
+    ``ess_threshold = 1`` resamples at every step, ``0`` never.
+
+    Args:
+        log_weights: ``(chains, N)`` normalised.
+        scheme: ``"multinomial"``, ``"systematic"``, ``"stratified"`` or ``"residual"``.
+        ess_threshold: fraction of ``N``.
+        generator: source of randomness.
+
+    Returns:
+        ``(indices, log_weights, ess, resampled)``: flat ancestor indices ``(chains * N,)`` into
+        the stacked particles (the identity for chains not resampled), the new log-weights
+        ``(chains, N)``, the ESS before resampling ``(chains,)`` and the flags ``(chains,)``.
+    """
+    chains, n = log_weights.shape
+    current_ess = ess(log_weights)
+    resampled = current_ess <= ess_threshold * n * (1 + 1e-9)
+    identity = torch.arange(n, device=log_weights.device).expand(chains, n)
+    if bool(resampled.any()):
+        finite = torch.where(torch.isfinite(log_weights).any(-1, keepdim=True), log_weights, 0.0)
+        ancestors = RESAMPLERS[scheme](finite, generator)
+        ancestors = torch.where(resampled[:, None], ancestors, identity)
+        log_weights = torch.where(resampled[:, None], torch.full_like(log_weights, -math.log(n)), log_weights)
+    else:
+        ancestors = identity
+    offsets = torch.arange(chains, device=log_weights.device)[:, None] * n
+    return (ancestors + offsets).reshape(-1), log_weights, current_ess, resampled
+
+
+def select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Index the leading (particle) dim of each tensor by the flat ancestor indices."""
+    return tuple(tensor[indices] for tensor in tensors)
