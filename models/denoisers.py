@@ -83,9 +83,16 @@ def _per_sample(value: Tensor, x: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (x.dim() - 1))
 
 
+def _evaluate(function: Callable[[Tensor], Tensor], t: float | Tensor, x: Tensor) -> Tensor:
+    """``function(t)`` as a 0-d tensor for a scalar ``t`` (computed once), else ``(N, 1, ...)``."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return function(t)
+    return _per_sample(function(broadcast_time(t, x)), x)
+
+
 def _coefficients(schedule: Schedule, t: float | Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    t = broadcast_time(t, x)
-    return _per_sample(schedule.alpha(t), x), _per_sample(schedule.sigma(t), x)
+    return _evaluate(schedule.alpha, t, x), _evaluate(schedule.sigma, t, x)
 
 
 def epsilon_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Tensor) -> Tensor:
@@ -106,10 +113,9 @@ def velocity_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Ten
     This is the ODE whose marginals match the diffusion's (Song et al. 2021, eq. 13, written in
     the :math:`(\alpha, \sigma)` parametrisation of Karras et al. 2022, eq. 4).
     """
-    t_vector = broadcast_time(t, x_t)
-    alpha_dot = _per_sample(schedule.alpha_derivative(t_vector), x_t)
-    sigma_dot = _per_sample(schedule.sigma_derivative(t_vector), x_t)
-    return alpha_dot * x0 + sigma_dot * epsilon_from_x0(schedule, x_t, x0, t_vector)
+    alpha_dot = _evaluate(schedule.alpha_derivative, t, x_t)
+    sigma_dot = _evaluate(schedule.sigma_derivative, t, x_t)
+    return alpha_dot * x0 + sigma_dot * epsilon_from_x0(schedule, x_t, x0, t)
 
 
 class Denoiser(nn.Module):
@@ -178,9 +184,8 @@ class EpsilonDenoiser(_NetworkDenoiser):
     """
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (x_t - sigma * self._predict(x_t, t)) / alpha
+        return (x_t - sigma * self._predict(x_t, broadcast_time(t, x_t))) / alpha
 
 
 class X0Denoiser(_NetworkDenoiser):
@@ -198,18 +203,16 @@ class VDenoiser(_NetworkDenoiser):
     """
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (alpha * x_t - sigma * self._predict(x_t, t)) / (alpha**2 + sigma**2)
+        return (alpha * x_t - sigma * self._predict(x_t, broadcast_time(t, x_t))) / (alpha**2 + sigma**2)
 
 
 class ScoreDenoiser(_NetworkDenoiser):
     r"""From a score network: :math:`\hat x_0 = (x_t + \sigma^2 s_\theta(x_t, t)) / \alpha`."""
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (x_t + sigma**2 * self._predict(x_t, t)) / alpha
+        return (x_t + sigma**2 * self._predict(x_t, broadcast_time(t, x_t))) / alpha
 
 
 class VelocityDenoiser(_NetworkDenoiser):
@@ -221,11 +224,10 @@ class VelocityDenoiser(_NetworkDenoiser):
     """
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        alpha_dot = _per_sample(self.schedule.alpha_derivative(t), x_t)
-        sigma_dot = _per_sample(self.schedule.sigma_derivative(t), x_t)
-        velocity = self._predict(x_t, t)
+        alpha_dot = _evaluate(self.schedule.alpha_derivative, t, x_t)
+        sigma_dot = _evaluate(self.schedule.sigma_derivative, t, x_t)
+        velocity = self._predict(x_t, broadcast_time(t, x_t))
         return (sigma_dot * x_t - sigma * velocity) / (sigma_dot * alpha - sigma * alpha_dot)
 
 
@@ -262,8 +264,7 @@ class DiscreteDDPMDenoiser(Denoiser):
         return (torch.round(t * steps) - 1).clamp(0, steps - 1).long()
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
-        prediction = self.net(x_t, self.step_index(t))
+        prediction = self.net(x_t, self.step_index(broadcast_time(t, x_t)))
         if prediction.shape != x_t.shape:
             raise ValueError(
                 f"{type(self).__name__}: the network returned shape {tuple(prediction.shape)} "

@@ -206,54 +206,57 @@ class GaussianMixtureDenoiser(Denoiser):
     def isotropic(self) -> bool:
         return self.eigenvectors is None
 
-    def to_eigenbasis(self, vectors: Tensor) -> Tensor:
-        """``(N, K, d) -> (N, K, d)``: :math:`Q_k^\\top v_k` (identity when isotropic)."""
-        if self.isotropic:
-            return vectors
-        return torch.einsum("kde,nkd->nke", self.eigenvectors.to(vectors), vectors)
+    def _scales(self, t: float | Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha, sigma`` as ``(1, 1)`` for a scalar ``t`` or ``(N, 1)`` for per-particle times."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = t.reshape(1, 1) if t.dim() == 0 else broadcast_time(t, x)[:, None]
+        return self.schedule.alpha(t).to(x), self.schedule.sigma(t).to(x)
 
-    def from_eigenbasis(self, vectors: Tensor) -> Tensor:
-        """``(N, K, d) -> (N, K, d)``: :math:`Q_k v_k` (identity when isotropic)."""
-        if self.isotropic:
-            return vectors
-        return torch.einsum("kde,nke->nkd", self.eigenvectors.to(vectors), vectors)
-
-    def components(self, x_t: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""Per-component quantities at ``x_t``.
-
-        Args:
-            x_t: ``(N, *event)``.
-            t: scalar or ``(N,)``.
-
-        Returns:
-            ``log_joint`` ``(N, K)``: :math:`\log w_k + \log \mathcal{N}(x_t; \alpha\mu_k, S_k)`;
-            ``residual`` ``(N, K, d)``: :math:`Q_k^\top (x_t - \alpha \mu_k)`;
-            ``variances`` ``(N, K, d)``: eigenvalues of :math:`S_k`.
-        """
-        t = broadcast_time(t, x_t)
-        x = x_t.flatten(1)
-        alpha = self.schedule.alpha(t).to(x)[:, None, None]
-        sigma = self.schedule.sigma(t).to(x)[:, None, None]
-        residual = self.to_eigenbasis(x[:, None, :] - alpha * self.means.to(x)[None])
-        variances = alpha**2 * self.eigenvalues.to(x)[None] + sigma**2
+    def _isotropic_terms(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """``log_joint`` ``(N, K)`` and the gains ``alpha lambda_k / (alpha^2 lambda_k + sigma^2)``,
+        through matrix products (no ``(N, K, d)`` tensor)."""
+        means = self.means.to(x)
+        scale = self.eigenvalues.to(x)[:, 0][None]  # (1, K)
+        variance = alpha**2 * scale + sigma**2
+        squared = (x**2).sum(-1, keepdim=True) - 2 * alpha * (x @ means.T) + alpha**2 * (means**2).sum(-1)[None]
         d = x.shape[1]
-        log_normal = -0.5 * (
-            (residual**2 / variances).sum(-1) + variances.log().sum(-1) + d * math.log(2 * math.pi)
-        )
+        log_normal = -0.5 * (squared / variance + d * torch.log(2 * math.pi * variance))
+        return self.log_weights.to(x)[None] + log_normal, alpha * scale / variance
+
+    def _full_terms(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``log_joint`` ``(N, K)``, eigenbasis residuals ``(N, K, d)`` and variances ``(N|1, K, d)``."""
+        eigenvectors = self.eigenvectors.to(x)
+        residual = torch.einsum("kde,nkd->nke", eigenvectors, x[:, None, :] - alpha[..., None] * self.means.to(x)[None])
+        variances = alpha[..., None] ** 2 * self.eigenvalues.to(x)[None] + sigma[..., None] ** 2
+        d = x.shape[1]
+        log_normal = -0.5 * ((residual**2 / variances).sum(-1) + torch.log(2 * math.pi * variances).sum(-1))
         return self.log_weights.to(x)[None] + log_normal, residual, variances
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        t = broadcast_time(t, x_t)
-        log_joint, residual, variances = self.components(x_t, t)
-        alpha = self.schedule.alpha(t).to(x_t)[:, None, None]
-        gain = alpha * self.eigenvalues.to(x_t)[None] / variances
-        component_means = self.means.to(x_t)[None] + self.from_eigenbasis(gain * residual)
-        responsibilities = torch.softmax(log_joint, dim=-1)
-        return (responsibilities[..., None] * component_means).sum(1).reshape(x_t.shape)
+        x = x_t.flatten(1)
+        alpha, sigma = self._scales(t, x)
+        if self.isotropic:
+            log_joint, gain = self._isotropic_terms(x, alpha, sigma)
+            responsibilities = torch.softmax(log_joint, dim=-1)
+            # sum_k r_k [mu_k + g_k (x - alpha mu_k)] = (r (1 - alpha g)) @ mu + (r g) 1 x
+            weighted = responsibilities * gain
+            x0 = (responsibilities - alpha * weighted) @ self.means.to(x) + weighted.sum(-1, keepdim=True) * x
+        else:
+            log_joint, residual, variances = self._full_terms(x, alpha, sigma)
+            gain = alpha[..., None] * self.eigenvalues.to(x)[None] / variances
+            shift = torch.einsum("kde,nke->nkd", self.eigenvectors.to(x), gain * residual)
+            component_means = self.means.to(x)[None] + shift
+            x0 = (torch.softmax(log_joint, dim=-1)[..., None] * component_means).sum(1)
+        return x0.reshape(x_t.shape)
 
     def marginal_log_prob(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        """:math:`\\log p_t(x_t)`, ``(N, *event) -> (N,)``."""
-        log_joint, _, _ = self.components(x_t, t)
+        r""":math:`\log p_t(x_t)`, ``(N, *event) -> (N,)``."""
+        x = x_t.flatten(1)
+        alpha, sigma = self._scales(t, x)
+        if self.isotropic:
+            log_joint, _ = self._isotropic_terms(x, alpha, sigma)
+        else:
+            log_joint, _, _ = self._full_terms(x, alpha, sigma)
         return torch.logsumexp(log_joint, dim=-1)
 
 

@@ -2,5 +2,6 @@
 
 from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
+from posterior.engines.smc import MCGDiff
 
-__all__ = ["Engine", "EngineFailed", "Exact"]
+__all__ = ["Engine", "EngineFailed", "Exact", "MCGDiff"]
