@@ -14,7 +14,7 @@ from pathlib import Path
 
 import posterior
 
-ENGINES = {"exact": posterior.Exact}
+ENGINES = {"exact": posterior.Exact, "mcgdiff": posterior.MCGDiff}
 
 
 def _demo(args: argparse.Namespace) -> int:
