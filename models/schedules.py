@@ -118,7 +118,40 @@ class Schedule(ABC):
         return f"{type(self).__name__}({fields})"
 
 
-class VP(Schedule):
+class _VariancePreserving(Schedule):
+    r"""Shared part of the VP schedules: :math:`\sigma = \sqrt{1 - \alpha^2}` from :math:`\log\alpha`.
+
+    Subclasses implement ``log_alpha(t)`` and ``_log_alpha_derivative(t)``.
+    """
+
+    @abstractmethod
+    def log_alpha(self, t: float | Tensor) -> Tensor:
+        r""":math:`\log \alpha(t)`, same shape as ``t``."""
+
+    @abstractmethod
+    def _log_alpha_derivative(self, t: Tensor) -> Tensor:
+        r""":math:`d \log \alpha / dt`."""
+
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def alpha_derivative(self, t: float | Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return self.alpha(t) * self._log_alpha_derivative(t)
+
+    def sigma_derivative(self, t: float | Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return -self.alpha(t) * self.alpha_derivative(t) / self.sigma(t)
+
+    def log_snr(self, t: float | Tensor) -> Tensor:
+        log_alpha = self.log_alpha(t)
+        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+class VP(_VariancePreserving):
     r"""Variance-preserving schedule, :math:`\alpha(t)^2 + \sigma(t)^2 = 1`.
 
     ``kind="linear"`` is the continuous limit of the DDPM linear betas :math:`10^{-4} \to 2\cdot
@@ -180,24 +213,6 @@ class VP(Schedule):
         rate = 0.5 * math.pi * self.cosine_end / (1 + self.cosine_offset)
         return -torch.tan(self._angle(t)) * rate
 
-    def alpha(self, t: float | Tensor) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: float | Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
-
-    def alpha_derivative(self, t: float | Tensor) -> Tensor:
-        t = _as_tensor(t)
-        return self.alpha(t) * self._log_alpha_derivative(t)
-
-    def sigma_derivative(self, t: float | Tensor) -> Tensor:
-        t = _as_tensor(t)
-        alpha = self.alpha(t)
-        return -alpha * self.alpha_derivative(t) / self.sigma(t)
-
-    def log_snr(self, t: float | Tensor) -> Tensor:
-        log_alpha = self.log_alpha(t)
-        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
 
 
 def ddpm_linear_betas(
@@ -207,7 +222,7 @@ def ddpm_linear_betas(
     return torch.linspace(beta_start, beta_end, num_train_steps, dtype=torch.float64)
 
 
-class DiscreteVP(Schedule):
+class DiscreteVP(_VariancePreserving):
     r"""A tabulated discrete VP schedule read in continuous time.
 
     A discrete DDPM network with :math:`\bar\alpha_1, \dots, \bar\alpha_N` (``alphas_cumprod[n-1]``
@@ -258,24 +273,9 @@ class DiscreteVP(Schedule):
         start, slope, fraction = self._segment(_as_tensor(t))
         return start + slope * fraction
 
-    def alpha(self, t: float | Tensor) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: float | Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
-
-    def alpha_derivative(self, t: float | Tensor) -> Tensor:
-        t = _as_tensor(t)
+    def _log_alpha_derivative(self, t: Tensor) -> Tensor:
         _, slope, _ = self._segment(t)
-        return self.alpha(t) * slope * self.num_train_steps
-
-    def sigma_derivative(self, t: float | Tensor) -> Tensor:
-        t = _as_tensor(t)
-        return -self.alpha(t) * self.alpha_derivative(t) / self.sigma(t)
-
-    def log_snr(self, t: float | Tensor) -> Tensor:
-        log_alpha = self.log_alpha(t)
-        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
+        return slope * self.num_train_steps
 
     def __repr__(self) -> str:
         return f"DiscreteVP(num_train_steps={self.num_train_steps})"
