@@ -67,7 +67,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
 from models.samplers import ddim_coefficients, initial_noise
 from posterior.engines.base import Engine
 from posterior.engines.smc.core import (
@@ -202,7 +201,12 @@ class MCGDiff(Engine):
         kernel_variance = (c**2).to(x_t)
         if last and noiseless:  # DDPM's "fixed large" variance: the pinned last step needs c > 0
             kernel_variance = (schedule.sigma(t) ** 2 - (schedule.alpha(t) / schedule.alpha(s) * schedule.sigma(s)) ** 2).to(x_t)
-        mean_z = svd.vt(a.to(x_t) * x0 + b.to(x_t) * epsilon_from_x0(schedule, x_t, x0, t))  # (n, d)
+        # the kernel mean a x0 + b eps, eps = (x_t - alpha_t x0) / sigma_t, in the SVD basis:
+        # one rotation of x0 per step, z_t is kept from the previous step's proposal
+        z_t = state.cache["z"] if "z" in state.cache else svd.vt(x_t)  # (n, d)
+        alpha_t, sigma_t = schedule.alpha(t).to(x_t), schedule.sigma(t).to(x_t)
+        eps_weight = b.to(x_t) / sigma_t
+        mean_z = (a.to(x_t) - eps_weight * alpha_t) * svd.vt(x0) + eps_weight * z_t
         active_s, variance_s = self._potentials(problem, constants, s)
         target_s = schedule.alpha(s).to(x_t) * y_tilde
 
@@ -210,8 +214,7 @@ class MCGDiff(Engine):
         log_g = _masked_sum(active_s, _log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s))
         if state.step > 0:
             active_t, variance_t = self._potentials(problem, constants, t)
-            target_t = schedule.alpha(t).to(x_t) * y_tilde
-            log_g = log_g - _masked_sum(active_t, _log_normal(svd.vt(x_t)[:, :count], target_t, variance_t))
+            log_g = log_g - _masked_sum(active_t, _log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t))
         log_weights, log_increment = reweight(state.log_weights, log_g.reshape(chains, -1))
 
         # 2. resampling
@@ -230,7 +233,8 @@ class MCGDiff(Engine):
             log_evidence = log_evidence + final_increment
         info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
         new_state = state._replace(
-            particles=svd.v(z_s), log_weights=log_weights, log_evidence=log_evidence, step=state.step + 1
+            particles=svd.v(z_s), log_weights=log_weights, log_evidence=log_evidence, step=state.step + 1,
+            cache={"z": z_s},
         )
         return new_state, info
 
