@@ -2,6 +2,6 @@
 
 from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
-from posterior.engines.smc import MCGDiff
+from posterior.engines.smc import TDS, FKSteering, MCGDiff
 
-__all__ = ["Engine", "EngineFailed", "Exact", "MCGDiff"]
+__all__ = ["Engine", "EngineFailed", "Exact", "FKSteering", "MCGDiff", "TDS"]

@@ -1,5 +1,7 @@
 """Sequential Monte Carlo engines on one Feynman–Kac core (:mod:`posterior.engines.smc.core`)."""
 
+from posterior.engines.smc.fk_steering import FKSteering
 from posterior.engines.smc.mcgdiff import MCGDiff
+from posterior.engines.smc.tds import TDS
 
-__all__ = ["MCGDiff"]
+__all__ = ["FKSteering", "MCGDiff", "TDS"]
