@@ -228,7 +228,6 @@ class GaussianMixtureDenoiser(Denoiser):
         eigenvectors = self.eigenvectors.to(x)
         residual = torch.einsum("kde,nkd->nke", eigenvectors, x[:, None, :] - alpha[..., None] * self.means.to(x)[None])
         variances = alpha[..., None] ** 2 * self.eigenvalues.to(x)[None] + sigma[..., None] ** 2
-        d = x.shape[1]
         log_normal = -0.5 * ((residual**2 / variances).sum(-1) + torch.log(2 * math.pi * variances).sum(-1))
         return self.log_weights.to(x)[None] + log_normal, residual, variances
 

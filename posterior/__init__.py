@@ -9,9 +9,9 @@ Example::
 """
 
 from posterior.driver import sample
-from posterior.engines import TDS, Engine, EngineFailed, Exact, FKSteering, MCGDiff
+from posterior.engines import FPS, TDS, Engine, EngineFailed, Exact, FKSteering, MCGDiff, SMCDiff
 from posterior.particles import ParticleSet
 from posterior.problem import Problem
 
-__all__ = ["sample", "Problem", "ParticleSet", "EngineFailed", "Engine", "Exact", "FKSteering", "MCGDiff", "TDS"]
+__all__ = ["sample", "Problem", "ParticleSet", "EngineFailed", "Engine", "Exact", "FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]
 __version__ = "0.1.0"

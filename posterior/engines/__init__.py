@@ -2,6 +2,6 @@
 
 from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
-from posterior.engines.smc import TDS, FKSteering, MCGDiff
+from posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
 
-__all__ = ["Engine", "EngineFailed", "Exact", "FKSteering", "MCGDiff", "TDS"]
+__all__ = ["Engine", "EngineFailed", "Exact", "FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

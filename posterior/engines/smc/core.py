@@ -28,10 +28,26 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
+from models.samplers import initial_noise
 from models.schedules import DiscreteVP, Schedule, time_grid
+from posterior.engines.base import Engine
+from posterior.problem import Problem
 from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
 
-__all__ = ["SMCState", "reweight", "resample", "select", "check_resampling", "sampling_grid", "uniform_log_weights"]
+__all__ = [
+    "SMCEngine",
+    "SMCState",
+    "check_resampling",
+    "initial_particles",
+    "log_normal",
+    "resample",
+    "reweight",
+    "sampling_grid",
+    "step_times",
+    "uniform_log_weights",
+]
 
 
 class SMCState(NamedTuple):
@@ -56,6 +72,32 @@ class SMCState(NamedTuple):
     grid: Tensor
     cache: dict[str, Tensor]
     constants: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SMCEngine(Engine):
+    """Base of the SMC engines: one driver iteration per interval of the state's time grid."""
+
+    def iterations(self, state: SMCState) -> int:
+        return state.grid.shape[0] - 1
+
+
+def step_times(state: SMCState) -> tuple[Tensor, Tensor, bool]:
+    """``(t, s, last)``: the current time, the next one, and whether ``s`` ends the grid."""
+    return state.grid[state.step], state.grid[state.step + 1], state.step + 2 == state.grid.shape[0]
+
+
+def initial_particles(problem: Problem, grid: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` draws of the diffusion's reference law at ``grid[0]``, ``(count, *event)``."""
+    shape = (count,) + tuple(problem.event_shape)
+    return initial_noise(
+        problem.prior.schedule, shape, generator, t_max=float(grid[0]), dtype=problem.dtype, device=problem.device
+    )
+
+
+def log_normal(value: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
+    """Elementwise :math:`\\log \\mathcal{N}(value; mean, variance)` (broadcasting)."""
+    return -0.5 * ((value - mean) ** 2 / variance + torch.log(2 * math.pi * variance))
 
 
 def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:
@@ -130,6 +172,3 @@ def resample(
     return (ancestors + offsets).reshape(-1), log_weights, current_ess, resampled
 
 
-def select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Index the leading (particle) dim of each tensor by the flat ancestor indices."""
-    return tuple(tensor[indices] for tensor in tensors)

@@ -57,14 +57,16 @@ import torch
 from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
-from models.samplers import ddim_coefficients, initial_noise
-from posterior.engines.base import Engine
+from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
+    SMCEngine,
     SMCState,
     check_resampling,
+    initial_particles,
     resample,
     reweight,
     sampling_grid,
+    step_times,
     uniform_log_weights,
 )
 from posterior.problem import Problem
@@ -76,7 +78,7 @@ POTENTIALS = ("difference", "max", "sum", "immediate")
 
 
 @dataclass(frozen=True)
-class FKSteering(Engine):
+class FKSteering(SMCEngine):
     """FK steering with a likelihood reward (see the module docstring for the algorithm and choices).
 
     Attributes:
@@ -128,10 +130,7 @@ class FKSteering(Engine):
     # ------------------------------------------------------------------ set-up
     def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
         grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        shape = (num_chains * num_particles,) + tuple(problem.event_shape)
-        particles = initial_noise(
-            problem.prior.schedule, shape, generator, t_max=float(grid[0]), dtype=problem.dtype, device=problem.device
-        )
+        particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         x0 = problem.denoise(particles, grid[0])
         reward = self.lambda_ * problem.log_likelihood(x0)
         log_g, running = self._log_potential(reward, None, None)
@@ -140,14 +139,10 @@ class FKSteering(Engine):
         cache = {"x0": x0, "reward": reward, "running": running, "applied": log_g}
         return SMCState(particles, log_weights, log_evidence, 0, grid, cache, {})
 
-    def iterations(self, state: SMCState) -> int:
-        return state.grid.shape[0] - 1
-
     # ------------------------------------------------------------------ one step
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
         schedule = problem.prior.schedule
-        t, s = state.grid[state.step], state.grid[state.step + 1]
-        last = state.step + 1 == state.grid.shape[0] - 1
+        t, s, last = step_times(state)
         chains = state.log_weights.shape[0]
 
         # 1. resample at scheduled steps (threshold 0 never resamples; the ESS is recorded at every step)

@@ -60,21 +60,23 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from models.samplers import ddim_coefficients, initial_noise
-from posterior.engines.base import Engine
+from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
+    SMCEngine,
     SMCState,
     check_resampling,
+    initial_particles,
+    log_normal,
     resample,
     reweight,
     sampling_grid,
+    step_times,
     uniform_log_weights,
 )
 from posterior.problem import Problem
@@ -87,13 +89,8 @@ def _masked_sum(mask: Tensor, values: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum(-1)
 
 
-def _log_normal(value: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
-    """Elementwise :math:`\\log \\mathcal{N}(value; mean, variance)`."""
-    return -0.5 * ((value - mean) ** 2 / variance + torch.log(2 * math.pi * variance))
-
-
 @dataclass(frozen=True)
-class MCGDiff(Engine):
+class MCGDiff(SMCEngine):
     """MCGDiff (see the module docstring for the algorithm and the choices made).
 
     Attributes:
@@ -173,15 +170,9 @@ class MCGDiff(Engine):
 
     def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
         constants, grid = self._constants(problem)
-        shape = (num_chains * num_particles,) + tuple(problem.event_shape)
-        particles = initial_noise(
-            problem.prior.schedule, shape, generator, t_max=float(grid[0]), dtype=problem.dtype, device=problem.device
-        )
+        particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         return SMCState(particles, log_weights, log_weights.new_zeros(num_chains), 0, grid, {}, constants)
-
-    def iterations(self, state: SMCState) -> int:
-        return state.grid.shape[0] - 1
 
     # ------------------------------------------------------------------ one step
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
@@ -190,8 +181,7 @@ class MCGDiff(Engine):
         constants = state.constants
         y_tilde = constants["y_tilde"]
         count = y_tilde.shape[0]
-        t, s = state.grid[state.step], state.grid[state.step + 1]
-        last = state.step + 1 == state.grid.shape[0] - 1
+        t, s, last = step_times(state)
         noiseless = float(constants["sigma"]) == 0
         x_t = state.particles
         chains = state.log_weights.shape[0]
@@ -211,10 +201,10 @@ class MCGDiff(Engine):
         target_s = schedule.alpha(s).to(x_t) * y_tilde
 
         # 1. auxiliary weights of the parents: int p(z_s | z_t) g_s(z_s) dz_s / g_t(z_t)
-        log_g = _masked_sum(active_s, _log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s))
+        log_g = _masked_sum(active_s, log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s))
         if state.step > 0:
             active_t, variance_t = self._potentials(problem, constants, t)
-            log_g = log_g - _masked_sum(active_t, _log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t))
+            log_g = log_g - _masked_sum(active_t, log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t))
         log_weights, log_increment = reweight(state.log_weights, log_g.reshape(chains, -1))
 
         # 2. resampling
@@ -252,5 +242,5 @@ class MCGDiff(Engine):
         rotated_y = constants["rotated_y"]
         predicted = torch.zeros(z_0.shape[0], rotated_y.shape[0], dtype=z_0.dtype, device=z_0.device)
         predicted[:, :count] = s_obs * z_0[:, :count]
-        log_likelihood = _log_normal(rotated_y, predicted, constants["sigma"] ** 2).sum(-1)
-        return log_likelihood - _masked_sum(active_0, _log_normal(z_0[:, :count], y_tilde, variance_0))
+        log_likelihood = log_normal(rotated_y, predicted, constants["sigma"] ** 2).sum(-1)
+        return log_likelihood - _masked_sum(active_0, log_normal(z_0[:, :count], y_tilde, variance_0))

@@ -84,14 +84,16 @@ import torch
 from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
-from models.samplers import ddim_coefficients, initial_noise
-from posterior.engines.base import Engine
+from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
+    SMCEngine,
     SMCState,
     check_resampling,
+    initial_particles,
     resample,
     reweight,
     sampling_grid,
+    step_times,
     uniform_log_weights,
 )
 from posterior.problem import Problem
@@ -105,7 +107,7 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class TDS(Engine):
+class TDS(SMCEngine):
     """Twisted diffusion sampler (see the module docstring for the algorithm and the choices made).
 
     Attributes:
@@ -151,10 +153,7 @@ class TDS(Engine):
     # ------------------------------------------------------------------ set-up
     def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
         grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        shape = (num_chains * num_particles,) + tuple(problem.event_shape)
-        particles = initial_noise(
-            problem.prior.schedule, shape, generator, t_max=float(grid[0]), dtype=problem.dtype, device=problem.device
-        )
+        particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         x0, log_twist, grad = self._twist(problem, particles, grid[0])
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         # first weight: the twist at x_T (the reference law N(0, I) is also the proposal)
@@ -162,14 +161,10 @@ class TDS(Engine):
         cache = {"x0": x0, "log_twist": log_twist, "grad": grad}
         return SMCState(particles, log_weights, log_evidence, 0, grid, cache, {})
 
-    def iterations(self, state: SMCState) -> int:
-        return state.grid.shape[0] - 1
-
     # ------------------------------------------------------------------ one step
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
         schedule = problem.prior.schedule
-        t, s = state.grid[state.step], state.grid[state.step + 1]
-        last = state.step + 1 == state.grid.shape[0] - 1
+        t, s, last = step_times(state)
         chains = state.log_weights.shape[0]
 
         # 1. resample the particles with their cached twist, gradient and denoiser output
