@@ -40,6 +40,7 @@ __all__ = [
     "SMCEngine",
     "SMCState",
     "check_resampling",
+    "finish_step",
     "initial_particles",
     "log_normal",
     "resample",
@@ -172,3 +173,36 @@ def resample(
     return (ancestors + offsets).reshape(-1), log_weights, current_ess, resampled
 
 
+def finish_step(
+    state: SMCState,
+    particles: Tensor,
+    log_weights: Tensor,
+    log_increments: Tensor,
+    ess: Tensor,
+    resampled: Tensor,
+    cache: dict[str, Tensor],
+) -> tuple[SMCState, dict[str, Tensor]]:
+    """Reweight proposed particles and return the next state with the step's statistics.
+
+    For the filters that weight *after* proposing (TDS, FK steering).
+
+    Args:
+        state: the state the step started from.
+        particles: proposed particles ``(chains * N, *event)`` at the next grid time.
+        log_weights: normalised log-weights after resampling ``(chains, N)``.
+        log_increments: incremental log-weights of the proposed particles ``(chains * N,)``.
+        ess: ESS before resampling ``(chains,)``.
+        resampled: resampling flags ``(chains,)``.
+        cache: per-particle tensors for the next step.
+    """
+    chains = log_weights.shape[0]
+    log_weights, log_increment = reweight(log_weights, log_increments.reshape(chains, -1))
+    info = {"t": state.grid[state.step + 1], "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
+    new_state = state._replace(
+        particles=particles,
+        log_weights=log_weights,
+        log_evidence=state.log_evidence + log_increment,
+        step=state.step + 1,
+        cache=cache,
+    )
+    return new_state, info

@@ -62,6 +62,7 @@ from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
+    finish_step,
     initial_particles,
     resample,
     reweight,
@@ -143,7 +144,6 @@ class FKSteering(SMCEngine):
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
         schedule = problem.prior.schedule
         t, s, last = step_times(state)
-        chains = state.log_weights.shape[0]
 
         # 1. resample at scheduled steps (threshold 0 never resamples; the ESS is recorded at every step)
         threshold = self.ess_threshold if state.step % self.resample_every == 0 else 0.0
@@ -166,14 +166,4 @@ class FKSteering(SMCEngine):
             reward = self.lambda_ * problem.log_likelihood(x0_s)
             log_g, running = self._log_potential(reward, cache["reward"], cache["running"])
             new_cache = {"x0": x0_s, "reward": reward, "running": running, "applied": cache["applied"] + log_g}
-        log_weights, log_increment = reweight(log_weights, log_g.reshape(chains, -1))
-
-        info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
-        new_state = state._replace(
-            particles=x_s,
-            log_weights=log_weights,
-            log_evidence=state.log_evidence + log_increment,
-            step=state.step + 1,
-            cache=new_cache,
-        )
-        return new_state, info
+        return finish_step(state, x_s, log_weights, log_g, ess, resampled, new_cache)

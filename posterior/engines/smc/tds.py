@@ -89,6 +89,7 @@ from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
+    finish_step,
     initial_particles,
     resample,
     reweight,
@@ -165,7 +166,6 @@ class TDS(SMCEngine):
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
         schedule = problem.prior.schedule
         t, s, last = step_times(state)
-        chains = state.log_weights.shape[0]
 
         # 1. resample the particles with their cached twist, gradient and denoiser output
         indices, log_weights, ess, resampled = resample(state.log_weights, self.resampling, self.ess_threshold, generator)
@@ -195,14 +195,4 @@ class TDS(SMCEngine):
             new_x0, new_log_twist, new_grad = self._twist(problem, x_s, s)
             cache = {"x0": new_x0, "log_twist": new_log_twist, "grad": new_grad}
         log_g = log_kernel_ratio + new_log_twist - log_twist
-        log_weights, log_increment = reweight(log_weights, log_g.reshape(chains, -1))
-
-        info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
-        new_state = state._replace(
-            particles=x_s,
-            log_weights=log_weights,
-            log_evidence=state.log_evidence + log_increment,
-            step=state.step + 1,
-            cache=cache,
-        )
-        return new_state, info
+        return finish_step(state, x_s, log_weights, log_g, ess, resampled, cache)
