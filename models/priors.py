@@ -310,6 +310,17 @@ class GaussianMixture(DiffusionPrior):
         super().__init__(denoiser, event_shape, sampler=sampler, num_steps=num_steps, eta=eta)
 
     @property
+    def mean(self) -> Tensor:
+        """Mixture mean, shape ``event_shape``."""
+        return (self.weights[:, None] * self.means).sum(0).reshape(self.event_shape)
+
+    @property
+    def variance(self) -> Tensor:
+        """Per-coordinate mixture variance, shape ``event_shape``."""
+        second = self.weights[:, None] * (self.covariances.diagonal(dim1=-2, dim2=-1) + self.means**2)
+        return (second.sum(0) - self.mean.flatten() ** 2).reshape(self.event_shape)
+
+    @property
     def num_components(self) -> int:
         return self.means.shape[0]
 

@@ -13,6 +13,23 @@ differentiable likelihood works, so the problem only has to offer a finite
 (:meth:`posterior.Problem.denoise_with_vjp`) and are cached per particle, so a step costs one NFE and
 one VJP.
 
+**Twist variance** (``twist``). The paper's generic twist (``"plain"``) evaluates the likelihood
+at the point estimate :math:`\hat x_0` and so ignores the uncertainty of :math:`x_0` given
+:math:`x_t`; with a sharp likelihood its gradient is huge at high noise and the shifted proposal
+overshoots (measured on the Gaussian-mixture benchmark, d = 8, 20 steps, 200 filters: sliced
+Wasserstein in the thousands to millions, ESS 1 of 400 000). The default ``"inflated"`` twist, for
+a :class:`~models.observations.GaussianObservation`, adds the Tweedie variance of a Gaussian prior
+of per-coordinate variance :math:`\tau^2` (``data_variance``) to the noise,
+
+.. math:: \tilde p_t(y \mid x_t) = \mathcal{N}\big(y;\ A \hat x_0(x_t),\ \sigma_y^2 I + \rho_t A A^\top\big),
+   \qquad \rho_t = \frac{r_t \tau^2}{r_t + \tau^2},\ r_t = \sigma_t^2 / \alpha_t^2,
+
+(diagonal in the SVD basis when the operator has one, :math:`\rho_t I` in place of
+:math:`\rho_t A A^\top` otherwise): the paper's own choice for inpainting (its VP code's
+"var_type 6") extended to any operator, as in ΠGDM (Song et al. 2023). :math:`\rho_0 = 0`, and the
+last weight uses the true likelihood, so the target is unchanged: only the variance of the weights
+is.
+
 **Proposal** (paper, Sec. 3.2 and App. "VP", eq. for :math:`\tilde p_\theta(x_t \mid x_{t+1}, y)`;
 official code ``TwistedDDPM._compute_twisted_step_helper``). The conditional score
 :math:`s_\theta + \nabla \log \tilde p_t` is plugged into the diffusion's own kernel: Tweedie's
@@ -67,6 +84,8 @@ Not implemented: the paper's inpainting twist for noiseless masks (:math:`\tilde
 noiseless observations are refused (``requires = {"finite_likelihood"}``).
 
 References:
+    Song, Vahdat, Mardani, Kautz. Pseudoinverse-Guided Diffusion Models for Inverse Problems.
+    ICLR 2023 (the Tweedie-variance-inflated likelihood).
     Wu, Trippe, Naesseth, Blei, Cunningham. Practical and Asymptotically Exact Conditional Sampling
     in Diffusion Models. NeurIPS 2023. arXiv:2306.17775 (Alg. 1; Sec. 3.2; App. VP).
     Official code: github.com/blt2114/twisted_diffusion_sampler
@@ -84,6 +103,7 @@ import torch
 from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
+from models.operators.base import LinearOperator
 from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
     SMCEngine,
@@ -91,6 +111,7 @@ from posterior.engines.smc.core import (
     check_resampling,
     finish_step,
     initial_particles,
+    log_normal,
     resample,
     reweight,
     sampling_grid,
@@ -107,6 +128,14 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(-1)
 
 
+def _prior_variance(problem: Problem) -> float:
+    """The prior's mean per-coordinate variance, or 1 when it does not expose one."""
+    try:
+        return float(problem.prior.variance.mean())
+    except NotImplementedError:
+        return 1.0
+
+
 @dataclass(frozen=True)
 class TDS(SMCEngine):
     """Twisted diffusion sampler (see the module docstring for the algorithm and the choices made).
@@ -116,6 +145,10 @@ class TDS(SMCEngine):
         eta: stochasticity of the base kernel, in ``(0, 1]`` (1: DDPM, as the paper).
         twist_scale: exponent :math:`\\gamma \\ge 0` of the twist (1 in the paper; 0 gives plain
             importance sampling from the prior, weighted by the likelihood at the end).
+        twist: ``"inflated"`` (default) or ``"plain"`` (the paper's generic twist), see the module
+            docstring.
+        data_variance: :math:`\\tau^2` of the inflated twist; ``None`` (default) takes the prior's
+            mean per-coordinate ``variance`` where the prior has one (Gaussian mixtures), else 1.
         resampling: resampling scheme (paper and code: ``"systematic"``).
         ess_threshold: resample when ESS <= ess_threshold * N (1: every step, the official default).
     """
@@ -123,6 +156,8 @@ class TDS(SMCEngine):
     num_steps: int = 100
     eta: float = 1.0
     twist_scale: float = 1.0
+    twist: str = "inflated"
+    data_variance: float | None = None
     resampling: str = "systematic"
     ess_threshold: float = 1.0
     requires: ClassVar[frozenset[str]] = frozenset({"finite_likelihood"})
@@ -135,16 +170,40 @@ class TDS(SMCEngine):
             raise ValueError(f"TDS: eta must lie in (0, 1]; got {self.eta!r}")
         if not (isinstance(self.twist_scale, (int, float)) and math.isfinite(self.twist_scale) and self.twist_scale >= 0):
             raise ValueError(f"TDS: twist_scale must be a finite number >= 0; got {self.twist_scale!r}")
+        if self.twist not in ("inflated", "plain"):
+            raise ValueError(f"TDS: twist must be 'inflated' or 'plain'; got {self.twist!r}")
+        if self.data_variance is not None and not self.data_variance > 0:
+            raise ValueError(f"TDS: data_variance must be > 0; got {self.data_variance!r}")
         check_resampling("TDS", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ twist
+    def _log_twist(self, problem: Problem, x0: Tensor, t: Tensor) -> Tensor:
+        r""":math:`\log \tilde p_t(y \mid x_t)` from :math:`\hat x_0`, ``(n, *event) -> (n,)`` (before :math:`\gamma`)."""
+        gaussian = problem.gaussian
+        if self.twist == "plain" or gaussian is None or gaussian.noiseless:
+            return problem.log_likelihood(x0)
+        schedule = problem.prior.schedule
+        ratio = (schedule.sigma(t) / schedule.alpha(t)) ** 2
+        tau2 = self.data_variance if self.data_variance is not None else _prior_variance(problem)
+        inflation = (tau2 * ratio / (ratio + tau2)).to(x0)
+        operator, sigma = gaussian.operator, gaussian.sigma.to(x0)
+        residual = gaussian.y.to(x0) - operator(x0)
+        svd = operator.svd() if isinstance(operator, LinearOperator) else None
+        if svd is not None and sigma.numel() == 1:  # sigma^2 I + rho A A^T is diagonal in U
+            rotated = svd.ut(residual)
+            gains = torch.zeros(rotated.shape[1], dtype=x0.dtype, device=x0.device)
+            gains[: svd.rank_bound] = svd.singular_values.to(x0) ** 2
+            return log_normal(rotated, 0.0, sigma.reshape(()) ** 2 + inflation * gains).sum(-1)
+        variance = (sigma**2 + inflation).expand(residual.shape[1:])
+        return log_normal(residual, 0.0, variance).flatten(1).sum(-1)
+
     def _twist(self, problem: Problem, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""``(x0, log_twist, grad)`` at ``x_t``: :math:`\hat x_0`, :math:`\gamma \log p(y\mid\hat x_0)`, its gradient."""
+        r"""``(x0, log_twist, grad)`` at ``x_t``: :math:`\hat x_0`, :math:`\gamma \log \tilde p_t`, its gradient."""
         values: list[Tensor] = []
         gamma = float(self.twist_scale)
 
         def objective(x0: Tensor) -> Tensor:
-            value = gamma * problem.log_likelihood(x0)
+            value = gamma * self._log_twist(problem, x0, t)
             values.append(value.detach())
             return value
 
