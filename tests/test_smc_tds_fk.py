@@ -196,3 +196,26 @@ def test_inflated_twist_keeps_tds_near_the_posterior_where_the_plain_twist_diver
     # measured: inflated 0.38, plain 1.5e6 (the shifted proposal overshoots), floor 0.14
     assert distances["inflated"] < 5 * floor
     assert distances["plain"] > 10 * distances["inflated"]
+
+
+def test_with_the_exact_twist_the_weights_stay_nearly_constant():
+    # For an isotropic Gaussian prior N(mu, tau^2 I), p(y | x_t) = N(y; A E[x0 | x_t], sigma^2 I +
+    # rho_t A A^T) exactly, which is TDS's inflated twist with data_variance = tau^2 (the default
+    # reads it from the prior). With a fine grid the DDPM kernel is close to the exact reversal, so
+    # every incremental weight is close to constant.
+    tau2 = 2.0
+    prior = Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), tau2 * torch.eye(2, dtype=torch.float64))
+    operator = operators.Matrix(torch.tensor([[1.0, 0.4], [0.2, -0.7]], dtype=torch.float64))
+    y = torch.tensor([0.3, -1.2], dtype=torch.float64)
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(operator, x, 0.3), obs=y)
+
+    result = posterior.sample(model, TDS(num_steps=500, ess_threshold=0.0), num_particles=200, num_chains=4, seed=0,
+                              model_kwargs={"y": y}, progress=False)
+    exact = float(prior.log_evidence(operator, y, 0.3))
+    # measured: final ESS 185-190 of 200 per chain, log-evidence within 0.044 of the closed form in
+    # every chain; the plain twist on the same problem gives ESS 1-7 and errors of -7 to -11
+    assert result.ess().min() > 0.85 * 200
+    assert (result.log_evidence - exact).abs().max() < 0.1
