@@ -54,11 +54,6 @@ def engines(num_steps: int) -> dict[str, posterior.Engine]:
     return found
 
 
-def one_draw_per_chain(result: posterior.ParticleSet, generator: torch.Generator) -> torch.Tensor:
-    pick = torch.multinomial(result.log_weights.exp(), 1, generator=generator)[:, 0]
-    return result.values[result.latent_name][torch.arange(result.num_chains), pick]
-
-
 def interval(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}"
@@ -110,7 +105,7 @@ def main() -> None:
                                                   num_chains=args.chains, seed=seed, progress=False,
                                                   model_kwargs=problem.model_kwargs)
                         wall = time.perf_counter() - start
-                        draws = one_draw_per_chain(result, torch.Generator().manual_seed(seed))
+                        draws = result.one_draw_per_chain(seed)["x"]
                         row = rows.setdefault(name, {"sw": [], "nfe": [], "wall": []})
                         row["sw"].append(sliced_wasserstein(draws, reference, seed=seed))
                         row["nfe"].append(result.info["nfe"])

@@ -131,6 +131,25 @@ class ParticleSet:
             return dict(values)
         return {name: v.flatten(0, 1) for name, v in values.items()}
 
+    def one_draw_per_chain(self, seed: int | None = None) -> dict[str, Tensor]:
+        """One particle per chain, drawn by its weight: ``chains`` independent posterior draws.
+
+        The particles of one SMC chain share ancestors; comparing sample sets fairly (e.g. with
+        :func:`diagnostics.sliced_wasserstein`) needs independent draws, hence many chains and one
+        draw from each.
+
+        Args:
+            seed: seed of the draw (default: the run's seed).
+
+        Returns:
+            Site name -> tensor ``(chains, *event)``.
+        """
+        seed = self.info.get("seed") if seed is None else seed
+        generator = torch.Generator(device=self.log_weights.device).manual_seed(0 if seed is None else int(seed))
+        pick = torch.multinomial(self.log_weights.exp(), 1, generator=generator)[:, 0]
+        chains = torch.arange(self.num_chains, device=pick.device)
+        return {name: value[chains, pick] for name, value in self.values.items()}
+
     def to_datatree(self, **kwargs):
         """This set as an ``xarray.DataTree`` in the ArviZ 1.x layout (see
         :func:`diagnostics.to_datatree` for the arguments)."""

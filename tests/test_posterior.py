@@ -321,3 +321,12 @@ def test_float32_in_float32_out():
 
     result = posterior.sample(model, posterior.Exact(), num_particles=4, seed=0, model_kwargs={"y": torch.ones(2)})
     assert result.values["x"].dtype == torch.float32 and result.log_likelihood.dtype == torch.float32
+
+
+def test_one_draw_per_chain_follows_the_weights():
+    values = torch.arange(12, dtype=DTYPE).reshape(3, 4, 1)
+    log_weights = torch.full((3, 4), -math.inf, dtype=DTYPE)
+    log_weights[torch.arange(3), torch.tensor([2, 0, 3])] = 0.0  # all the weight on one particle
+    result = posterior.ParticleSet({"x": values}, log_weights, info={"seed": 5, "latent_name": "x"})
+    draws = result.one_draw_per_chain()["x"]
+    assert draws.shape == (3, 1) and draws[:, 0].tolist() == [2.0, 4.0, 11.0]

@@ -7,16 +7,16 @@ the same size to that reference (the floor is noisy for well-separated mixtures,
 over ten sets).
 """
 
-import pyro
 import pytest
 import torch
 
 import posterior
 from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, GaussianObservation, operators
+from models import Gaussian, GaussianMixture, operators
 from models.operators.nonlinear import PhaseRetrieval
 from models.problems import gaussian_mixture_benchmark
 from models.schedules import VP
+from helpers import gaussian_model
 from posterior.engines.smc.core import sampling_grid
 from posterior.engines.smc.fps import FPS
 from posterior.engines.smc.smcdiff import SMCDiff
@@ -33,18 +33,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _model(prior, operator, sigma):
-    def model(y=None):
-        x = pyro.sample("x", prior)
-        return pyro.sample("y", GaussianObservation(operator, x, sigma), obs=y)
-
-    return model
-
-
-def _one_draw_per_chain(result, seed=0):
-    x, log_weights = result.values["x"], result.log_weights
-    index = torch.multinomial(log_weights.exp(), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
-    return x[torch.arange(x.shape[0]), index]
 
 
 def _reference_and_floor(exact, size, seed=0):
@@ -77,7 +65,7 @@ def test_smcdiff_pins_the_observed_coordinates_exactly():
     operator = operators.Mask(mask)
     y = torch.tensor([0.7, -1.3], dtype=DTYPE)
     result = posterior.sample(
-        _model(prior, operator, 0.0), SMCDiff(num_steps=20), num_particles=8, num_chains=3, seed=0,
+        gaussian_model(prior, operator, 0.0), SMCDiff(num_steps=20), num_particles=8, num_chains=3, seed=0,
         progress=False, model_kwargs={"y": y},
     )
     x = result.values["x"]
@@ -90,14 +78,14 @@ def test_smcdiff_approaches_the_exact_posterior_as_particles_grow():
     exact = prior.posterior(operator, y, 0.0)
     chains = 500
     reference, floor = _reference_and_floor(exact, chains)
-    model = _model(prior, operator, 0.0)
+    model = gaussian_model(prior, operator, 0.0)
     distances, evidences = {}, {}
     for n in (16, 256):
         result = posterior.sample(
             model, SMCDiff(num_steps=100), num_particles=n, num_chains=chains, seed=0, progress=False,
             model_kwargs={"y": y},
         )
-        distances[n] = sliced_wasserstein(_one_draw_per_chain(result), reference)
+        distances[n] = sliced_wasserstein(result.one_draw_per_chain(seed=0)["x"], reference)
         evidences[n] = float(result.log_evidence.mean())
     # measured (seeds 0, 1, 2): floor 0.24 (single sets 0.13-0.41); N=16: 0.92, 1.06, 0.99;
     # N=256: 0.53, 0.74, 0.44, i.e. 2-3x the floor. The remainder is the 100-step Gaussian kernel
@@ -116,7 +104,7 @@ def test_smcdiff_evidence_matches_the_gaussian_closed_form():
     operator = operators.Mask(torch.tensor([True, False]))
     y = torch.tensor([1.2], dtype=DTYPE)
     result = posterior.sample(
-        _model(prior, operator, 0.0), SMCDiff(num_steps=100), num_particles=256, num_chains=50, seed=0,
+        gaussian_model(prior, operator, 0.0), SMCDiff(num_steps=100), num_particles=256, num_chains=50, seed=0,
         progress=False, model_kwargs={"y": y},
     )
     exact = prior.posterior(operator, y, 0.0)
@@ -146,7 +134,7 @@ def test_fps_is_close_to_the_exact_posterior_on_the_mixture_benchmark():
             model_kwargs=problem.model_kwargs,
         )
         assert result.log_evidence is None  # the auxiliary model's constant is not p(y)
-        distances[n] = sliced_wasserstein(_one_draw_per_chain(result), reference)
+        distances[n] = sliced_wasserstein(result.one_draw_per_chain(seed=0)["x"], reference)
     # measured: floor 0.42 (single sets 0.22-0.59); FPS with one particle 4.6, FPS-SMC with 64
     # particles 1.36 = 3.3x the floor. FPS-SMC is not asymptotically exact (see fps.py): its DDIM(c)
     # prior kernel alone loses ~40% of the variance at c = 0.95, so the floor is not reached.
@@ -178,7 +166,7 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
     prior, operator, y = _gaussian_problem(0.5)
     exact = prior.posterior(operator, y, 0.5)
     result = posterior.sample(
-        _model(prior, operator, 0.5), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
+        gaussian_model(prior, operator, 0.5), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
         progress=False, model_kwargs={"y": y},
     )
     x = result.values["x"].reshape(-1, 3)
@@ -194,7 +182,7 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
     # DDIM(c) recursion computed by hand (0.584 of the prior's), measured (0.579, 0.582, 0.600)
     prior, operator, y = _gaussian_problem(50.0)
     result = posterior.sample(
-        _model(prior, operator, 50.0), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
+        gaussian_model(prior, operator, 50.0), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
         progress=False, model_kwargs={"y": y},
     )
     exact = prior.posterior(operator, y, 50.0)
@@ -209,7 +197,7 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
 
 def _refusal_model(operator, sigma, d=3, event_shape=None):
     prior = Gaussian(torch.zeros(d, dtype=DTYPE), torch.eye(d, dtype=DTYPE), VP(), event_shape=event_shape)
-    return _model(prior, operator, sigma)
+    return gaussian_model(prior, operator, sigma)
 
 
 @pytest.mark.parametrize(

@@ -9,25 +9,18 @@ draws), and that error is part of every posterior comparison below.
 
 import math
 
-import pyro
 import pytest
 import torch
 
 import posterior
 from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, GaussianObservation, operators
+from models import Gaussian, GaussianMixture, operators
+from helpers import gaussian_model
 from posterior.engines.smc.fk_steering import FKSteering
 from posterior.engines.smc.tds import TDS
 
 DTYPE = torch.float64
 
-
-def _model(prior, operator, sigma):
-    def model(y=None):
-        x = pyro.sample("x", prior)
-        return pyro.sample("y", GaussianObservation(operator, x, sigma), obs=y)
-
-    return model
 
 
 def _gaussian_problem(sigma=1.0):
@@ -36,7 +29,7 @@ def _gaussian_problem(sigma=1.0):
     prior = Gaussian(0.5 * torch.randn(2, generator=g, dtype=DTYPE), torch.eye(2, dtype=DTYPE))
     operator = operators.Matrix(torch.randn(1, 2, generator=g, dtype=DTYPE))
     y = torch.randn(1, generator=g, dtype=DTYPE)
-    return _model(prior, operator, sigma), prior, operator, y
+    return gaussian_model(prior, operator, sigma), prior, operator, y
 
 
 def _pooled_log_evidence(result):
@@ -51,13 +44,6 @@ def _weighted_moments(result):
     var = (w * (x - mean[:, None]) ** 2).sum(1)
     return mean.mean(0), var.mean(0)
 
-
-def _one_draw_per_chain(result, seed=0):
-    """One particle per chain, picked by its weight: independent draws from the filter's law."""
-    g = torch.Generator().manual_seed(seed)
-    index = torch.multinomial(result.log_weights.exp(), 1, generator=g)[:, 0]
-    x = result.values["x"]
-    return x[torch.arange(x.shape[0]), index]
 
 
 # ----------------------------------------------------------------------------- Gaussian
@@ -113,7 +99,7 @@ def _mixture_problem():
     )
     operator = operators.Matrix(torch.eye(2, dtype=DTYPE))
     y = torch.tensor([-0.3, -0.6], dtype=DTYPE)  # posterior weights 0.13, 0.05, 0.81
-    return _model(prior, operator, 0.5), prior.posterior(operator, y, 0.5), y
+    return gaussian_model(prior, operator, 0.5), prior.posterior(operator, y, 0.5), y
 
 
 @pytest.mark.parametrize(
@@ -137,7 +123,7 @@ def test_engines_approach_the_exact_mixture_posterior(engine, factor):
     distances = {}
     for n in (16, 128):
         result = posterior.sample(model, engine, num_particles=n, num_chains=chains, seed=1, model_kwargs={"y": y}, progress=False)
-        distances[n] = sliced_wasserstein(_one_draw_per_chain(result), reference)
+        distances[n] = sliced_wasserstein(result.one_draw_per_chain(seed=0)["x"], reference)
     assert distances[128] < distances[16], distances
     assert distances[128] < factor * floor, (distances, floor)
 
@@ -191,8 +177,7 @@ def test_inflated_twist_keeps_tds_near_the_posterior_where_the_plain_twist_diver
     for twist in ("inflated", "plain"):
         result = posterior.sample(problem.model, TDS(num_steps=20, twist=twist), num_particles=16, num_chains=200,
                                   seed=0, model_kwargs=problem.model_kwargs, progress=False)
-        pick = torch.multinomial(result.log_weights.exp(), 1, generator=torch.Generator().manual_seed(0))[:, 0]
-        distances[twist] = sliced_wasserstein(result.values["x"][torch.arange(200), pick], reference)
+        distances[twist] = sliced_wasserstein(result.one_draw_per_chain(seed=0)["x"], reference)
     # measured: inflated 0.38, plain 1.5e6 (the shifted proposal overshoots), floor 0.14
     assert distances["inflated"] < 5 * floor
     assert distances["plain"] > 10 * distances["inflated"]
@@ -207,12 +192,7 @@ def test_with_the_exact_twist_the_weights_stay_nearly_constant():
     prior = Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), tau2 * torch.eye(2, dtype=torch.float64))
     operator = operators.Matrix(torch.tensor([[1.0, 0.4], [0.2, -0.7]], dtype=torch.float64))
     y = torch.tensor([0.3, -1.2], dtype=torch.float64)
-
-    def model(y=None):
-        x = pyro.sample("x", prior)
-        return pyro.sample("y", GaussianObservation(operator, x, 0.3), obs=y)
-
-    result = posterior.sample(model, TDS(num_steps=500, ess_threshold=0.0), num_particles=200, num_chains=4, seed=0,
+    result = posterior.sample(gaussian_model(prior, operator, 0.3), TDS(num_steps=500, ess_threshold=0.0), num_particles=200, num_chains=4, seed=0,
                               model_kwargs={"y": y}, progress=False)
     exact = float(prior.log_evidence(operator, y, 0.3))
     # measured: final ESS 185-190 of 200 per chain, log-evidence within 0.044 of the closed form in
