@@ -96,25 +96,41 @@ def main() -> None:
                 for seed in range(args.seeds):
                     problem = gaussian_mixture_benchmark(dim, obs_dim, seed=seed)
                     exact = problem.exact_posterior()
-                    reference = exact.sample((args.chains,), generator=torch.Generator().manual_seed(10_000 + seed))
-                    other = exact.sample((args.chains,), generator=torch.Generator().manual_seed(20_000 + seed))
+                    reference = exact.sample(
+                        (args.chains,), generator=torch.Generator().manual_seed(10_000 + seed)
+                    )
+                    other = exact.sample(
+                        (args.chains,), generator=torch.Generator().manual_seed(20_000 + seed)
+                    )
                     floors.append(sliced_wasserstein(other, reference, seed=seed))
                     for name, engine in engines(num_steps).items():
                         start = time.perf_counter()
-                        result = posterior.sample(problem.model, engine, num_particles=args.particles,
-                                                  num_chains=args.chains, seed=seed, progress=False,
-                                                  model_kwargs=problem.model_kwargs)
+                        result = posterior.sample(
+                            problem.model,
+                            engine,
+                            num_particles=args.particles,
+                            num_chains=args.chains,
+                            seed=seed,
+                            progress=False,
+                            model_kwargs=problem.model_kwargs,
+                        )
                         wall = time.perf_counter() - start
                         draws = result.one_draw_per_chain(seed)["x"]
                         row = rows.setdefault(name, {"sw": [], "nfe": [], "wall": []})
                         row["sw"].append(sliced_wasserstein(draws, reference, seed=seed))
                         row["nfe"].append(result.info["nfe"])
                         row["wall"].append(wall)
-                paper = PAPER.get((dim, obs_dim), ("-", "-", "-")) if num_steps == 20 else ("-", "-", "-")
+                paper = (
+                    PAPER.get((dim, obs_dim), ("-", "-", "-"))
+                    if num_steps == 20
+                    else ("-", "-", "-")
+                )
                 for name, row in rows.items():
-                    line = (f"| {dim} | {obs_dim} | {num_steps} | {name} | {interval(row['sw'])} | {interval(floors)} | "
-                            f"{statistics.mean(row['nfe']):.0f} | {statistics.mean(row['wall']):.1f} | "
-                            f"{paper[0]} | {paper[1]} | {paper[2]} |")
+                    line = (
+                        f"| {dim} | {obs_dim} | {num_steps} | {name} | {interval(row['sw'])} | {interval(floors)} | "
+                        f"{statistics.mean(row['nfe']):.0f} | {statistics.mean(row['wall']):.1f} | "
+                        f"{paper[0]} | {paper[1]} | {paper[2]} |"
+                    )
                     lines.append(line)
                     print(line, flush=True)
     if args.output:

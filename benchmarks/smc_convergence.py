@@ -40,29 +40,46 @@ def main() -> None:
     problem = gaussian_mixture_benchmark(args.dim, args.obs_dim, seed=args.seed)
     exact = problem.exact_posterior()
     reference = exact.sample((args.chains,), generator=torch.Generator().manual_seed(1))
-    floor = sum(
-        sliced_wasserstein(exact.sample((args.chains,), generator=torch.Generator().manual_seed(k)), reference)
-        for k in range(2, 6)
-    ) / 4
+    floor = (
+        sum(
+            sliced_wasserstein(
+                exact.sample((args.chains,), generator=torch.Generator().manual_seed(k)), reference
+            )
+            for k in range(2, 6)
+        )
+        / 4
+    )
     sizes = [int(n) for n in args.particles.split(",")]
     lines = [
         f"# SMC convergence, recorded {datetime.date.today()}, {platform.machine()} CPU ({os.cpu_count()} cores), "
         f"torch {torch.__version__}",
         f"# {problem.name}; {args.steps} steps; {args.chains} filters, one draw each; "
         f"noise floor {floor:.3f} (mean of 4 exact pairs)",
-        f"{'engine':>12} " + " ".join(f"{'N=' + str(n):>9}" for n in sizes) + f" {'last/floor':>11} {'wall s':>8}",
+        f"{'engine':>12} "
+        + " ".join(f"{'N=' + str(n):>9}" for n in sizes)
+        + f" {'last/floor':>11} {'wall s':>8}",
     ]
     print("\n".join(lines), flush=True)
     for name in ("MCGDiff", "TDS", "FKSteering", "FPS"):
         engine = getattr(posterior, name)(num_steps=args.steps)
         distances, start = [], time.perf_counter()
         for n in sizes:
-            result = posterior.sample(problem.model, engine, num_particles=n, num_chains=args.chains, seed=0,
-                                      progress=False, model_kwargs=problem.model_kwargs)
+            result = posterior.sample(
+                problem.model,
+                engine,
+                num_particles=n,
+                num_chains=args.chains,
+                seed=0,
+                progress=False,
+                model_kwargs=problem.model_kwargs,
+            )
             distances.append(sliced_wasserstein(result.one_draw_per_chain()["x"], reference))
         wall = time.perf_counter() - start
-        line = (f"{name:>12} " + " ".join(f"{d:>9.3f}" for d in distances)
-                + f" {distances[-1] / floor:>11.2f} {wall:>8.1f}")
+        line = (
+            f"{name:>12} "
+            + " ".join(f"{d:>9.3f}" for d in distances)
+            + f" {distances[-1] / floor:>11.2f} {wall:>8.1f}"
+        )
         lines.append(line)
         print(line, flush=True)
     if args.output:

@@ -70,8 +70,14 @@ def main() -> None:
         engine = engine_class(num_steps=args.steps)
 
         def run():
-            return posterior.sample(problem.model, engine, num_particles=args.particles, seed=0, progress=False,
-                                    model_kwargs=problem.model_kwargs)
+            return posterior.sample(
+                problem.model,
+                engine,
+                num_particles=args.particles,
+                seed=0,
+                progress=False,
+                model_kwargs=problem.model_kwargs,
+            )
 
         result = run()
         wall = best_time(run, args.repeats)

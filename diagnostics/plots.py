@@ -41,10 +41,26 @@ def plot_projection(
     if reference is not None:
         ref = reference.detach().flatten(1).cpu().double()
         ax.scatter(ref[:, first], ref[:, second], s=2, c="0.75", label="prior", rasterized=True)
-    ax.scatter(flat[:, first], flat[:, second], s=3, alpha=0.5, c="tab:blue", label="posterior", rasterized=True)
+    ax.scatter(
+        flat[:, first],
+        flat[:, second],
+        s=3,
+        alpha=0.5,
+        c="tab:blue",
+        label="posterior",
+        rasterized=True,
+    )
     if truth is not None:
         point = torch.as_tensor(truth).detach().flatten().cpu().double()
-        ax.scatter([point[first]], [point[second]], marker="*", s=200, c="tab:red", edgecolors="k", label="truth")
+        ax.scatter(
+            [point[first]],
+            [point[second]],
+            marker="*",
+            s=200,
+            c="tab:red",
+            edgecolors="k",
+            label="truth",
+        )
     ax.set_xlabel(f"x[{first}]")
     ax.set_ylabel(f"x[{second}]")
     ax.legend(loc="upper right", fontsize="small")

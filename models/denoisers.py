@@ -204,7 +204,9 @@ class VDenoiser(_NetworkDenoiser):
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (alpha * x_t - sigma * self._predict(x_t, broadcast_time(t, x_t))) / (alpha**2 + sigma**2)
+        return (alpha * x_t - sigma * self._predict(x_t, broadcast_time(t, x_t))) / (
+            alpha**2 + sigma**2
+        )
 
 
 class ScoreDenoiser(_NetworkDenoiser):
@@ -251,7 +253,7 @@ class DiscreteDDPMDenoiser(Denoiser):
         super().__init__(DiscreteVP(alphas_cumprod))
         if prediction not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(
-                "prediction must be 'epsilon', 'sample' or 'v_prediction'; " f"got {prediction!r}"
+                f"prediction must be 'epsilon', 'sample' or 'v_prediction'; got {prediction!r}"
             )
         if not callable(net):
             raise ValueError(f"net must be callable as net(x_t, n); got {net!r}")

@@ -86,15 +86,23 @@ class GaussianObservation(TorchDistribution):
         new.__dict__.update(self.__dict__)
         shape = torch.Size(batch_shape) + self.event_shape
         new.mean_value = self.mean_value.expand(shape)
-        TorchDistribution.__init__(new, torch.Size(batch_shape), self.event_shape, validate_args=False)
+        TorchDistribution.__init__(
+            new, torch.Size(batch_shape), self.event_shape, validate_args=False
+        )
         return new
 
-    def rsample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+    def rsample(
+        self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
-        noise = torch.randn(shape, generator=generator, dtype=self.mean_value.dtype, device=self.mean_value.device)
+        noise = torch.randn(
+            shape, generator=generator, dtype=self.mean_value.dtype, device=self.mean_value.device
+        )
         return self.mean_value.expand(shape) + self.sigma * noise
 
-    def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape, generator)
 

@@ -78,7 +78,9 @@ class DiffusionPrior(TorchDistribution):
             raise ValueError(f"sampler must be one of {sorted(samplers.SAMPLERS)}; got {sampler!r}")
         event_shape = torch.Size(event_shape)
         if len(event_shape) == 0 or any(n <= 0 for n in event_shape):
-            raise ValueError(f"event_shape must be a non-empty shape of positive sizes; got {tuple(event_shape)}")
+            raise ValueError(
+                f"event_shape must be a non-empty shape of positive sizes; got {tuple(event_shape)}"
+            )
         self.denoiser = denoiser
         self.sampler = sampler
         self.num_steps = num_steps
@@ -109,7 +111,9 @@ class DiffusionPrior(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(type(self), _instance)
         new.__dict__.update(self.__dict__)
-        TorchDistribution.__init__(new, torch.Size(batch_shape), self.event_shape, validate_args=False)
+        TorchDistribution.__init__(
+            new, torch.Size(batch_shape), self.event_shape, validate_args=False
+        )
         return new
 
     def denoise(self, x_t: Tensor, t: float | Tensor) -> Tensor:
@@ -153,7 +157,9 @@ class DiffusionPrior(TorchDistribution):
             )
         return draws.reshape(shape)
 
-    def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
         """Unconditional samples (by :meth:`sample_reverse` with the prior's sampler)."""
         return self.sample_reverse(sample_shape, generator=generator)
 
@@ -218,7 +224,11 @@ class GaussianMixtureDenoiser(Denoiser):
         means = self.means.to(x)
         scale = self.eigenvalues.to(x)[:, 0][None]  # (1, K)
         variance = alpha**2 * scale + sigma**2
-        squared = (x**2).sum(-1, keepdim=True) - 2 * alpha * (x @ means.T) + alpha**2 * (means**2).sum(-1)[None]
+        squared = (
+            (x**2).sum(-1, keepdim=True)
+            - 2 * alpha * (x @ means.T)
+            + alpha**2 * (means**2).sum(-1)[None]
+        )
         d = x.shape[1]
         log_normal = -0.5 * (squared / variance + d * torch.log(2 * math.pi * variance))
         return self.log_weights.to(x)[None] + log_normal, alpha * scale / variance
@@ -226,9 +236,13 @@ class GaussianMixtureDenoiser(Denoiser):
     def _full_terms(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``log_joint`` ``(N, K)``, eigenbasis residuals ``(N, K, d)`` and variances ``(N|1, K, d)``."""
         eigenvectors = self.eigenvectors.to(x)
-        residual = torch.einsum("kde,nkd->nke", eigenvectors, x[:, None, :] - alpha[..., None] * self.means.to(x)[None])
+        residual = torch.einsum(
+            "kde,nkd->nke", eigenvectors, x[:, None, :] - alpha[..., None] * self.means.to(x)[None]
+        )
         variances = alpha[..., None] ** 2 * self.eigenvalues.to(x)[None] + sigma[..., None] ** 2
-        log_normal = -0.5 * ((residual**2 / variances).sum(-1) + torch.log(2 * math.pi * variances).sum(-1))
+        log_normal = -0.5 * (
+            (residual**2 / variances).sum(-1) + torch.log(2 * math.pi * variances).sum(-1)
+        )
         return self.log_weights.to(x)[None] + log_normal, residual, variances
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
@@ -239,7 +253,9 @@ class GaussianMixtureDenoiser(Denoiser):
             responsibilities = torch.softmax(log_joint, dim=-1)
             # sum_k r_k [mu_k + g_k (x - alpha mu_k)] = (r (1 - alpha g)) @ mu + (r g) 1 x
             weighted = responsibilities * gain
-            x0 = (responsibilities - alpha * weighted) @ self.means.to(x) + weighted.sum(-1, keepdim=True) * x
+            x0 = (responsibilities - alpha * weighted) @ self.means.to(x) + weighted.sum(
+                -1, keepdim=True
+            ) * x
         else:
             log_joint, residual, variances = self._full_terms(x, alpha, sigma)
             gain = alpha[..., None] * self.eigenvalues.to(x)[None] / variances
@@ -299,10 +315,17 @@ class GaussianMixture(DiffusionPrior):
         d = means.shape[1]
         event_shape = torch.Size((d,) if event_shape is None else event_shape)
         if math.prod(event_shape) != d:
-            raise ValueError(f"event_shape {tuple(event_shape)} has {math.prod(event_shape)} entries; the means have d={d}")
+            raise ValueError(
+                f"event_shape {tuple(event_shape)} has {math.prod(event_shape)} entries; the means have d={d}"
+            )
         eigenvalues, eigenvectors = _decompose(covariances, allow_singular)
         denoiser = GaussianMixtureDenoiser(
-            weights.log() - weights.sum().log(), means, eigenvalues, eigenvectors, schedule or VP(), event_shape
+            weights.log() - weights.sum().log(),
+            means,
+            eigenvalues,
+            eigenvectors,
+            schedule or VP(),
+            event_shape,
         )
         self.weights = weights / weights.sum()
         self.means = means
@@ -317,7 +340,9 @@ class GaussianMixture(DiffusionPrior):
     @property
     def variance(self) -> Tensor:
         """Per-coordinate mixture variance, shape ``event_shape``."""
-        second = self.weights[:, None] * (self.covariances.diagonal(dim1=-2, dim2=-1) + self.means**2)
+        second = self.weights[:, None] * (
+            self.covariances.diagonal(dim1=-2, dim2=-1) + self.means**2
+        )
         return (second.sum(0) - self.mean.flatten() ** 2).reshape(self.event_shape)
 
     @property
@@ -328,15 +353,23 @@ class GaussianMixture(DiffusionPrior):
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def sample(self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, sample_shape: torch.Size = torch.Size(), generator: torch.Generator | None = None
+    ) -> Tensor:
         """Exact samples at ``t = 0``, shape ``sample_shape + batch_shape + event_shape``."""
         shape = self._extended_shape(torch.Size(sample_shape))
         num = math.prod(shape[: len(shape) - len(self.event_shape)])
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,))))
+            generator = torch.Generator(device=self.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,)))
+            )
         denoiser = self.denoiser
-        component = torch.multinomial(self.weights.to(self.device), num, replacement=True, generator=generator)
-        noise = torch.randn(num, 1, self.dim, generator=generator, dtype=self.dtype, device=self.device)
+        component = torch.multinomial(
+            self.weights.to(self.device), num, replacement=True, generator=generator
+        )
+        noise = torch.randn(
+            num, 1, self.dim, generator=generator, dtype=self.dtype, device=self.device
+        )
         scaled = noise * denoiser.eigenvalues[component, None, :].clamp_min(0).sqrt()
         if denoiser.isotropic:
             offsets = scaled[:, 0]
@@ -382,7 +415,9 @@ class GaussianMixture(DiffusionPrior):
         noise_var = torch.as_tensor(sigma, dtype=dtype, device=self.means.device) ** 2
         noise_var = noise_var.flatten().expand(m) if noise_var.numel() == 1 else noise_var.flatten()
         if noise_var.shape != (m,):
-            raise ValueError(f"sigma must be a scalar or have {m} entries; got {tuple(torch.as_tensor(sigma).shape)}")
+            raise ValueError(
+                f"sigma must be a scalar or have {m} entries; got {tuple(torch.as_tensor(sigma).shape)}"
+            )
         gains = self.covariances @ matrix.T  # (K, d, m): Sigma_k A^T
         predictive = matrix @ gains + torch.diag_embed(noise_var)  # (K, m, m): G_k
         predictive = 0.5 * (predictive + predictive.transpose(-1, -2))
@@ -400,7 +435,9 @@ class GaussianMixture(DiffusionPrior):
         _, _, cholesky, residual = self._observation_terms(operator, y, sigma)
         return torch.logsumexp(self.weights.log() + _gaussian_log_density(residual, cholesky), 0)
 
-    def posterior(self, operator: LinearOperator, y: Tensor, sigma: float | Tensor) -> GaussianMixture:
+    def posterior(
+        self, operator: LinearOperator, y: Tensor, sigma: float | Tensor
+    ) -> GaussianMixture:
         r"""The exact posterior of :math:`y = A x + \sigma e` as a Gaussian mixture (Kalman form).
 
         :math:`G_k = A\Sigma_k A^\top + \operatorname{diag}(\sigma^2)`,
@@ -446,14 +483,18 @@ class Gaussian(GaussianMixture):
         event_shape: the signal's shape (default ``(d,)``).
     """
 
-    def __init__(self, mean: Tensor, covariance: Tensor, schedule: Schedule | None = None, **kwargs):
+    def __init__(
+        self, mean: Tensor, covariance: Tensor, schedule: Schedule | None = None, **kwargs
+    ):
         mean, covariance = torch.as_tensor(mean), torch.as_tensor(covariance)
         if mean.dim() != 1 or covariance.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(
                 f"Gaussian needs mean (d,) and covariance (d, d); got {tuple(mean.shape)} and "
                 f"{tuple(covariance.shape)}"
             )
-        super().__init__(torch.ones(1, dtype=mean.dtype), mean[None], covariance[None], schedule, **kwargs)
+        super().__init__(
+            torch.ones(1, dtype=mean.dtype), mean[None], covariance[None], schedule, **kwargs
+        )
 
 
 def _gaussian_log_density(residual: Tensor, cholesky: Tensor) -> Tensor:
@@ -466,13 +507,17 @@ def _gaussian_log_density(residual: Tensor, cholesky: Tensor) -> Tensor:
 
 def _validate_mixture(weights: Tensor, means: Tensor, covariances: Tensor) -> None:
     if weights.dim() != 1 or weights.numel() == 0:
-        raise ValueError(f"weights must be a non-empty 1-D tensor (K,); got shape {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must be a non-empty 1-D tensor (K,); got shape {tuple(weights.shape)}"
+        )
     k = weights.shape[0]
     if means.dim() != 2 or means.shape[0] != k:
         raise ValueError(f"means must have shape (K, d) with K={k}; got {tuple(means.shape)}")
     d = means.shape[1]
     if covariances.shape != (k, d, d):
-        raise ValueError(f"covariances must have shape (K, d, d) = ({k}, {d}, {d}); got {tuple(covariances.shape)}")
+        raise ValueError(
+            f"covariances must have shape (K, d, d) = ({k}, {d}, {d}); got {tuple(covariances.shape)}"
+        )
     for name, value in (("weights", weights), ("means", means), ("covariances", covariances)):
         if not torch.isfinite(value).all():
             raise ValueError(f"{name} contain non-finite values")
@@ -483,7 +528,9 @@ def _validate_mixture(weights: Tensor, means: Tensor, covariances: Tensor) -> No
         raise ValueError(f"weights must sum to one; they sum to {total:.8g}")
     asymmetry = (covariances - covariances.transpose(-1, -2)).abs().amax()
     if float(asymmetry) > 1e-8 * max(1.0, float(covariances.abs().amax())):
-        raise ValueError(f"covariances must be symmetric; the largest asymmetry is {float(asymmetry):.3g}")
+        raise ValueError(
+            f"covariances must be symmetric; the largest asymmetry is {float(asymmetry):.3g}"
+        )
 
 
 def _decompose(covariances: Tensor, allow_singular: bool) -> tuple[Tensor, Tensor | None]:
@@ -492,12 +539,20 @@ def _decompose(covariances: Tensor, allow_singular: bool) -> tuple[Tensor, Tenso
     diagonal = covariances.diagonal(dim1=-2, dim2=-1)
     scale = diagonal[:, :1]
     eye = torch.eye(d, dtype=covariances.dtype, device=covariances.device)
-    isotropic = bool(((covariances - scale[..., None] * eye).abs() <= 1e-12 * scale.abs().clamp_min(1e-300)[..., None]).all())
+    isotropic = bool(
+        (
+            (covariances - scale[..., None] * eye).abs()
+            <= 1e-12 * scale.abs().clamp_min(1e-300)[..., None]
+        ).all()
+    )
     if isotropic:
         eigenvalues, eigenvectors = scale.expand(k, d).clone(), None
     else:
         eigenvalues, eigenvectors = torch.linalg.eigh(covariances.to(torch.float64))
-        eigenvalues, eigenvectors = eigenvalues.to(covariances.dtype), eigenvectors.to(covariances.dtype)
+        eigenvalues, eigenvectors = (
+            eigenvalues.to(covariances.dtype),
+            eigenvectors.to(covariances.dtype),
+        )
     floor = eigenvalues.amax(-1, keepdim=True) * 1e-10
     if not allow_singular and bool((eigenvalues <= 0).any()):
         bad = int((eigenvalues <= 0).any(-1).nonzero()[0])

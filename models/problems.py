@@ -122,7 +122,9 @@ def gaussian_mixture_benchmark(
 
     raw = torch.randn(obs_dim, dim, generator=generator, dtype=torch.float64)
     left, _, right_t = torch.linalg.svd(raw, full_matrices=True)
-    singular_values = torch.sort(torch.rand(obs_dim, generator=generator, dtype=torch.float64), descending=True).values
+    singular_values = torch.sort(
+        torch.rand(obs_dim, generator=generator, dtype=torch.float64), descending=True
+    ).values
     matrix = left @ torch.diag(singular_values) @ right_t[:obs_dim]
     sigma = float(torch.rand((), generator=generator, dtype=torch.float64) * singular_values.max())
     x_true = prior.sample(generator=generator)
@@ -139,5 +141,10 @@ def gaussian_mixture_benchmark(
         y=cast(y),
         x_true=cast(x_true),
         name=f"MCGDiff Gaussian-mixture benchmark (d={dim}, d_y={obs_dim}, seed={seed})",
-        metadata={"dim": dim, "obs_dim": obs_dim, "seed": seed, "singular_values": singular_values.tolist()},
+        metadata={
+            "dim": dim,
+            "obs_dim": obs_dim,
+            "seed": seed,
+            "singular_values": singular_values.tolist(),
+        },
     )

@@ -113,7 +113,9 @@ def ddim_step(
     a, b, c = (v.to(x_t) for v in ddim_coefficients(denoiser.schedule, t, s, eta))
     x_s = a * x0 + b * epsilon_from_x0(denoiser.schedule, x_t, x0, t)
     if eta > 0 and float(c) > 0:
-        x_s = x_s + c * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        x_s = x_s + c * torch.randn(
+            x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device
+        )
     return x_s
 
 
@@ -182,11 +184,15 @@ def sample(
     default_steps, kind, default_eta = SAMPLERS[sampler]
     eta = default_eta if eta is None else eta
     if sampler == "ddpm" and eta != 1.0:
-        raise ValueError("the 'ddpm' sampler is DDIM with eta = 1; use sampler='ddim' for other eta")
+        raise ValueError(
+            "the 'ddpm' sampler is DDIM with eta = 1; use sampler='ddim' for other eta"
+        )
     if grid is None:
         grid = default_grid(denoiser.schedule, num_steps or default_steps, kind)
     grid = grid.to(dtype=torch.float64)
-    x = initial_noise(denoiser.schedule, shape, generator, t_max=float(grid[0]), dtype=dtype, device=device)
+    x = initial_noise(
+        denoiser.schedule, shape, generator, t_max=float(grid[0]), dtype=dtype, device=device
+    )
     for step, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         t, s = t.to(device=x.device), s.to(device=x.device)
         if sampler in ("ddpm", "ddim"):

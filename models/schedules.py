@@ -214,7 +214,6 @@ class VP(_VariancePreserving):
         return -torch.tan(self._angle(t)) * rate
 
 
-
 def ddpm_linear_betas(
     num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
 ) -> Tensor:

@@ -13,5 +13,17 @@ from posterior.engines import FPS, TDS, Engine, EngineFailed, Exact, FKSteering,
 from posterior.particles import ParticleSet
 from posterior.problem import Problem
 
-__all__ = ["sample", "Problem", "ParticleSet", "EngineFailed", "Engine", "Exact", "FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]
+__all__ = [
+    "sample",
+    "Problem",
+    "ParticleSet",
+    "EngineFailed",
+    "Engine",
+    "Exact",
+    "FKSteering",
+    "FPS",
+    "MCGDiff",
+    "SMCDiff",
+    "TDS",
+]
 __version__ = "0.1.0"

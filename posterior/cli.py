@@ -50,7 +50,9 @@ def _demo(args: argparse.Namespace) -> int:
     distance = diagnostics.sliced_wasserstein(draws, reference, seed=args.seed)
     floor = diagnostics.sliced_wasserstein(floor_sample, reference, seed=args.seed)
     summary = arviz_stats.summary(tree, var_names=["x"])
-    exact_log_evidence = float(problem.prior.log_evidence(problem.operator, problem.y, problem.sigma))
+    exact_log_evidence = float(
+        problem.prior.log_evidence(problem.operator, problem.y, problem.sigma)
+    )
     lines = [
         f"problem: {problem.name}",
         f"engine: {result.info['engine']} {result.info['config']}",
@@ -77,8 +79,10 @@ def _demo(args: argparse.Namespace) -> int:
     )
     figure.savefig(output / "figure.png", dpi=120, bbox_inches="tight")
     print(text)
-    print(f"\nwrote {output / 'posterior.nc'}, {output / 'particles.pt'}, {output / 'figure.png'}, "
-          f"{output / 'summary.txt'}")
+    print(
+        f"\nwrote {output / 'posterior.nc'}, {output / 'particles.pt'}, {output / 'figure.png'}, "
+        f"{output / 'summary.txt'}"
+    )
     return 0
 
 
@@ -91,8 +95,12 @@ def _generator(seed: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterior", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the default problem end to end and write its results")
-    demo.add_argument("--output", default="demo-output", help="output folder (default ./demo-output)")
+    demo = commands.add_parser(
+        "demo", help="run the default problem end to end and write its results"
+    )
+    demo.add_argument(
+        "--output", default="demo-output", help="output folder (default ./demo-output)"
+    )
     demo.add_argument("--engine", default="exact", choices=sorted(ENGINES))
     demo.add_argument("--dim", type=int, default=8, help="signal dimension (even)")
     demo.add_argument("--obs-dim", type=int, default=2, help="measurement dimension")

@@ -28,7 +28,9 @@ def _check_state(engine: Engine, state: Any, step: int, t: float | None) -> None
         raise EngineFailed(engine.name, step, t, "non-finite particles")
     log_weights = state.log_weights
     if torch.isnan(log_weights).any() or not torch.isfinite(torch.logsumexp(log_weights, -1)).all():
-        raise EngineFailed(engine.name, step, t, "collapsed weights (no particle has positive weight)")
+        raise EngineFailed(
+            engine.name, step, t, "collapsed weights (no particle has positive weight)"
+        )
 
 
 def _stack_statistics(records: list[dict[str, Tensor]], num_chains: int) -> dict[str, Tensor]:
@@ -40,7 +42,11 @@ def _stack_statistics(records: list[dict[str, Tensor]], num_chains: int) -> dict
         column = []
         for record in records:
             value = torch.as_tensor(record[key])
-            column.append(value.detach().reshape(-1).expand(num_chains) if value.numel() == 1 else value.detach())
+            column.append(
+                value.detach().reshape(-1).expand(num_chains)
+                if value.numel() == 1
+                else value.detach()
+            )
         stats[key] = torch.stack(column, dim=1)
     return stats
 
@@ -86,7 +92,9 @@ def sample(
         EngineFailed: non-finite particles or collapsed weights, with the step and time.
     """
     if not isinstance(engine, Engine):
-        raise ValueError(f"engine must be a posterior engine instance (e.g. posterior.Exact()); got {engine!r}")
+        raise ValueError(
+            f"engine must be a posterior engine instance (e.g. posterior.Exact()); got {engine!r}"
+        )
     for name, value in (("num_particles", num_particles), ("num_chains", num_chains)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -105,11 +113,17 @@ def sample(
     _check_state(engine, state, 0, None)
     records = []
     iterations = engine.iterations(state)
-    bar = tqdm(range(iterations), desc=engine.name, disable=iterations == 0 or not _progress_enabled(progress))
+    bar = tqdm(
+        range(iterations),
+        desc=engine.name,
+        disable=iterations == 0 or not _progress_enabled(progress),
+    )
     for step in bar:
         state, info = engine.step(problem, state, generator)
         t = info.get("t")
-        _check_state(engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0]))
+        _check_state(
+            engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+        )
         records.append(info)
         if callback is not None:
             callback(step, state, info)

@@ -145,7 +145,9 @@ class ParticleSet:
             Site name -> tensor ``(chains, *event)``.
         """
         seed = self.info.get("seed") if seed is None else seed
-        generator = torch.Generator(device=self.log_weights.device).manual_seed(0 if seed is None else int(seed))
+        generator = torch.Generator(device=self.log_weights.device).manual_seed(
+            0 if seed is None else int(seed)
+        )
         pick = torch.multinomial(self.log_weights.exp(), 1, generator=generator)[:, 0]
         chains = torch.arange(self.num_chains, device=pick.device)
         return {name: value[chains, pick] for name, value in self.values.items()}
@@ -215,7 +217,10 @@ class ParticleSet:
 
         stats = {}
         for key in first.stats:
-            if all(key in s.stats and s.stats[key].shape[1:] == first.stats[key].shape[1:] for s in sets):
+            if all(
+                key in s.stats and s.stats[key].shape[1:] == first.stats[key].shape[1:]
+                for s in sets
+            ):
                 stats[key] = torch.cat([s.stats[key] for s in sets], 0)
         info = dict(first.info)
         info["num_chains"] = sum(s.num_chains for s in sets)

@@ -139,7 +139,9 @@ class Problem:
             )
         if len(priors) > 1:
             names = ", ".join(repr(s["name"]) for s in priors)
-            raise ValueError(f"the model has {len(priors)} DiffusionPrior sites ({names}); exactly one is supported")
+            raise ValueError(
+                f"the model has {len(priors)} DiffusionPrior sites ({names}); exactly one is supported"
+            )
         prior_site = priors[0]
         prior: DiffusionPrior = prior_site["fn"]
         if prior.batch_shape:
@@ -156,7 +158,9 @@ class Problem:
                 raise ValueError(
                     f"latent site {name!r} ({type(site['fn']).__name__}) besides the prior "
                     f"{prior_site['name']!r}: blind and hierarchical models are not supported yet; "
-                    "if it is a measurement, pass its value (e.g. model_kwargs={" f"'{name}': y" "})"
+                    "if it is a measurement, pass its value (e.g. model_kwargs={"
+                    f"'{name}': y"
+                    "})"
                 )
             likelihood_sites.append(name)
             if site["infer"].get("is_auxiliary"):  # pyro.factor: a likelihood term without data
@@ -182,7 +186,17 @@ class Problem:
             fn = site["fn"]
             if isinstance(fn, GaussianObservation) and fn.x is prior_site["value"]:
                 gaussian = GaussianStructure(site["name"], fn.operator, fn.sigma, site["value"])
-        return cls(model, args, kwargs, prior_site["name"], prior, observed, likelihood_sites, gaussian, batch_size)
+        return cls(
+            model,
+            args,
+            kwargs,
+            prior_site["name"],
+            prior,
+            observed,
+            likelihood_sites,
+            gaussian,
+            batch_size,
+        )
 
     # ------------------------------------------------------------------ description
     @property
@@ -260,7 +274,9 @@ class Problem:
             return x
 
         return prune_subsample_sites(
-            poutine.trace(_LatentValue(particles)(self.model)).get_trace(*self.model_args, **self.model_kwargs)
+            poutine.trace(_LatentValue(particles)(self.model)).get_trace(
+                *self.model_args, **self.model_kwargs
+            )
         )
 
     def _chunks(self, n: int) -> list[slice]:
@@ -270,7 +286,9 @@ class Problem:
     def _check_particles(self, x: Tensor) -> None:
         event = tuple(self.event_shape)
         if x.dim() != len(event) + 1 or tuple(x.shape[1:]) != event:
-            raise ValueError(f"particles must have shape (N, {', '.join(map(str, event))}); got {tuple(x.shape)}")
+            raise ValueError(
+                f"particles must have shape (N, {', '.join(map(str, event))}); got {tuple(x.shape)}"
+            )
 
     def _log_likelihood_chunk(self, x: Tensor) -> Tensor:
         gaussian = self.gaussian
@@ -302,7 +320,9 @@ class Problem:
                 f"the likelihood is degenerate for {self.describe_observation()}: a noiseless "
                 "observation has no finite log-density"
             )
-        return torch.cat([self._log_likelihood_chunk(x[chunk]) for chunk in self._chunks(x.shape[0])])
+        return torch.cat(
+            [self._log_likelihood_chunk(x[chunk]) for chunk in self._chunks(x.shape[0])]
+        )
 
     def grad_log_likelihood(self, x: Tensor) -> Tensor:
         r""":math:`\\nabla_x \\log p(y \\mid x)`, ``(N, *event) -> (N, *event)`` (chunked)."""
@@ -363,7 +383,9 @@ class Problem:
                 x0 = self.prior.denoise(part, t if t.dim() == 0 else t[chunk])
                 value = objective(x0)
                 if value.shape != (part.shape[0],):
-                    raise ValueError(f"the objective must return one value per particle; got {tuple(value.shape)}")
+                    raise ValueError(
+                        f"the objective must return one value per particle; got {tuple(value.shape)}"
+                    )
                 (grad,) = torch.autograd.grad(value.sum(), part)
             estimates.append(x0.detach())
             grads.append(grad)
@@ -374,4 +396,3 @@ class Problem:
             f"Problem(latent={self.latent_name!r}: {type(self.prior).__name__}{tuple(self.event_shape)}, "
             f"observation={self.describe_observation()})"
         )
-

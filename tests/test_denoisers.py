@@ -156,8 +156,9 @@ def test_oracle_parametrisations_are_consistent(name):
     # Guards the oracle itself: x_t = alpha E[x0|x_t] + sigma E[eps|x_t] holds exactly.
     schedule, oracle, x, t = noisy_batch(name)
     alpha, sigma, _ = oracle.coefficients(t)
-    torch.testing.assert_close(alpha * oracle.x0(x, t) + sigma * oracle.eps(x, t), x,
-                               rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(
+        alpha * oracle.x0(x, t) + sigma * oracle.eps(x, t), x, rtol=RTOL, atol=RTOL
+    )
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
@@ -168,8 +169,9 @@ def test_scalar_time_broadcasts(adapter):
     full = torch.full((x.shape[0],), 0.37, dtype=F64)
     expected = oracle.x0(x, full)
     torch.testing.assert_close(denoiser(x, 0.37), expected, rtol=RTOL, atol=RTOL)
-    torch.testing.assert_close(denoiser(x, torch.tensor(0.37, dtype=F64)), expected,
-                               rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(
+        denoiser(x, torch.tensor(0.37, dtype=F64)), expected, rtol=RTOL, atol=RTOL
+    )
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
@@ -195,8 +197,7 @@ def test_epsilon_score_velocity_are_exact(name, adapter):
     cls, quantity = ADAPTERS[adapter]
     denoiser = cls(make_net(oracle, quantity), schedule)
     torch.testing.assert_close(denoiser.epsilon(x, t), oracle.eps(x, t), rtol=RTOL, atol=RTOL)
-    torch.testing.assert_close(denoiser.velocity(x, t), oracle.velocity(x, t),
-                               rtol=RTOL, atol=RTOL)
+    torch.testing.assert_close(denoiser.velocity(x, t), oracle.velocity(x, t), rtol=RTOL, atol=RTOL)
     # The score against autograd of the exact log density of N(alpha mu, diag(V)).
     x_leaf = x.clone().requires_grad_(True)
     (score,) = torch.autograd.grad(oracle.log_density(x_leaf, t).sum(), x_leaf)
@@ -231,8 +232,9 @@ def test_probability_flow_moves_marginal(name):
         variance_rate = (variance_plus - variance_minus) / (2 * h)
         scale = max(1.0, float(variance.max()))
         torch.testing.assert_close(mean_velocity, mean_rate, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(2 * slope * variance, variance_rate, rtol=1e-6,
-                                   atol=1e-7 * scale)
+        torch.testing.assert_close(
+            2 * slope * variance, variance_rate, rtol=1e-6, atol=1e-7 * scale
+        )
 
         # Euler step: the remainder is O(dt^2), so it must be a small fraction (here < 1 %) of
         # the O(dt) change of the marginal; a wrong sign or factor would be off by ~100 %.
@@ -240,8 +242,10 @@ def test_probability_flow_moves_marginal(name):
         pushed_mean = mean - dt * mean_velocity
         pushed_variance = (1 - dt * slope) ** 2 * variance
         target_mean, target_variance = marginal_mean_and_variance(schedule, t - dt)
-        for pushed, target, now in ((pushed_mean, target_mean, mean),
-                                    (pushed_variance, target_variance, variance)):
+        for pushed, target, now in (
+            (pushed_mean, target_mean, mean),
+            (pushed_variance, target_variance, variance),
+        ):
             change = (target - now).abs()
             # (+ a dt^2 term for coordinates whose variance is stationary, e.g. RF at t = 0.2)
             assert ((pushed - target).abs() <= 1e-2 * change + 1e2 * dt**2 * scale).all()
@@ -289,8 +293,9 @@ def test_discrete_ddpm_step_index_rounds_to_nearest():
     calls: list = []
     net, alphas_cumprod = discrete_oracle_net("epsilon", calls)
     denoiser = DiscreteDDPMDenoiser(net, alphas_cumprod)
-    t = torch.tensor([0.0, 0.3e-3, 1.4e-3, (500 + 0.49) / N_TRAIN, (500 + 0.51) / N_TRAIN, 1.0],
-                     dtype=F64)
+    t = torch.tensor(
+        [0.0, 0.3e-3, 1.4e-3, (500 + 0.49) / N_TRAIN, (500 + 0.51) / N_TRAIN, 1.0], dtype=F64
+    )
     assert torch.equal(denoiser.step_index(t), torch.tensor([0, 0, 0, 499, 500, 999]))
     grid_t = torch.arange(1, N_TRAIN + 1, dtype=F64) / N_TRAIN
     assert torch.equal(denoiser.step_index(grid_t), torch.arange(N_TRAIN))
@@ -322,8 +327,9 @@ def test_network_of_wrong_shape_raises(adapter):
 
 
 def test_discrete_network_of_wrong_shape_raises():
-    denoiser = DiscreteDDPMDenoiser(lambda x, n: x[:, :1, :1],
-                                    torch.cumprod(1 - ddpm_linear_betas(), 0))
+    denoiser = DiscreteDDPMDenoiser(
+        lambda x, n: x[:, :1, :1], torch.cumprod(1 - ddpm_linear_betas(), 0)
+    )
     with pytest.raises(ValueError, match="shape"):
         denoiser(torch.zeros(3, *EVENT, dtype=F64), 0.5)
 
@@ -333,9 +339,11 @@ def test_time_of_wrong_shape_raises(adapter):
     schedule, oracle, x, _ = noisy_batch("vp_linear")
     cls, quantity = ADAPTERS[adapter]
     denoiser = cls(make_net(oracle, quantity), schedule)
-    for t in (torch.full((x.shape[0] + 1,), 0.5, dtype=F64),
-              torch.full((x.shape[0], 1), 0.5, dtype=F64),
-              torch.full((1,), 0.5, dtype=F64)):
+    for t in (
+        torch.full((x.shape[0] + 1,), 0.5, dtype=F64),
+        torch.full((x.shape[0], 1), 0.5, dtype=F64),
+        torch.full((1,), 0.5, dtype=F64),
+    ):
         with pytest.raises(ValueError, match="t must be"):
             denoiser(x, t)
         with pytest.raises(ValueError):

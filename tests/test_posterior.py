@@ -95,7 +95,10 @@ def test_a_transformed_latent_has_no_gaussian_structure():
 
     problem = posterior.Problem.from_model(model, y=torch.zeros(2, dtype=DTYPE))
     assert problem.gaussian is None
-    with pytest.raises(ValueError, match=r"Exact needs a GaussianObservation of the latent.*GaussianObservation at site 'y'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Exact needs a GaussianObservation of the latent.*GaussianObservation at site 'y'",
+    ):
         problem.require(posterior.Exact())
 
 
@@ -137,13 +140,18 @@ def test_denoise_with_vjp_matches_the_gaussian_jacobian():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda p: (lambda y=None: pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)), "no DiffusionPrior"),
         (
-            lambda p: (lambda y=None: (pyro.sample("a", p), pyro.sample("b", p))),
+            lambda p: lambda y=None: pyro.sample("y", dist.Normal(0.0, 1.0), obs=y),
+            "no DiffusionPrior",
+        ),
+        (
+            lambda p: lambda y=None: (pyro.sample("a", p), pyro.sample("b", p)),
             "2 DiffusionPrior sites",
         ),
         (
-            lambda p: (lambda y=None: (pyro.sample("x", p), pyro.sample("noise", dist.HalfNormal(1.0)))),
+            lambda p: (
+                lambda y=None: (pyro.sample("x", p), pyro.sample("noise", dist.HalfNormal(1.0)))
+            ),
             "latent site 'noise'",
         ),
     ],
@@ -157,7 +165,10 @@ def test_misdeclared_models_raise_naming_the_site(build, message):
 @pytest.mark.parametrize(
     "y, message",
     [
-        (torch.zeros(3, dtype=DTYPE), r"observed site 'y' has value of shape \(3,\).*expects \(2,\)"),
+        (
+            torch.zeros(3, dtype=DTYPE),
+            r"observed site 'y' has value of shape \(3,\).*expects \(2,\)",
+        ),
         (torch.tensor([0.0, float("nan")], dtype=DTYPE), "observed site 'y' contains NaN or inf"),
         (torch.tensor([0.0, float("inf")], dtype=DTYPE), "observed site 'y' contains NaN or inf"),
     ],
@@ -202,7 +213,9 @@ def test_exact_refuses_a_learned_prior_naming_what_is_missing():
         return pyro.sample("y", GaussianObservation(operators.Identity((2,)), x, 0.1), obs=y)
 
     with pytest.raises(ValueError, match="Exact needs a Gaussian or GaussianMixture prior"):
-        posterior.sample(model, posterior.Exact(), num_particles=2, model_kwargs={"y": torch.zeros(2)})
+        posterior.sample(
+            model, posterior.Exact(), num_particles=2, model_kwargs={"y": torch.zeros(2)}
+        )
 
 
 # ----------------------------------------------------------------------------- driver + Exact
@@ -210,12 +223,20 @@ def test_exact_refuses_a_learned_prior_naming_what_is_missing():
 
 def test_exact_engine_is_at_the_noise_floor_on_the_benchmark():
     problem = gaussian_mixture_benchmark(8, 2, seed=1)
-    result = posterior.sample(problem.model, posterior.Exact(), num_particles=2000, num_chains=2, seed=0,
-                              model_kwargs=problem.model_kwargs)
+    result = posterior.sample(
+        problem.model,
+        posterior.Exact(),
+        num_particles=2000,
+        num_chains=2,
+        seed=0,
+        model_kwargs=problem.model_kwargs,
+    )
     draws = result.get_samples()["x"]
     exact = problem.exact_posterior()
     reference = exact.sample((4000,), generator=torch.Generator().manual_seed(1))
-    floor = sliced_wasserstein(exact.sample((4000,), generator=torch.Generator().manual_seed(2)), reference)
+    floor = sliced_wasserstein(
+        exact.sample((4000,), generator=torch.Generator().manual_seed(2)), reference
+    )
     distance = sliced_wasserstein(draws, reference)
     # both are SW between independent exact sets of 4000: they agree within sampling noise
     # (measured 0.148 vs 0.151 here); 1.5x allows for that noise, a wrong posterior is > 1.
@@ -226,8 +247,14 @@ def test_exact_engine_is_at_the_noise_floor_on_the_benchmark():
 
 def test_particle_set_shapes_info_and_determinism():
     model, prior, operator, y = _gaussian_problem()
-    run = lambda seed: posterior.sample(model, posterior.Exact(), num_particles=50, num_chains=3,  # noqa: E731
-                                        seed=seed, model_kwargs={"y": y})
+    run = lambda seed: posterior.sample(
+        model,
+        posterior.Exact(),
+        num_particles=50,
+        num_chains=3,  # noqa: E731
+        seed=seed,
+        model_kwargs={"y": y},
+    )
     first, second, other = run(7), run(7), run(8)
     assert first.values["x"].shape == (3, 50, 3) and first.values["x"].dtype == DTYPE
     assert torch.equal(first.values["x"], second.values["x"])
@@ -235,11 +262,17 @@ def test_particle_set_shapes_info_and_determinism():
     assert first.log_weights.shape == (3, 50) and first.log_likelihood.shape == (3, 50)
     torch.testing.assert_close(first.log_weights.logsumexp(-1), torch.zeros(3, dtype=DTYPE))
     torch.testing.assert_close(first.ess(), torch.full((3,), 50.0, dtype=DTYPE))
-    assert first.info["engine"] == "Exact" and first.info["seed"] == 7 and first.info["num_chains"] == 3
+    assert (
+        first.info["engine"] == "Exact"
+        and first.info["seed"] == 7
+        and first.info["num_chains"] == 3
+    )
     assert first.info["config"] == {"num_steps": 0}
     assert torch.equal(first.observed["y"], y)
-    torch.testing.assert_close(first.log_likelihood.flatten(), posterior.Problem.from_model(model, y=y)
-                               .log_likelihood(first.values["x"].flatten(0, 1)))
+    torch.testing.assert_close(
+        first.log_likelihood.flatten(),
+        posterior.Problem.from_model(model, y=y).log_likelihood(first.values["x"].flatten(0, 1)),
+    )
 
 
 def test_weighted_mean_variance_and_equal_weight_draws():
@@ -258,8 +291,12 @@ def test_weighted_mean_variance_and_equal_weight_draws():
 
 def test_save_load_and_concat(tmp_path):
     model, prior, operator, y = _gaussian_problem()
-    a = posterior.sample(model, posterior.Exact(), num_particles=10, num_chains=2, seed=1, model_kwargs={"y": y})
-    b = posterior.sample(model, posterior.Exact(), num_particles=10, num_chains=1, seed=2, model_kwargs={"y": y})
+    a = posterior.sample(
+        model, posterior.Exact(), num_particles=10, num_chains=2, seed=1, model_kwargs={"y": y}
+    )
+    b = posterior.sample(
+        model, posterior.Exact(), num_particles=10, num_chains=1, seed=2, model_kwargs={"y": y}
+    )
     a.save(tmp_path / "a.pt")
     loaded = posterior.ParticleSet.load(tmp_path / "a.pt")
     assert torch.equal(loaded.values["x"], a.values["x"]) and loaded.info == a.info
@@ -289,24 +326,41 @@ class _Drift(Engine):
     def init(self, problem, num_chains, num_particles, generator):
         from posterior.engines.exact import ExactState
 
-        particles = torch.zeros((num_chains * num_particles,) + tuple(problem.event_shape), dtype=problem.dtype)
-        log_weights = torch.full((num_chains, num_particles), -math.log(num_particles), dtype=problem.dtype)
+        particles = torch.zeros(
+            (num_chains * num_particles,) + tuple(problem.event_shape), dtype=problem.dtype
+        )
+        log_weights = torch.full(
+            (num_chains, num_particles), -math.log(num_particles), dtype=problem.dtype
+        )
         return ExactState(particles, log_weights, None)
 
     def step(self, problem, state, generator):
         step = int(state.particles[0, 0]) + 1
         particles = state.particles + 1 if step < 3 else state.particles * float("inf")
-        return state._replace(particles=particles), {"t": 1.0 - step / 10, "ess": torch.full((2,), 5.0)}
+        return state._replace(particles=particles), {
+            "t": 1.0 - step / 10,
+            "ess": torch.full((2,), 5.0),
+        }
 
 
 def test_driver_collects_statistics_calls_back_and_raises_engine_failed():
     model, prior, operator, y = _gaussian_problem()
     seen = []
-    with pytest.raises(posterior.EngineFailed, match=r"_Drift failed at step 3 \(t = 0.7\): non-finite particles"):
-        posterior.sample(model, _Drift(num_steps=5), num_particles=5, num_chains=2, model_kwargs={"y": y},
-                         callback=lambda step, state, info: seen.append(step))
+    with pytest.raises(
+        posterior.EngineFailed, match=r"_Drift failed at step 3 \(t = 0.7\): non-finite particles"
+    ):
+        posterior.sample(
+            model,
+            _Drift(num_steps=5),
+            num_particles=5,
+            num_chains=2,
+            model_kwargs={"y": y},
+            callback=lambda step, state, info: seen.append(step),
+        )
     assert seen == [0, 1]
-    result = posterior.sample(model, _Drift(num_steps=2), num_particles=5, num_chains=2, model_kwargs={"y": y})
+    result = posterior.sample(
+        model, _Drift(num_steps=2), num_particles=5, num_chains=2, model_kwargs={"y": y}
+    )
     assert result.stats["t"].shape == (2, 2) and result.stats["ess"].shape == (2, 2)
     torch.testing.assert_close(result.stats["t"][0], torch.tensor([0.9, 0.8]))
     assert result.log_evidence is None
@@ -319,8 +373,12 @@ def test_float32_in_float32_out():
         x = pyro.sample("x", prior)
         return pyro.sample("y", GaussianObservation(operators.Identity((2,)), x, 0.3), obs=y)
 
-    result = posterior.sample(model, posterior.Exact(), num_particles=4, seed=0, model_kwargs={"y": torch.ones(2)})
-    assert result.values["x"].dtype == torch.float32 and result.log_likelihood.dtype == torch.float32
+    result = posterior.sample(
+        model, posterior.Exact(), num_particles=4, seed=0, model_kwargs={"y": torch.ones(2)}
+    )
+    assert (
+        result.values["x"].dtype == torch.float32 and result.log_likelihood.dtype == torch.float32
+    )
 
 
 def test_one_draw_per_chain_follows_the_weights():

@@ -60,7 +60,10 @@ def test_exact_denoiser_matches_monte_carlo_tweedie(schedule, isotropic):
         ess = 1 / (w**2).sum()
         spread = ((w[:, None] * (x0 - estimate) ** 2).sum(0)).sqrt()
         # self-normalised importance sampling error ~ spread / sqrt(ESS); 5 standard errors
-        assert torch.all((estimate - exact[i]).abs() < 5 * spread / ess.sqrt() + 1e-3), (estimate, exact[i])
+        assert torch.all((estimate - exact[i]).abs() < 5 * spread / ess.sqrt() + 1e-3), (
+            estimate,
+            exact[i],
+        )
 
 
 def test_score_is_the_gradient_of_the_diffused_log_density():
@@ -74,7 +77,9 @@ def test_score_is_the_gradient_of_the_diffused_log_density():
 def test_log_prob_at_time_zero_matches_torch_mixture():
     prior = _mixture()
     x = prior.sample((50,), generator=_generator(4))
-    torch.testing.assert_close(prior.log_prob(x), _torch_mixture(prior).log_prob(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        prior.log_prob(x), _torch_mixture(prior).log_prob(x), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_diffused_density_matches_numerical_integration_in_one_dimension():
@@ -86,9 +91,14 @@ def test_diffused_density_matches_numerical_integration_in_one_dimension():
     grid = torch.linspace(-15, 15, 200_001, dtype=DTYPE)
     density0 = prior.log_prob(grid[:, None]).exp()
     for t in (0.1, 0.5, 0.95):
-        alpha, sigma = schedule.alpha(torch.tensor(t, dtype=DTYPE)), schedule.sigma(torch.tensor(t, dtype=DTYPE))
+        alpha, sigma = (
+            schedule.alpha(torch.tensor(t, dtype=DTYPE)),
+            schedule.sigma(torch.tensor(t, dtype=DTYPE)),
+        )
         for x in (-2.0, 0.0, 1.7):
-            kernel = torch.exp(-0.5 * ((x - alpha * grid) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+            kernel = torch.exp(-0.5 * ((x - alpha * grid) / sigma) ** 2) / (
+                sigma * math.sqrt(2 * math.pi)
+            )
             integral = torch.trapezoid(density0 * kernel, grid)
             exact = prior.marginal_log_prob(torch.tensor([[x]], dtype=DTYPE), t).exp()[0]
             torch.testing.assert_close(exact, integral, rtol=1e-6, atol=1e-12)
@@ -102,7 +112,9 @@ def test_closed_form_posterior_matches_importance_sampling():
     posterior = prior.posterior(operator, y, sigma)
     num = 1_000_000
     x = prior.sample((num,), generator=_generator(7))
-    log_lik = -0.5 * ((y - operator(x)) ** 2).sum(-1) / sigma**2 - 2 * math.log(sigma * math.sqrt(2 * math.pi))
+    log_lik = -0.5 * ((y - operator(x)) ** 2).sum(-1) / sigma**2 - 2 * math.log(
+        sigma * math.sqrt(2 * math.pi)
+    )
     weights = torch.softmax(log_lik, 0)
     ess = float(1 / (weights**2).sum())
     mean_is = (weights[:, None] * x).sum(0)
@@ -113,7 +125,9 @@ def test_closed_form_posterior_matches_importance_sampling():
     scale = cov_exact.diagonal().sqrt()
     # Monte Carlo error of the IS mean ~ sd / sqrt(ESS) (ESS ~ 1e5 here); 5 standard errors
     assert ess > 1e4
-    assert torch.all((mean_is - mean_exact).abs() < 5 * scale / math.sqrt(ess) + 5 * scale / math.sqrt(num))
+    assert torch.all(
+        (mean_is - mean_exact).abs() < 5 * scale / math.sqrt(ess) + 5 * scale / math.sqrt(num)
+    )
     assert torch.allclose(cov_is, cov_exact, atol=0.05 * float(scale.max() ** 2))
     log_evidence_is = torch.logsumexp(log_lik, 0) - math.log(num)
     # relative error of the IS evidence ~ 1 / sqrt(ESS) ~ 3e-3
@@ -131,11 +145,17 @@ def test_posterior_of_a_single_gaussian_is_the_conditioning_formula():
     noise_precision = torch.diag(1 / sigma**2)
     precision = torch.linalg.inv(covariance) + matrix.T @ noise_precision @ matrix
     expected_cov = torch.linalg.inv(precision)
-    expected_mean = expected_cov @ (matrix.T @ noise_precision @ y + torch.linalg.solve(covariance, mean))
+    expected_mean = expected_cov @ (
+        matrix.T @ noise_precision @ y + torch.linalg.solve(covariance, mean)
+    )
     torch.testing.assert_close(post.covariances[0], expected_cov, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(post.means[0], expected_mean, rtol=1e-10, atol=1e-12)
-    evidence = torch.distributions.MultivariateNormal(matrix @ mean, matrix @ covariance @ matrix.T + torch.diag(sigma**2))
-    torch.testing.assert_close(prior.log_evidence(operators.Matrix(matrix), y, sigma), evidence.log_prob(y))
+    evidence = torch.distributions.MultivariateNormal(
+        matrix @ mean, matrix @ covariance @ matrix.T + torch.diag(sigma**2)
+    )
+    torch.testing.assert_close(
+        prior.log_evidence(operators.Matrix(matrix), y, sigma), evidence.log_prob(y)
+    )
 
 
 def test_noiseless_inpainting_posterior_pins_the_observed_coordinates():
@@ -161,7 +181,9 @@ def test_posterior_checks_shapes():
     with pytest.raises(ValueError, match=r"y has shape \(3,\)"):
         prior.posterior(operator, torch.zeros(3, dtype=DTYPE), 0.1)
     with pytest.raises(ValueError, match="input shape"):
-        prior.posterior(operators.Matrix(torch.randn(2, 4, dtype=DTYPE)), torch.zeros(2, dtype=DTYPE), 0.1)
+        prior.posterior(
+            operators.Matrix(torch.randn(2, 4, dtype=DTYPE)), torch.zeros(2, dtype=DTYPE), 0.1
+        )
 
 
 # The noise floor is the mean SW between 4 pairs of independent exact sets of the same size.
@@ -232,7 +254,12 @@ def test_diffusion_prior_is_a_pyro_distribution():
 
 
 def test_event_shape_of_a_mixture_over_images():
-    prior = GaussianMixture(torch.ones(1, dtype=DTYPE), torch.zeros(1, 4, dtype=DTYPE), torch.eye(4, dtype=DTYPE)[None], event_shape=(1, 2, 2))
+    prior = GaussianMixture(
+        torch.ones(1, dtype=DTYPE),
+        torch.zeros(1, 4, dtype=DTYPE),
+        torch.eye(4, dtype=DTYPE)[None],
+        event_shape=(1, 2, 2),
+    )
     assert prior.sample((3,), generator=_generator(0)).shape == (3, 1, 2, 2)
     assert prior.denoise(torch.zeros(3, 1, 2, 2, dtype=DTYPE), 0.5).shape == (3, 1, 2, 2)
     with pytest.raises(ValueError, match="event_shape"):

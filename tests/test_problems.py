@@ -18,7 +18,9 @@ def test_benchmark_prior_and_measurement_follow_the_specification():
     singular_values = torch.linalg.svdvals(problem.operator.weight)
     assert torch.all((singular_values >= 0) & (singular_values <= 1))
     assert 0 <= problem.sigma <= float(singular_values.max())
-    torch.testing.assert_close(singular_values, torch.tensor(problem.metadata["singular_values"], dtype=torch.float64))
+    torch.testing.assert_close(
+        singular_values, torch.tensor(problem.metadata["singular_values"], dtype=torch.float64)
+    )
     residual = problem.y - problem.operator(problem.x_true)
     assert residual.abs().max() < 6 * problem.sigma + 1e-12
 

@@ -31,7 +31,9 @@ def test_every_scheme_is_unbiased(scheme):
         counts += one_hot.reshape(100, 3, 6).sum(0)
     expected = 6 * weights * repeats
     # multinomial counts have sd <= sqrt(repeats * 6 W (1 - W)) < 120; the others less: 5 sd
-    assert torch.all((counts - expected).abs() < 5 * (repeats * 6 * weights * (1 - weights)).sqrt() + 1)
+    assert torch.all(
+        (counts - expected).abs() < 5 * (repeats * 6 * weights * (1 - weights)).sqrt() + 1
+    )
 
 
 @pytest.mark.parametrize("scheme", ["systematic", "stratified", "residual"])
@@ -75,7 +77,9 @@ def test_resample_only_the_chains_below_the_threshold():
     assert resampled.tolist() == [False, True]
     assert indices[:4].tolist() == [0, 1, 2, 3]  # chain 0 untouched
     assert torch.all((indices[4:] >= 4) & (indices[4:] < 8))  # chain 1 indexes its own particles
-    torch.testing.assert_close(new_log_weights[1], torch.full((4,), -math.log(4), dtype=torch.float64))
+    torch.testing.assert_close(
+        new_log_weights[1], torch.full((4,), -math.log(4), dtype=torch.float64)
+    )
     torch.testing.assert_close(new_log_weights[0], log_weights[0])
     torch.testing.assert_close(current_ess, ess(log_weights))
     # threshold 1 resamples every chain (also a uniform one), threshold 0 none

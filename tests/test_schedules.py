@@ -154,8 +154,13 @@ def test_invalid_schedule_arguments():
 def test_outputs_follow_shape_and_dtype_of_t(name):
     schedule = SCHEDULES[name]
     t = torch.rand(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
-    for method in (schedule.alpha, schedule.sigma, schedule.alpha_derivative,
-                   schedule.sigma_derivative, schedule.log_snr):
+    for method in (
+        schedule.alpha,
+        schedule.sigma,
+        schedule.alpha_derivative,
+        schedule.sigma_derivative,
+        schedule.log_snr,
+    ):
         out = method(t)
         assert out.shape == t.shape and out.dtype == F64, method.__name__
 
@@ -214,8 +219,10 @@ def autograd_derivative(function, t: torch.Tensor) -> torch.Tensor:
 def test_derivatives_match_autograd(name):
     schedule = SCHEDULES[name]
     t = interior_times(name)
-    for value, derivative in ((schedule.alpha, schedule.alpha_derivative),
-                              (schedule.sigma, schedule.sigma_derivative)):
+    for value, derivative in (
+        (schedule.alpha, schedule.alpha_derivative),
+        (schedule.sigma, schedule.sigma_derivative),
+    ):
         expected = autograd_derivative(value, t)
         torch.testing.assert_close(derivative(t), expected, rtol=1e-8, atol=1e-12)
 
@@ -225,8 +232,10 @@ def test_derivatives_match_central_differences(name):
     # A second, autograd-free check; h = 1e-6 stays inside the DiscreteVP segments.
     schedule = SCHEDULES[name]
     t, h = interior_times(name), 1e-6
-    for value, derivative in ((schedule.alpha, schedule.alpha_derivative),
-                              (schedule.sigma, schedule.sigma_derivative)):
+    for value, derivative in (
+        (schedule.alpha, schedule.alpha_derivative),
+        (schedule.sigma, schedule.sigma_derivative),
+    ):
         difference = (value(t + h) - value(t - h)) / (2 * h)
         torch.testing.assert_close(derivative(t), difference, rtol=1e-6, atol=1e-8)
 
@@ -352,11 +361,16 @@ def test_time_grid_ddim_uniform_skip(num_steps, num_train_steps):
 
 
 @pytest.mark.parametrize(("num_steps", "num_train_steps"), [(7, 100), (500, 999), (20, 999)])
-def test_time_grid_ddim_spreads_over_the_whole_range_when_steps_do_not_divide(num_steps, num_train_steps):
+def test_time_grid_ddim_spreads_over_the_whole_range_when_steps_do_not_divide(
+    num_steps, num_train_steps
+):
     grid = time_grid(num_steps, "ddim", num_train_steps=num_train_steps)
     assert_valid_grid(grid, num_steps)
     # evenly spread: n_i = floor(i N / K) + 1, so the first time is within one skip of t = 1
-    expected = [(math.floor(i * num_train_steps / num_steps) + 1) / num_train_steps for i in reversed(range(num_steps))]
+    expected = [
+        (math.floor(i * num_train_steps / num_steps) + 1) / num_train_steps
+        for i in reversed(range(num_steps))
+    ]
     torch.testing.assert_close(grid, t64(expected + [0.0]), rtol=0, atol=0)
     assert grid[0] > 1 - 2 / num_steps
 

@@ -15,21 +15,30 @@ from posterior.engines.smc import MCGDiff
 DTYPE = torch.float64
 
 
-
-
 def _correlated_gaussian():
-    return Gaussian(torch.tensor([1.0, -1.0], dtype=DTYPE), torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=DTYPE))
+    return Gaussian(
+        torch.tensor([1.0, -1.0], dtype=DTYPE), torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=DTYPE)
+    )
 
 
 def test_noiseless_inpainting_pins_the_observed_coordinates():
     g = torch.Generator().manual_seed(0)
     prior = GaussianMixture(
-        torch.tensor([0.4, 0.6], dtype=DTYPE), 2 * torch.randn(2, 4, generator=g, dtype=DTYPE), torch.eye(4, dtype=DTYPE).expand(2, 4, 4).clone()
+        torch.tensor([0.4, 0.6], dtype=DTYPE),
+        2 * torch.randn(2, 4, generator=g, dtype=DTYPE),
+        torch.eye(4, dtype=DTYPE).expand(2, 4, 4).clone(),
     )
     mask = torch.tensor([True, False, True, False])
     y = torch.tensor([0.5, -1.5], dtype=DTYPE)
-    result = posterior.sample(gaussian_model(prior, operators.Mask(mask), 0.0), MCGDiff(num_steps=20), num_particles=64,
-                              num_chains=2, seed=0, model_kwargs={"y": y}, progress=False)
+    result = posterior.sample(
+        gaussian_model(prior, operators.Mask(mask), 0.0),
+        MCGDiff(num_steps=20),
+        num_particles=64,
+        num_chains=2,
+        seed=0,
+        model_kwargs={"y": y},
+        progress=False,
+    )
     assert torch.allclose(result.values["x"][..., mask], y.expand(2, 64, 2), atol=1e-12)
     assert result.values["x"][..., ~mask].std() > 0.3
     assert result.stats["ess"].shape == (2, 20) and result.info["nfe"] == 20
@@ -40,8 +49,15 @@ def test_evidence_and_moments_on_a_gaussian_prior():
     operator = operators.Matrix(torch.tensor([[1.0, 0.5]], dtype=DTYPE))
     y = torch.tensor([0.7], dtype=DTYPE)
     engine = MCGDiff(num_steps=100, resampling="systematic", ess_threshold=0.5)
-    result = posterior.sample(gaussian_model(prior, operator, 0.3), engine, num_particles=500, num_chains=20, seed=0,
-                              model_kwargs={"y": y}, progress=False)
+    result = posterior.sample(
+        gaussian_model(prior, operator, 0.3),
+        engine,
+        num_particles=500,
+        num_chains=20,
+        seed=0,
+        model_kwargs={"y": y},
+        progress=False,
+    )
     exact = prior.posterior(operator, y, 0.3)
     log_evidence = torch.logsumexp(result.log_evidence, 0) - math.log(result.num_chains)
     # measured (3 seeds, 20 x 1000 particles): log-evidence error within 0.03, mean within 0.01;
@@ -60,8 +76,15 @@ def test_smooth_potential_keeps_the_variance_the_paper_potential_loses():
     exact_variance = float(prior.posterior(operator, y, 0.3).covariances[0, 0, 0])
     variances = {}
     for potential in ("smooth", "paper"):
-        result = posterior.sample(gaussian_model(prior, operator, 0.3), MCGDiff(num_steps=200, potential=potential),
-                                  num_particles=1000, num_chains=10, seed=0, model_kwargs={"y": y}, progress=False)
+        result = posterior.sample(
+            gaussian_model(prior, operator, 0.3),
+            MCGDiff(num_steps=200, potential=potential),
+            num_particles=1000,
+            num_chains=10,
+            seed=0,
+            model_kwargs={"y": y},
+            progress=False,
+        )
         variances[potential] = float(result.var()[0])
     # measured (20 x 2000 particles): smooth 0.082, paper 0.023 for an exact 0.083 (the module
     # docstring explains the paper potential's infinite-variance weights)
@@ -74,14 +97,26 @@ def test_converges_to_the_exact_posterior_as_particles_grow():
     exact = problem.exact_posterior()
     chains = 300
     reference = exact.sample((chains,), generator=torch.Generator().manual_seed(1))
-    floor = sum(
-        sliced_wasserstein(exact.sample((chains,), generator=torch.Generator().manual_seed(k)), reference)
-        for k in range(2, 6)
-    ) / 4
+    floor = (
+        sum(
+            sliced_wasserstein(
+                exact.sample((chains,), generator=torch.Generator().manual_seed(k)), reference
+            )
+            for k in range(2, 6)
+        )
+        / 4
+    )
     distances = {}
     for n in (8, 256):
-        result = posterior.sample(problem.model, MCGDiff(num_steps=50), num_particles=n, num_chains=chains, seed=0,
-                                  model_kwargs=problem.model_kwargs, progress=False)
+        result = posterior.sample(
+            problem.model,
+            MCGDiff(num_steps=50),
+            num_particles=n,
+            num_chains=chains,
+            seed=0,
+            model_kwargs=problem.model_kwargs,
+            progress=False,
+        )
         distances[n] = sliced_wasserstein(result.one_draw_per_chain(seed=3)["x"], reference)
     # measured (300 chains): N = 8 -> 2.99, N = 256 -> 0.22, noise floor 0.142 (mean of 4 pairs)
     assert distances[256] < 0.5 * distances[8]
@@ -92,17 +127,29 @@ def test_refusals_name_what_is_missing():
     prior = Gaussian(torch.zeros(16, dtype=DTYPE), torch.eye(16, dtype=DTYPE), event_shape=(4, 4))
     radon = operators.Radon((4, 4), 3)
     with pytest.raises(ValueError, match="MCGDiff needs a linear operator with an SVD.*Radon"):
-        posterior.sample(gaussian_model(prior, radon, 0.1), MCGDiff(), num_particles=2,
-                         model_kwargs={"y": torch.zeros(radon.out_shape, dtype=DTYPE)})
+        posterior.sample(
+            gaussian_model(prior, radon, 0.1),
+            MCGDiff(),
+            num_particles=2,
+            model_kwargs={"y": torch.zeros(radon.out_shape, dtype=DTYPE)},
+        )
     phase = operators.PhaseRetrieval((4, 4))
     with pytest.raises(ValueError, match="MCGDiff needs a linear operator"):
-        posterior.sample(gaussian_model(prior, phase, 0.1), MCGDiff(), num_particles=2,
-                         model_kwargs={"y": torch.zeros(phase.out_shape, dtype=DTYPE)})
+        posterior.sample(
+            gaussian_model(prior, phase, 0.1),
+            MCGDiff(),
+            num_particles=2,
+            model_kwargs={"y": torch.zeros(phase.out_shape, dtype=DTYPE)},
+        )
     identity = operators.Identity((4, 4))
     sigma = torch.linspace(0.1, 0.2, 16, dtype=DTYPE).reshape(4, 4)
     with pytest.raises(ValueError, match="one noise level"):
-        posterior.sample(gaussian_model(prior, identity, sigma), MCGDiff(num_steps=2), num_particles=2,
-                         model_kwargs={"y": torch.zeros(4, 4, dtype=DTYPE)})
+        posterior.sample(
+            gaussian_model(prior, identity, sigma),
+            MCGDiff(num_steps=2),
+            num_particles=2,
+            model_kwargs={"y": torch.zeros(4, 4, dtype=DTYPE)},
+        )
 
 
 @pytest.mark.parametrize(

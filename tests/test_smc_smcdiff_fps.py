@@ -33,12 +33,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
-
 def _reference_and_floor(exact, size, seed=0):
     g = torch.Generator().manual_seed(seed)
     reference = exact.sample((20000,), generator=g)
-    floor = sum(sliced_wasserstein(exact.sample((size,), generator=g), reference) for _ in range(10)) / 10
+    floor = (
+        sum(sliced_wasserstein(exact.sample((size,), generator=g), reference) for _ in range(10))
+        / 10
+    )
     return reference, floor
 
 
@@ -65,8 +66,13 @@ def test_smcdiff_pins_the_observed_coordinates_exactly():
     operator = operators.Mask(mask)
     y = torch.tensor([0.7, -1.3], dtype=DTYPE)
     result = posterior.sample(
-        gaussian_model(prior, operator, 0.0), SMCDiff(num_steps=20), num_particles=8, num_chains=3, seed=0,
-        progress=False, model_kwargs={"y": y},
+        gaussian_model(prior, operator, 0.0),
+        SMCDiff(num_steps=20),
+        num_particles=8,
+        num_chains=3,
+        seed=0,
+        progress=False,
+        model_kwargs={"y": y},
     )
     x = result.values["x"]
     assert torch.equal(x[..., mask], y.expand(3, 8, 2))
@@ -82,7 +88,12 @@ def test_smcdiff_approaches_the_exact_posterior_as_particles_grow():
     distances, evidences = {}, {}
     for n in (16, 256):
         result = posterior.sample(
-            model, SMCDiff(num_steps=100), num_particles=n, num_chains=chains, seed=0, progress=False,
+            model,
+            SMCDiff(num_steps=100),
+            num_particles=n,
+            num_chains=chains,
+            seed=0,
+            progress=False,
             model_kwargs={"y": y},
         )
         distances[n] = sliced_wasserstein(result.one_draw_per_chain(seed=0)["x"], reference)
@@ -100,12 +111,21 @@ def test_smcdiff_approaches_the_exact_posterior_as_particles_grow():
 
 
 def test_smcdiff_evidence_matches_the_gaussian_closed_form():
-    prior = Gaussian(torch.tensor([0.5, -1.0], dtype=DTYPE), torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=DTYPE), VP())
+    prior = Gaussian(
+        torch.tensor([0.5, -1.0], dtype=DTYPE),
+        torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=DTYPE),
+        VP(),
+    )
     operator = operators.Mask(torch.tensor([True, False]))
     y = torch.tensor([1.2], dtype=DTYPE)
     result = posterior.sample(
-        gaussian_model(prior, operator, 0.0), SMCDiff(num_steps=100), num_particles=256, num_chains=50, seed=0,
-        progress=False, model_kwargs={"y": y},
+        gaussian_model(prior, operator, 0.0),
+        SMCDiff(num_steps=100),
+        num_particles=256,
+        num_chains=50,
+        seed=0,
+        progress=False,
+        model_kwargs={"y": y},
     )
     exact = prior.posterior(operator, y, 0.0)
     x, w = result.values["x"][..., 1], result.log_weights.exp()
@@ -116,7 +136,9 @@ def test_smcdiff_evidence_matches_the_gaussian_closed_form():
     # weights) the same run gives variance 0.68 and log-evidence -13: see the module docstring.
     assert abs(float(mean) - float(exact.means[0, 1])) < 0.06
     assert abs(float(variance) / float(exact.covariances[0, 1, 1]) - 1) < 0.1
-    assert abs(float(result.log_evidence.mean()) - float(prior.log_evidence(operator, y, 0.0))) < 0.05
+    assert (
+        abs(float(result.log_evidence.mean()) - float(prior.log_evidence(operator, y, 0.0))) < 0.05
+    )
 
 
 # ----------------------------------------------------------------------------- FPS
@@ -130,7 +152,12 @@ def test_fps_is_close_to_the_exact_posterior_on_the_mixture_benchmark():
     distances = {}
     for n in (1, 64):
         result = posterior.sample(
-            problem.model, FPS(num_steps=100), num_particles=n, num_chains=chains, seed=1, progress=False,
+            problem.model,
+            FPS(num_steps=100),
+            num_particles=n,
+            num_chains=chains,
+            seed=1,
+            progress=False,
             model_kwargs=problem.model_kwargs,
         )
         assert result.log_evidence is None  # the auxiliary model's constant is not p(y)
@@ -144,7 +171,9 @@ def test_fps_is_close_to_the_exact_posterior_on_the_mixture_benchmark():
 
 def _gaussian_problem(sigma):
     g = torch.Generator().manual_seed(0)
-    prior = Gaussian(torch.randn(3, generator=g, dtype=DTYPE), torch.eye(3, dtype=DTYPE) * 2.0, VP())
+    prior = Gaussian(
+        torch.randn(3, generator=g, dtype=DTYPE), torch.eye(3, dtype=DTYPE) * 2.0, VP()
+    )
     operator = operators.Matrix(torch.randn(2, 3, generator=g, dtype=DTYPE))
     y = torch.randn(2, generator=g, dtype=DTYPE)
     return prior, operator, y
@@ -155,7 +184,12 @@ def _ddim_c_variance_factor(schedule, num_steps, c, v):
     grid = sampling_grid(schedule, num_steps)
     variance = 1.0
     for t, s in zip(grid[:-1], grid[1:]):
-        a_t, s_t, a_s, s_s = schedule.alpha(t), schedule.sigma(t), schedule.alpha(s), schedule.sigma(s)
+        a_t, s_t, a_s, s_s = (
+            schedule.alpha(t),
+            schedule.sigma(t),
+            schedule.alpha(s),
+            schedule.sigma(s),
+        )
         gain = a_t * v / (a_t**2 * v + s_t**2)
         coefficient = a_s * gain + (1 - c) ** 0.5 * s_s * (1 - a_t * gain) / s_t
         variance = coefficient**2 * variance + c * s_s**2
@@ -166,8 +200,13 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
     prior, operator, y = _gaussian_problem(0.5)
     exact = prior.posterior(operator, y, 0.5)
     result = posterior.sample(
-        gaussian_model(prior, operator, 0.5), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
-        progress=False, model_kwargs={"y": y},
+        gaussian_model(prior, operator, 0.5),
+        FPS(num_steps=100),
+        num_particles=64,
+        num_chains=200,
+        seed=0,
+        progress=False,
+        model_kwargs={"y": y},
     )
     x = result.values["x"].reshape(-1, 3)
     sd = torch.diagonal(exact.covariances[0]).sqrt()
@@ -182,8 +221,13 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
     # DDIM(c) recursion computed by hand (0.584 of the prior's), measured (0.579, 0.582, 0.600)
     prior, operator, y = _gaussian_problem(50.0)
     result = posterior.sample(
-        gaussian_model(prior, operator, 50.0), FPS(num_steps=100), num_particles=64, num_chains=200, seed=0,
-        progress=False, model_kwargs={"y": y},
+        gaussian_model(prior, operator, 50.0),
+        FPS(num_steps=100),
+        num_particles=64,
+        num_chains=200,
+        seed=0,
+        progress=False,
+        model_kwargs={"y": y},
     )
     exact = prior.posterior(operator, y, 50.0)
     ratio = result.values["x"].reshape(-1, 3).var(0) / torch.diagonal(exact.covariances[0])
@@ -196,24 +240,52 @@ def test_fps_mean_and_variance_on_a_gaussian_prior():
 
 
 def _refusal_model(operator, sigma, d=3, event_shape=None):
-    prior = Gaussian(torch.zeros(d, dtype=DTYPE), torch.eye(d, dtype=DTYPE), VP(), event_shape=event_shape)
+    prior = Gaussian(
+        torch.zeros(d, dtype=DTYPE), torch.eye(d, dtype=DTYPE), VP(), event_shape=event_shape
+    )
     return gaussian_model(prior, operator, sigma)
 
 
 @pytest.mark.parametrize(
     "engine, operator, sigma, message",
     [
-        (SMCDiff(num_steps=5), operators.Matrix(torch.ones(2, 3, dtype=DTYPE)), 0.0, "a Mask operator"),
-        (SMCDiff(num_steps=5), operators.Mask(torch.tensor([True, False, True])), 0.1, "a noiseless observation"),
-        (FPS(num_steps=5), operators.Matrix(torch.ones(2, 3, dtype=DTYPE)), 0.0, "a finite log-likelihood"),
-        (FPS(num_steps=5), operators.Mask(torch.tensor([True, False, True])), 0.0, "a finite log-likelihood"),
+        (
+            SMCDiff(num_steps=5),
+            operators.Matrix(torch.ones(2, 3, dtype=DTYPE)),
+            0.0,
+            "a Mask operator",
+        ),
+        (
+            SMCDiff(num_steps=5),
+            operators.Mask(torch.tensor([True, False, True])),
+            0.1,
+            "a noiseless observation",
+        ),
+        (
+            FPS(num_steps=5),
+            operators.Matrix(torch.ones(2, 3, dtype=DTYPE)),
+            0.0,
+            "a finite log-likelihood",
+        ),
+        (
+            FPS(num_steps=5),
+            operators.Mask(torch.tensor([True, False, True])),
+            0.0,
+            "a finite log-likelihood",
+        ),
     ],
 )
 def test_engines_refuse_problems_they_cannot_handle(engine, operator, sigma, message):
     y = torch.zeros(2, dtype=DTYPE)
     with pytest.raises(ValueError, match=message) as error:
-        posterior.sample(_refusal_model(operator, sigma), engine, num_particles=4, seed=0, progress=False,
-                         model_kwargs={"y": y})
+        posterior.sample(
+            _refusal_model(operator, sigma),
+            engine,
+            num_particles=4,
+            seed=0,
+            progress=False,
+            model_kwargs={"y": y},
+        )
     assert type(engine).__name__ in str(error.value)
 
 
@@ -222,8 +294,12 @@ def test_fps_refuses_a_nonlinear_operator():
     y = torch.zeros(operator.out_shape, dtype=DTYPE)
     with pytest.raises(ValueError, match="FPS needs a linear operator"):
         posterior.sample(
-            _refusal_model(operator, 0.1, d=4, event_shape=(2, 2)), FPS(num_steps=5), num_particles=4,
-            seed=0, progress=False, model_kwargs={"y": y},
+            _refusal_model(operator, 0.1, d=4, event_shape=(2, 2)),
+            FPS(num_steps=5),
+            num_particles=4,
+            seed=0,
+            progress=False,
+            model_kwargs={"y": y},
         )
 
 
@@ -254,5 +330,9 @@ def test_bad_hyperparameters_raise_naming_the_engine_and_field(build, field):
 
 
 def test_defaults_follow_the_papers_and_code():
-    assert SMCDiff().num_steps == 1000 and SMCDiff().resampling == "residual" and SMCDiff().departure == 0.75
+    assert (
+        SMCDiff().num_steps == 1000
+        and SMCDiff().resampling == "residual"
+        and SMCDiff().departure == 0.75
+    )
     assert FPS().c_rate == 0.95 and FPS().resampling == "multinomial" and FPS().ess_threshold == 1.0

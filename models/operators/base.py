@@ -154,7 +154,10 @@ class LinearOperator(Operator):
                 return decomposition.v(padded)
             normal = self._adjoint(flat_y)
             return conjugate_gradient(
-                lambda x: self._adjoint(self._forward(x)), normal, tol=tol, max_iterations=max_iterations
+                lambda x: self._adjoint(self._forward(x)),
+                normal,
+                tol=tol,
+                max_iterations=max_iterations,
             )
 
         return self._batched(solve, y, self.out_shape, self.in_shape, "pinv")
@@ -199,7 +202,9 @@ def conjugate_gradient(
         x = x + step * direction
         residual = residual - step * image
         new_norm = (residual * residual).sum(dims, keepdim=True)
-        direction = residual + torch.where(residual_norm > 0, new_norm / residual_norm, 0.0) * direction
+        direction = (
+            residual + torch.where(residual_norm > 0, new_norm / residual_norm, 0.0) * direction
+        )
         residual_norm = new_norm
     return x
 
@@ -229,8 +234,12 @@ def check_adjoint(
         raise ValueError(f"check_adjoint needs a LinearOperator; got {type(operator).__name__}")
     if generator is None:
         generator = torch.Generator(device=device or "cpu").manual_seed(0)
-    x = torch.randn((num_trials,) + tuple(operator.in_shape), generator=generator, dtype=dtype, device=device)
-    y = torch.randn((num_trials,) + tuple(operator.out_shape), generator=generator, dtype=dtype, device=device)
+    x = torch.randn(
+        (num_trials,) + tuple(operator.in_shape), generator=generator, dtype=dtype, device=device
+    )
+    y = torch.randn(
+        (num_trials,) + tuple(operator.out_shape), generator=generator, dtype=dtype, device=device
+    )
     forward = operator.forward(x)
     adjoint = operator.adjoint(y)
     left = (forward * y).flatten(1).sum(1)

@@ -114,7 +114,9 @@ class Mask(LinearOperator):
             flat[mask.long()] = True
             mask = flat.reshape(shape)
         elif shape is not None and tuple(shape) != tuple(mask.shape):
-            raise ValueError(f"Mask: shape {tuple(shape)} does not match the mask's {tuple(mask.shape)}")
+            raise ValueError(
+                f"Mask: shape {tuple(shape)} does not match the mask's {tuple(mask.shape)}"
+            )
         if mask.dim() == 0:
             raise ValueError("Mask needs at least one dimension")
         observed = mask.flatten().nonzero().squeeze(1)

@@ -57,7 +57,9 @@ class Engine:
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
-            raise ValueError(f"{self.name}: num_steps must be a non-negative integer; got {self.num_steps!r}")
+            raise ValueError(
+                f"{self.name}: num_steps must be a non-negative integer; got {self.num_steps!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -67,14 +69,18 @@ class Engine:
         """The hyperparameters as a JSON-able dict."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator):
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ):
         raise NotImplementedError
 
     def iterations(self, state) -> int:
         """How many times the driver calls :meth:`step` after ``init`` (default ``num_steps``)."""
         return self.num_steps
 
-    def step(self, problem: Problem, state, generator: torch.Generator) -> tuple[Any, dict[str, Tensor]]:
+    def step(
+        self, problem: Problem, state, generator: torch.Generator
+    ) -> tuple[Any, dict[str, Tensor]]:
         raise NotImplementedError
 
 

@@ -37,14 +37,20 @@ class Exact(Engine):
     """
 
     num_steps: int = 0
-    requires: ClassVar[frozenset[str]] = frozenset({"exact_prior", "gaussian_observation", "linear"})
+    requires: ClassVar[frozenset[str]] = frozenset(
+        {"exact_prior", "gaussian_observation", "linear"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_steps != 0:
-            raise ValueError(f"Exact draws in init and runs no steps: num_steps must be 0; got {self.num_steps}")
+            raise ValueError(
+                f"Exact draws in init and runs no steps: num_steps must be 0; got {self.num_steps}"
+            )
 
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> ExactState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> ExactState:
         gaussian = problem.gaussian
         prior = problem.prior
         posterior = prior.posterior(gaussian.operator, gaussian.y, gaussian.sigma)

@@ -88,11 +88,18 @@ def step_times(state: SMCState) -> tuple[Tensor, Tensor, bool]:
     return state.grid[state.step], state.grid[state.step + 1], state.step + 2 == state.grid.shape[0]
 
 
-def initial_particles(problem: Problem, grid: Tensor, count: int, generator: torch.Generator) -> Tensor:
+def initial_particles(
+    problem: Problem, grid: Tensor, count: int, generator: torch.Generator
+) -> Tensor:
     """``count`` draws of the diffusion's reference law at ``grid[0]``, ``(count, *event)``."""
     shape = (count,) + tuple(problem.event_shape)
     return initial_noise(
-        problem.prior.schedule, shape, generator, t_max=float(grid[0]), dtype=problem.dtype, device=problem.device
+        problem.prior.schedule,
+        shape,
+        generator,
+        t_max=float(grid[0]),
+        dtype=problem.dtype,
+        device=problem.device,
     )
 
 
@@ -113,13 +120,17 @@ def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
     schedules use 1000, as the DDPM networks the papers load.
     """
     train_steps = schedule.num_train_steps if isinstance(schedule, DiscreteVP) else 1000
-    return time_grid(min(num_steps, train_steps), "ddim", num_train_steps=train_steps, device=device)
+    return time_grid(
+        min(num_steps, train_steps), "ddim", num_train_steps=train_steps, device=device
+    )
 
 
 def check_resampling(engine_name: str, scheme: str, ess_threshold: float) -> None:
     """Validate an engine's resampling fields (``ValueError`` naming the engine)."""
     if scheme not in RESAMPLERS:
-        raise ValueError(f"{engine_name}: resampling must be one of {sorted(RESAMPLERS)}; got {scheme!r}")
+        raise ValueError(
+            f"{engine_name}: resampling must be one of {sorted(RESAMPLERS)}; got {scheme!r}"
+        )
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"{engine_name}: ess_threshold must lie in [0, 1]; got {ess_threshold}")
 
@@ -166,7 +177,9 @@ def resample(
         finite = torch.where(torch.isfinite(log_weights).any(-1, keepdim=True), log_weights, 0.0)
         ancestors = RESAMPLERS[scheme](finite, generator)
         ancestors = torch.where(resampled[:, None], ancestors, identity)
-        log_weights = torch.where(resampled[:, None], torch.full_like(log_weights, -math.log(n)), log_weights)
+        log_weights = torch.where(
+            resampled[:, None], torch.full_like(log_weights, -math.log(n)), log_weights
+        )
     else:
         ancestors = identity
     offsets = torch.arange(chains, device=log_weights.device)[:, None] * n
@@ -197,7 +210,12 @@ def finish_step(
     """
     chains = log_weights.shape[0]
     log_weights, log_increment = reweight(log_weights, log_increments.reshape(chains, -1))
-    info = {"t": state.grid[state.step + 1], "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
+    info = {
+        "t": state.grid[state.step + 1],
+        "ess": ess,
+        "resampled": resampled,
+        "log_evidence_increment": log_increment,
+    }
     new_state = state._replace(
         particles=particles,
         log_weights=log_weights,

@@ -108,15 +108,31 @@ class FKSteering(SMCEngine):
         if not (isinstance(self.eta, (int, float)) and 0.0 < self.eta <= 1.0):
             raise ValueError(f"FKSteering: eta must lie in (0, 1]; got {self.eta!r}")
         if self.potential not in POTENTIALS:
-            raise ValueError(f"FKSteering: potential must be one of {list(POTENTIALS)}; got {self.potential!r}")
-        if not (isinstance(self.lambda_, (int, float)) and math.isfinite(self.lambda_) and self.lambda_ > 0):
-            raise ValueError(f"FKSteering: lambda_ must be a finite number > 0; got {self.lambda_!r}")
-        if isinstance(self.resample_every, bool) or not isinstance(self.resample_every, int) or self.resample_every < 1:
-            raise ValueError(f"FKSteering: resample_every must be a positive integer; got {self.resample_every!r}")
+            raise ValueError(
+                f"FKSteering: potential must be one of {list(POTENTIALS)}; got {self.potential!r}"
+            )
+        if not (
+            isinstance(self.lambda_, (int, float))
+            and math.isfinite(self.lambda_)
+            and self.lambda_ > 0
+        ):
+            raise ValueError(
+                f"FKSteering: lambda_ must be a finite number > 0; got {self.lambda_!r}"
+            )
+        if (
+            isinstance(self.resample_every, bool)
+            or not isinstance(self.resample_every, int)
+            or self.resample_every < 1
+        ):
+            raise ValueError(
+                f"FKSteering: resample_every must be a positive integer; got {self.resample_every!r}"
+            )
         check_resampling("FKSteering", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ potentials
-    def _log_potential(self, reward: Tensor, previous: Tensor | None, running: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _log_potential(
+        self, reward: Tensor, previous: Tensor | None, running: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """``(log G, running statistic)`` of a step with intermediate rewards ``reward`` ``(n,)``."""
         if self.potential == "max":
             running = reward if running is None else torch.maximum(running, reward)
@@ -129,7 +145,9 @@ class FKSteering(SMCEngine):
         return reward, reward  # "immediate", and "difference" at the first step
 
     # ------------------------------------------------------------------ set-up
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> SMCState:
         grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         x0 = problem.denoise(particles, grid[0])
@@ -147,7 +165,9 @@ class FKSteering(SMCEngine):
 
         # 1. resample at scheduled steps (threshold 0 never resamples; the ESS is recorded at every step)
         threshold = self.ess_threshold if state.step % self.resample_every == 0 else 0.0
-        indices, log_weights, ess, resampled = resample(state.log_weights, self.resampling, threshold, generator)
+        indices, log_weights, ess, resampled = resample(
+            state.log_weights, self.resampling, threshold, generator
+        )
         x_t = state.particles[indices]
         cache = {key: value[indices] for key, value in state.cache.items()}
 
@@ -155,7 +175,9 @@ class FKSteering(SMCEngine):
         a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
         x_s = a * cache["x0"] + b * epsilon_from_x0(schedule, x_t, cache["x0"], t)
         if float(c) > 0:
-            x_s = x_s + c * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+            x_s = x_s + c * torch.randn(
+                x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device
+            )
 
         # 3. potentials; at t = 0 the exact correction lambda r(x_0) / prod(G applied)
         if last:
@@ -165,5 +187,10 @@ class FKSteering(SMCEngine):
             x0_s = problem.denoise(x_s, s)
             reward = self.lambda_ * problem.log_likelihood(x0_s)
             log_g, running = self._log_potential(reward, cache["reward"], cache["running"])
-            new_cache = {"x0": x0_s, "reward": reward, "running": running, "applied": cache["applied"] + log_g}
+            new_cache = {
+                "x0": x0_s,
+                "reward": reward,
+                "running": running,
+                "applied": cache["applied"] + log_g,
+            }
         return finish_step(state, x_s, log_weights, log_g, ess, resampled, new_cache)

@@ -104,7 +104,9 @@ from posterior.problem import Problem
 __all__ = ["FPS"]
 
 
-def _condition(mean: Tensor, variance: Tensor, observed: Tensor, s: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor]:
+def _condition(
+    mean: Tensor, variance: Tensor, observed: Tensor, s: Tensor, noise_var: Tensor
+) -> tuple[Tensor, Tensor]:
     r"""Gaussian :math:`\mathcal{N}(z; m, v)` times :math:`\mathcal{N}(o; s z, \rho)`, per coordinate.
 
     Gain form, exact for ``v = 0`` (no update) and ``s = 0`` (no information): returns the
@@ -112,7 +114,9 @@ def _condition(mean: Tensor, variance: Tensor, observed: Tensor, s: Tensor, nois
     :math:`g = v s / (v s^2 + \rho)`.
     """
     denominator = variance * s**2 + noise_var
-    gain = torch.where(denominator > 0, variance * s / torch.where(denominator > 0, denominator, 1.0), 0.0)
+    gain = torch.where(
+        denominator > 0, variance * s / torch.where(denominator > 0, denominator, 1.0), 0.0
+    )
     return mean + gain * (observed - s * mean), (variance * (1 - gain * s)).clamp_min(0.0)
 
 
@@ -132,26 +136,40 @@ class FPS(SMCEngine):
     c_rate: float = 0.95
     resampling: str = "multinomial"
     ess_threshold: float = 1.0
-    requires: ClassVar[frozenset[str]] = frozenset({"gaussian_observation", "linear", "svd", "finite_likelihood"})
+    requires: ClassVar[frozenset[str]] = frozenset(
+        {"gaussian_observation", "linear", "svd", "finite_likelihood"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_steps < 1:
             raise ValueError(f"FPS: num_steps must be >= 1; got {self.num_steps}")
-        if isinstance(self.c_rate, bool) or not isinstance(self.c_rate, (int, float)) or not 0.0 < self.c_rate <= 1.0:
+        if (
+            isinstance(self.c_rate, bool)
+            or not isinstance(self.c_rate, (int, float))
+            or not 0.0 < self.c_rate <= 1.0
+        ):
             raise ValueError(f"FPS: c_rate must lie in (0, 1]; got {self.c_rate!r}")
         check_resampling("FPS", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ set-up
     def _measurement_path(
-        self, schedule, grid: Tensor, rotated_y: Tensor, s: Tensor, num_chains: int, generator: torch.Generator
+        self,
+        schedule,
+        grid: Tensor,
+        rotated_y: Tensor,
+        s: Tensor,
+        num_chains: int,
+        generator: torch.Generator,
     ) -> Tensor:
         """The bridge ``U^T y_t`` at every grid time, ``(chains, K + 1, m)``; ``path[:, -1] = U^T y``."""
         m, r = rotated_y.shape[0], s.shape[0]
         c = self.c_rate
 
         def a_noise() -> Tensor:  # U^T A eps for eps ~ N(0, I_d): [s * xi, 0]
-            xi = torch.randn((num_chains, r), generator=generator, dtype=rotated_y.dtype, device=rotated_y.device)
+            xi = torch.randn(
+                (num_chains, r), generator=generator, dtype=rotated_y.dtype, device=rotated_y.device
+            )
             return torch.cat([s * xi, xi.new_zeros(num_chains, m - r)], dim=-1)
 
         alpha = schedule.alpha(grid).to(rotated_y)
@@ -164,15 +182,21 @@ class FPS(SMCEngine):
                 + (1 - c) ** 0.5 * (sigma[k] / sigma[k - 1]) * previous
                 + c**0.5 * sigma[k] * a_noise()
             )
-        path.append(rotated_y.expand(num_chains, m))  # y_0 = y: the last potential is the likelihood
+        path.append(
+            rotated_y.expand(num_chains, m)
+        )  # y_0 = y: the last potential is the likelihood
         return torch.stack(path, dim=1)
 
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> SMCState:
         gaussian = problem.gaussian
         svd = gaussian.operator.svd()
         sigma = gaussian.sigma
         if sigma.numel() > 1 and not bool((sigma == sigma.flatten()[0]).all()):
-            raise ValueError("FPS needs one noise level for all measurements; got per-measurement sigma")
+            raise ValueError(
+                "FPS needs one noise level for all measurements; got per-measurement sigma"
+            )
         dtype, device = problem.dtype, problem.device
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=device)
@@ -182,7 +206,9 @@ class FPS(SMCEngine):
         constants = {
             "singular_values": s,
             "path": path,
-            "noise_var": torch.as_tensor(float(sigma.flatten()[0]) ** 2, dtype=dtype, device=device),
+            "noise_var": torch.as_tensor(
+                float(sigma.flatten()[0]) ** 2, dtype=dtype, device=device
+            ),
         }
 
         # x_K ~ N(0, v0 I) conditioned on y_K = A x_K + alpha_K sigma_y n, in the V basis
@@ -191,7 +217,9 @@ class FPS(SMCEngine):
         r = s.shape[0]
         start = grid[0]
         v0 = (schedule.alpha(start) ** 2 + schedule.sigma(start) ** 2).to(s)
-        z = initial_noise(schedule, (n, d), generator, t_max=float(start), dtype=dtype, device=device)
+        z = initial_noise(
+            schedule, (n, d), generator, t_max=float(start), dtype=dtype, device=device
+        )
         observed = path[:, 0, :r].repeat_interleave(num_particles, dim=0)
         noise_var = schedule.alpha(start).to(s) ** 2 * constants["noise_var"]
         mean_r, var_r = _condition(torch.zeros_like(z[:, :r]), v0.expand(r), observed, s, noise_var)
@@ -213,7 +241,9 @@ class FPS(SMCEngine):
         x0 = problem.denoise(x_t, t)
         alpha_s, sigma_s = schedule.alpha(s).to(x_t), schedule.sigma(s).to(x_t)
         variance = self.c_rate * sigma_s**2
-        mean = alpha_s * x0 + (1 - self.c_rate) ** 0.5 * sigma_s * epsilon_from_x0(schedule, x_t, x0, t)
+        mean = alpha_s * x0 + (1 - self.c_rate) ** 0.5 * sigma_s * epsilon_from_x0(
+            schedule, x_t, x0, t
+        )
         z = svd.vt(mean)  # (n, d)
         noise_var = alpha_s**2 * state.constants["noise_var"]
         y_s = path[:, state.step + 1].repeat_interleave(n, dim=0)  # (n, m), U basis
@@ -227,12 +257,19 @@ class FPS(SMCEngine):
         log_weights, log_increment = reweight(state.log_weights, log_g.reshape(chains, n))
 
         # 2. resampling (fully adapted: before proposing)
-        indices, log_weights, ess, resampled = resample(log_weights, self.resampling, self.ess_threshold, generator)
+        indices, log_weights, ess, resampled = resample(
+            log_weights, self.resampling, self.ess_threshold, generator
+        )
         z = z[indices]  # y_s is shared within a chain
 
         # 3. exact conjugate proposal in the V basis; free coordinates follow the kernel
         mean_r, var_r = _condition(z[:, :r], variance.expand(r), y_s[:, :r], s_values, noise_var)
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        z_s = torch.cat([mean_r + var_r.sqrt() * noise[:, :r], z[:, r:] + variance.sqrt() * noise[:, r:]], dim=-1)
+        z_s = torch.cat(
+            [mean_r + var_r.sqrt() * noise[:, :r], z[:, r:] + variance.sqrt() * noise[:, r:]],
+            dim=-1,
+        )
         info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
-        return state._replace(particles=svd.v(z_s), log_weights=log_weights, step=state.step + 1), info
+        return state._replace(
+            particles=svd.v(z_s), log_weights=log_weights, step=state.step + 1
+        ), info

@@ -125,7 +125,9 @@ class MCGDiff(SMCEngine):
         if self.kappa < 0:
             raise ValueError(f"MCGDiff: kappa must be >= 0; got {self.kappa}")
         if self.potential not in ("paper", "smooth"):
-            raise ValueError(f"MCGDiff: potential must be 'paper' or 'smooth'; got {self.potential!r}")
+            raise ValueError(
+                f"MCGDiff: potential must be 'paper' or 'smooth'; got {self.potential!r}"
+            )
         check_resampling("MCGDiff", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ set-up
@@ -134,7 +136,9 @@ class MCGDiff(SMCEngine):
         svd = gaussian.operator.svd()
         sigma = gaussian.sigma
         if sigma.numel() > 1 and not bool((sigma == sigma.flatten()[0]).all()):
-            raise ValueError("MCGDiff needs one noise level for all measurements; got per-measurement sigma")
+            raise ValueError(
+                "MCGDiff needs one noise level for all measurements; got per-measurement sigma"
+            )
         sigma = float(sigma.flatten()[0])
         dtype, device = problem.dtype, problem.device
         singular_values = svd.singular_values.to(dtype=dtype, device=device)
@@ -158,7 +162,9 @@ class MCGDiff(SMCEngine):
         }
         return constants, grid
 
-    def _potentials(self, problem: Problem, constants: dict[str, Tensor], time: Tensor) -> tuple[Tensor, Tensor]:
+    def _potentials(
+        self, problem: Problem, constants: dict[str, Tensor], time: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Which observed coordinates carry a potential at ``time`` and its variances, ``(m_obs,)`` each."""
         schedule = problem.prior.schedule
         sigma_t, alpha_t = schedule.sigma(time), schedule.alpha(time)
@@ -167,18 +173,24 @@ class MCGDiff(SMCEngine):
             return torch.ones_like(like, dtype=torch.bool), (sigma_t**2).to(like).expand_as(like)
         if self.potential == "smooth":
             noise_ratio = constants["sigma"] / constants["singular_values"]
-            return torch.ones_like(like, dtype=torch.bool), (sigma_t**2 + alpha_t**2 * noise_ratio**2).to(like)
+            return torch.ones_like(like, dtype=torch.bool), (
+                sigma_t**2 + alpha_t**2 * noise_ratio**2
+            ).to(like)
         taus = constants["taus"]
         ratio = alpha_t / schedule.alpha(taus)
         variance = sigma_t**2 - ratio**2 * schedule.sigma(taus) ** 2 + self.kappa * ratio**2
         active = time >= taus - 1e-12
         return active, torch.where(active, variance, 1.0).to(like)
 
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> SMCState:
         constants, grid = self._constants(problem)
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
-        return SMCState(particles, log_weights, log_weights.new_zeros(num_chains), 0, grid, {}, constants)
+        return SMCState(
+            particles, log_weights, log_weights.new_zeros(num_chains), 0, grid, {}, constants
+        )
 
     # ------------------------------------------------------------------ one step
     def step(self, problem: Problem, state: SMCState, generator: torch.Generator):
@@ -196,7 +208,10 @@ class MCGDiff(SMCEngine):
         a, b, c = ddim_coefficients(schedule, t, s, self.eta)
         kernel_variance = (c**2).to(x_t)
         if last and noiseless:  # DDPM's "fixed large" variance: the pinned last step needs c > 0
-            kernel_variance = (schedule.sigma(t) ** 2 - (schedule.alpha(t) / schedule.alpha(s) * schedule.sigma(s)) ** 2).to(x_t)
+            kernel_variance = (
+                schedule.sigma(t) ** 2
+                - (schedule.alpha(t) / schedule.alpha(s) * schedule.sigma(s)) ** 2
+            ).to(x_t)
         # the kernel mean a x0 + b eps, eps = (x_t - alpha_t x0) / sigma_t, in the SVD basis:
         # one rotation of x0 per step, z_t is kept from the previous step's proposal
         z_t = state.cache["z"] if "z" in state.cache else svd.vt(x_t)  # (n, d)
@@ -207,21 +222,31 @@ class MCGDiff(SMCEngine):
         target_s = schedule.alpha(s).to(x_t) * y_tilde
 
         # 1. auxiliary weights of the parents: int p(z_s | z_t) g_s(z_s) dz_s / g_t(z_t)
-        log_g = _masked_sum(active_s, log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s))
+        log_g = _masked_sum(
+            active_s, log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s)
+        )
         if state.step > 0:
             active_t, variance_t = self._potentials(problem, constants, t)
-            log_g = log_g - _masked_sum(active_t, log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t))
+            log_g = log_g - _masked_sum(
+                active_t, log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t)
+            )
         log_weights, log_increment = reweight(state.log_weights, log_g.reshape(chains, -1))
 
         # 2. resampling
-        indices, log_weights, ess, resampled = resample(log_weights, self.resampling, self.ess_threshold, generator)
+        indices, log_weights, ess, resampled = resample(
+            log_weights, self.resampling, self.ess_threshold, generator
+        )
         mean_z = mean_z[indices]
 
         # 3. proposal: the kernel on free coordinates, its product with g_s on observed ones
         noise = torch.randn(mean_z.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
         z_s = mean_z + kernel_variance.sqrt() * noise
         gain = torch.where(active_s, kernel_variance / (kernel_variance + variance_s), 0.0)
-        z_s[:, :count] = gain * target_s + (1 - gain) * mean_z[:, :count] + (gain * variance_s).sqrt() * noise[:, :count]
+        z_s[:, :count] = (
+            gain * target_s
+            + (1 - gain) * mean_z[:, :count]
+            + (gain * variance_s).sqrt() * noise[:, :count]
+        )
         log_evidence = state.log_evidence + log_increment
         if last:
             final = self._final_correction(constants, z_s, active_s, variance_s)
@@ -229,12 +254,17 @@ class MCGDiff(SMCEngine):
             log_evidence = log_evidence + final_increment
         info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
         new_state = state._replace(
-            particles=svd.v(z_s), log_weights=log_weights, log_evidence=log_evidence, step=state.step + 1,
+            particles=svd.v(z_s),
+            log_weights=log_weights,
+            log_evidence=log_evidence,
+            step=state.step + 1,
             cache={"z": z_s},
         )
         return new_state, info
 
-    def _final_correction(self, constants: dict[str, Tensor], z_0: Tensor, active_0: Tensor, variance_0: Tensor) -> Tensor:
+    def _final_correction(
+        self, constants: dict[str, Tensor], z_0: Tensor, active_0: Tensor, variance_0: Tensor
+    ) -> Tensor:
         r"""Log-weight swapping the last potential for the true likelihood, ``(n,)``.
 
         Noiseless: the last potential is the exact constraint; only the Jacobian
@@ -244,9 +274,15 @@ class MCGDiff(SMCEngine):
         count = y_tilde.shape[0]
         s_obs = constants["singular_values"]
         if float(constants["sigma"]) == 0:
-            return torch.full((z_0.shape[0],), -float(s_obs.log().sum()), dtype=z_0.dtype, device=z_0.device)
+            return torch.full(
+                (z_0.shape[0],), -float(s_obs.log().sum()), dtype=z_0.dtype, device=z_0.device
+            )
         rotated_y = constants["rotated_y"]
-        predicted = torch.zeros(z_0.shape[0], rotated_y.shape[0], dtype=z_0.dtype, device=z_0.device)
+        predicted = torch.zeros(
+            z_0.shape[0], rotated_y.shape[0], dtype=z_0.dtype, device=z_0.device
+        )
         predicted[:, :count] = s_obs * z_0[:, :count]
         log_likelihood = log_normal(rotated_y, predicted, constants["sigma"] ** 2).sum(-1)
-        return log_likelihood - _masked_sum(active_0, log_normal(z_0[:, :count], y_tilde, variance_0))
+        return log_likelihood - _masked_sum(
+            active_0, log_normal(z_0[:, :count], y_tilde, variance_0)
+        )

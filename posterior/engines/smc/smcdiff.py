@@ -113,14 +113,18 @@ from posterior.resampling import ess
 __all__ = ["SMCDiff"]
 
 
-def _forward_path(schedule, grid: Tensor, y: Tensor, num_chains: int, generator: torch.Generator) -> Tensor:
+def _forward_path(
+    schedule, grid: Tensor, y: Tensor, num_chains: int, generator: torch.Generator
+) -> Tensor:
     r"""One forward-diffused path of ``y`` per chain at the grid's times, ``(chains, K + 1, m)``.
 
     ``path[:, k]`` lives at ``grid[k]`` (decreasing), so ``path[:, -1] = y`` at ``t = 0`` and the
     chain is drawn upwards from there: :math:`y_t = (\alpha_t/\alpha_s) y_s + \sqrt{v_{s \to t}}\, \xi`.
     """
     steps = grid.shape[0]
-    noise = torch.randn((num_chains, steps - 1, y.shape[0]), generator=generator, dtype=y.dtype, device=y.device)
+    noise = torch.randn(
+        (num_chains, steps - 1, y.shape[0]), generator=generator, dtype=y.dtype, device=y.device
+    )
     path = [y.expand(num_chains, -1)]
     for k in range(steps - 2, -1, -1):  # times grid[k] > grid[k + 1]
         ratio, std = _forward_transition(schedule, grid[k + 1], grid[k])
@@ -164,15 +168,23 @@ class SMCDiff(SMCEngine):
         if self.ess_threshold is not None and (
             isinstance(self.ess_threshold, bool) or not isinstance(self.ess_threshold, (int, float))
         ):
-            raise ValueError(f"SMCDiff: ess_threshold must be None or a number in [0, 1]; got {self.ess_threshold!r}")
-        check_resampling("SMCDiff", self.resampling, 0.0 if self.ess_threshold is None else self.ess_threshold)
+            raise ValueError(
+                f"SMCDiff: ess_threshold must be None or a number in [0, 1]; got {self.ess_threshold!r}"
+            )
+        check_resampling(
+            "SMCDiff", self.resampling, 0.0 if self.ess_threshold is None else self.ess_threshold
+        )
         if self.variance not in ("large", "small"):
             raise ValueError(f"SMCDiff: variance must be 'large' or 'small'; got {self.variance!r}")
         if not (isinstance(self.departure, (int, float)) and 0.0 <= self.departure < math.inf):
-            raise ValueError(f"SMCDiff: departure must be a finite number >= 0; got {self.departure!r}")
+            raise ValueError(
+                f"SMCDiff: departure must be a finite number >= 0; got {self.departure!r}"
+            )
 
     # ------------------------------------------------------------------ set-up
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> SMCState:
         gaussian = problem.gaussian
         operator = gaussian.operator
         dtype, device = problem.dtype, problem.device
@@ -225,7 +237,9 @@ class SMCDiff(SMCEngine):
 
         x0 = problem.denoise(x_t, t)
         a, b, c = ddim_coefficients(schedule, t, s, 1.0)
-        mean = (a.to(x_t) * x0 + b.to(x_t) * epsilon_from_x0(schedule, x_t, x0, t)).reshape(x_t.shape[0], -1)
+        mean = (a.to(x_t) * x0 + b.to(x_t) * epsilon_from_x0(schedule, x_t, x0, t)).reshape(
+            x_t.shape[0], -1
+        )
         large = (_forward_transition(schedule, s, t)[1] ** 2).to(x_t)  # DDPM "fixed large"
         small = (c**2).to(x_t)  # DDPM "posterior" variance (DDIM, eta = 1)
         weight_variance = large if (self.variance == "large" or last) else small
@@ -247,11 +261,21 @@ class SMCDiff(SMCEngine):
 
         # 3. move the free coordinates, pin the observed ones to the path
         if float(move_variance) > 0:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            noise = torch.randn(
+                mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+            )
             mean = mean + move_variance.sqrt() * noise
         x_s = self._replace(mean.reshape(x_t.shape), observed, y_s, n)
-        info = {"t": s, "ess": current_ess, "resampled": resampled, "log_evidence_increment": log_increment}
+        info = {
+            "t": s,
+            "ess": current_ess,
+            "resampled": resampled,
+            "log_evidence_increment": log_increment,
+        }
         new_state = state._replace(
-            particles=x_s, log_weights=log_weights, log_evidence=state.log_evidence + log_increment, step=state.step + 1
+            particles=x_s,
+            log_weights=log_weights,
+            log_evidence=state.log_evidence + log_increment,
+            step=state.step + 1,
         )
         return new_state, info

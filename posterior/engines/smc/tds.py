@@ -168,8 +168,14 @@ class TDS(SMCEngine):
             raise ValueError(f"TDS: num_steps must be >= 1; got {self.num_steps}")
         if not (isinstance(self.eta, (int, float)) and 0.0 < self.eta <= 1.0):
             raise ValueError(f"TDS: eta must lie in (0, 1]; got {self.eta!r}")
-        if not (isinstance(self.twist_scale, (int, float)) and math.isfinite(self.twist_scale) and self.twist_scale >= 0):
-            raise ValueError(f"TDS: twist_scale must be a finite number >= 0; got {self.twist_scale!r}")
+        if not (
+            isinstance(self.twist_scale, (int, float))
+            and math.isfinite(self.twist_scale)
+            and self.twist_scale >= 0
+        ):
+            raise ValueError(
+                f"TDS: twist_scale must be a finite number >= 0; got {self.twist_scale!r}"
+            )
         if self.twist not in ("inflated", "plain"):
             raise ValueError(f"TDS: twist must be 'inflated' or 'plain'; got {self.twist!r}")
         if self.data_variance is not None and not self.data_variance > 0:
@@ -211,13 +217,17 @@ class TDS(SMCEngine):
         return x0, torch.cat(values), grad
 
     # ------------------------------------------------------------------ set-up
-    def init(self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator) -> SMCState:
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> SMCState:
         grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         x0, log_twist, grad = self._twist(problem, particles, grid[0])
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         # first weight: the twist at x_T (the reference law N(0, I) is also the proposal)
-        log_weights, log_evidence = reweight(log_weights, log_twist.reshape(num_chains, num_particles))
+        log_weights, log_evidence = reweight(
+            log_weights, log_twist.reshape(num_chains, num_particles)
+        )
         cache = {"x0": x0, "log_twist": log_twist, "grad": grad}
         return SMCState(particles, log_weights, log_evidence, 0, grid, cache, {})
 
@@ -227,7 +237,9 @@ class TDS(SMCEngine):
         t, s, last = step_times(state)
 
         # 1. resample the particles with their cached twist, gradient and denoiser output
-        indices, log_weights, ess, resampled = resample(state.log_weights, self.resampling, self.ess_threshold, generator)
+        indices, log_weights, ess, resampled = resample(
+            state.log_weights, self.resampling, self.ess_threshold, generator
+        )
         x_t = state.particles[indices]
         x0, log_twist, grad = (state.cache[key][indices] for key in ("x0", "log_twist", "grad"))
 
@@ -236,7 +248,9 @@ class TDS(SMCEngine):
         alpha_t, sigma_t = schedule.alpha(t).to(x_t), schedule.sigma(t).to(x_t)
         mean = a * x0 + b * epsilon_from_x0(schedule, x_t, x0, t)
         deterministic = float(c) == 0.0
-        if deterministic:  # only at s = 0 for VP: untwisted mean, proposal = kernel (official use_mean_pred)
+        if (
+            deterministic
+        ):  # only at s = 0 for VP: untwisted mean, proposal = kernel (official use_mean_pred)
             x_s = mean
             log_kernel_ratio = torch.zeros_like(log_twist)
         else:
@@ -244,7 +258,9 @@ class TDS(SMCEngine):
             noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
             x_s = mean + shift + c * noise
             # log p_theta(x_s | x_t) - log q(x_s | x_t, y), both N(., c^2 I), x_s - mean = shift + c z
-            log_kernel_ratio = -(_flat_dot(shift, shift) + 2 * c * _flat_dot(shift, noise)) / (2 * c**2)
+            log_kernel_ratio = -(_flat_dot(shift, shift) + 2 * c * _flat_dot(shift, noise)) / (
+                2 * c**2
+            )
 
         # 3. the new twist (true likelihood at s = 0) and the incremental weight
         if last:
