@@ -39,6 +39,15 @@ Defaults: ``num_steps = 100``, ``eta = 1``, ``potential = "difference"``, ``resa
 (official ``launch_eval_runs.py``: 100 steps, eta 1, "diff", frequency 5), ``lambda_ = 1`` (the
 posterior; the code's text-to-image default is 10), multinomial resampling.
 
+**Caveat: sharp likelihoods.** The proposal is blind to ``y``, and the intermediate rewards
+:math:`r(\hat x_0(x_t))` at high noise point in misleading directions when the likelihood is sharp,
+so resampling on them commits particles early. Measured on the Gaussian-mixture benchmark
+(d = 8, d_y = 2, sigma_y = 0.094, 20 steps, 100 filters): without resampling (``ess_threshold=0``,
+plain importance sampling, where the weights telescope to the likelihood) the sliced Wasserstein to
+the exact posterior falls with N (9.0, 2.4, 0.41 for N = 16, 256, 2048). With the default scheduled
+resampling it stalls (2.7, 0.58, 0.68) and the log-evidence estimates stay far below the truth
+(median -28 to -54 against -7.1). Prefer TDS or MCGDiff there.
+
 References:
     Singhal, Horvitz, Teehan, Ren, Yu, McKeown, Ranganath. A General Framework for Inference-time
     Scaling and Steering of Diffusion Models. arXiv:2501.06848, 2025.
