@@ -3,6 +3,7 @@
 import pyro
 
 from models import GaussianObservation
+from models.schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule
 
 
 def gaussian_model(prior, operator, sigma):
@@ -13,3 +14,15 @@ def gaussian_model(prior, operator, sigma):
         return pyro.sample("y", GaussianObservation(operator, x, sigma), obs=y)
 
     return model
+
+
+def all_schedules() -> dict[str, Schedule]:
+    """One fresh instance of every schedule family, by name."""
+    return {
+        "vp_linear": VP("linear"),
+        "vp_cosine": VP("cosine"),
+        "discrete_linear": DiscreteVP.linear(),
+        "ve": VE(),
+        "edm": EDM(),
+        "rectified_flow": RectifiedFlow(),
+    }

@@ -30,7 +30,8 @@ from models.denoisers import (
     X0Denoiser,
     broadcast_time,
 )
-from models.schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, ddpm_linear_betas
+from helpers import all_schedules
+from models.schedules import VP, ddpm_linear_betas
 
 F64 = torch.float64
 EVENT = (2, 2)
@@ -41,14 +42,7 @@ N_TRAIN = 1000
 RTOL = 1e-10
 
 
-SCHEDULES = {
-    "vp_linear": VP("linear"),
-    "vp_cosine": VP("cosine"),
-    "discrete_linear": DiscreteVP.linear(),
-    "ve": VE(),
-    "edm": EDM(),
-    "rectified_flow": RectifiedFlow(),
-}
+SCHEDULES = all_schedules()
 NAMES = sorted(SCHEDULES)
 
 

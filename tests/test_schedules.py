@@ -11,30 +11,19 @@ import math
 import pytest
 import torch
 
+from helpers import all_schedules
 from models.schedules import (
     EDM,
     VE,
     VP,
     DiscreteVP,
     RectifiedFlow,
-    Schedule,
     ddpm_linear_betas,
     time_grid,
 )
 
 F64 = torch.float64
 N_TRAIN = 1000
-
-
-def all_schedules() -> dict[str, Schedule]:
-    return {
-        "vp_linear": VP("linear"),
-        "vp_cosine": VP("cosine"),
-        "discrete_linear": DiscreteVP.linear(),
-        "ve": VE(),
-        "edm": EDM(),
-        "rectified_flow": RectifiedFlow(),
-    }
 
 
 SCHEDULES = all_schedules()

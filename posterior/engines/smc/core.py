@@ -38,6 +38,7 @@ from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
 
 __all__ = [
     "SMCEngine",
+    "advance",
     "SMCState",
     "check_resampling",
     "finish_step",
@@ -210,17 +211,42 @@ def finish_step(
     """
     chains = log_weights.shape[0]
     log_weights, log_increment = reweight(log_weights, log_increments.reshape(chains, -1))
+    return advance(state, particles, log_weights, log_increment, ess, resampled, cache)
+
+
+def advance(
+    state: SMCState,
+    particles: Tensor,
+    log_weights: Tensor,
+    log_increment: Tensor,
+    ess: Tensor,
+    resampled: Tensor,
+    cache: dict[str, Tensor] | None = None,
+) -> tuple[SMCState, dict[str, Tensor]]:
+    """The next state and the step's statistics, once the step has reweighted its particles.
+
+    Args:
+        state: the state the step started from.
+        particles: particles ``(chains * N, *event)`` at the next grid time.
+        log_weights: their normalised log-weights ``(chains, N)``.
+        log_increment: the step's log-evidence increment ``(chains,)`` (added to the running
+            estimate unless the engine keeps none).
+        ess: ESS before resampling ``(chains,)``.
+        resampled: resampling flags ``(chains,)``.
+        cache: per-particle tensors for the next step (default: keep the current cache).
+    """
     info = {
         "t": state.grid[state.step + 1],
         "ess": ess,
         "resampled": resampled,
         "log_evidence_increment": log_increment,
     }
+    log_evidence = None if state.log_evidence is None else state.log_evidence + log_increment
     new_state = state._replace(
         particles=particles,
         log_weights=log_weights,
-        log_evidence=state.log_evidence + log_increment,
+        log_evidence=log_evidence,
         step=state.step + 1,
-        cache=cache,
+        cache=state.cache if cache is None else cache,
     )
     return new_state, info

@@ -92,6 +92,7 @@ from models.samplers import initial_noise
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
+    advance,
     check_resampling,
     log_normal,
     resample,
@@ -269,7 +270,4 @@ class FPS(SMCEngine):
             [mean_r + var_r.sqrt() * noise[:, :r], z[:, r:] + variance.sqrt() * noise[:, r:]],
             dim=-1,
         )
-        info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
-        return state._replace(
-            particles=svd.v(z_s), log_weights=log_weights, step=state.step + 1
-        ), info
+        return advance(state, svd.v(z_s), log_weights, log_increment, ess, resampled)

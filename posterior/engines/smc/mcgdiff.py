@@ -76,6 +76,7 @@ from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
+    advance,
     check_resampling,
     initial_particles,
     log_normal,
@@ -247,20 +248,11 @@ class MCGDiff(SMCEngine):
             + (1 - gain) * mean_z[:, :count]
             + (gain * variance_s).sqrt() * noise[:, :count]
         )
-        log_evidence = state.log_evidence + log_increment
         if last:
             final = self._final_correction(constants, z_s, active_s, variance_s)
             log_weights, final_increment = reweight(log_weights, final.reshape(chains, -1))
-            log_evidence = log_evidence + final_increment
-        info = {"t": s, "ess": ess, "resampled": resampled, "log_evidence_increment": log_increment}
-        new_state = state._replace(
-            particles=svd.v(z_s),
-            log_weights=log_weights,
-            log_evidence=log_evidence,
-            step=state.step + 1,
-            cache={"z": z_s},
-        )
-        return new_state, info
+            log_increment = log_increment + final_increment
+        return advance(state, svd.v(z_s), log_weights, log_increment, ess, resampled, {"z": z_s})
 
     def _final_correction(
         self, constants: dict[str, Tensor], z_0: Tensor, active_0: Tensor, variance_0: Tensor

@@ -98,6 +98,7 @@ from models.samplers import ddim_coefficients
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
+    advance,
     check_resampling,
     initial_particles,
     log_normal,
@@ -266,16 +267,4 @@ class SMCDiff(SMCEngine):
             )
             mean = mean + move_variance.sqrt() * noise
         x_s = self._replace(mean.reshape(x_t.shape), observed, y_s, n)
-        info = {
-            "t": s,
-            "ess": current_ess,
-            "resampled": resampled,
-            "log_evidence_increment": log_increment,
-        }
-        new_state = state._replace(
-            particles=x_s,
-            log_weights=log_weights,
-            log_evidence=state.log_evidence + log_increment,
-            step=state.step + 1,
-        )
-        return new_state, info
+        return advance(state, x_s, log_weights, log_increment, current_ess, resampled)
