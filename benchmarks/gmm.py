@@ -17,6 +17,7 @@ Run (the recorded results in ``benchmarks/results/gmm.md`` give the exact comman
 from __future__ import annotations
 
 import argparse
+import importlib
 import datetime
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 import posterior
 from diagnostics import sliced_wasserstein
 from models.problems import gaussian_mixture_benchmark
+from posterior.engines.smc.core import SMCEngine
 
 #: the paper's Table (v2, "Sliced Wasserstein, GM"): (d, d_y) -> (MCGDiff, DDRM, DPS), 20 steps
 PAPER = {
@@ -44,13 +46,35 @@ PAPER = {
 }
 
 
-def engines(num_steps: int) -> dict[str, posterior.Engine]:
-    """Every engine that can run a linear Gaussian problem, at ``num_steps``."""
-    found = {"MCGDiff": posterior.MCGDiff(num_steps=num_steps)}
-    for name in ("TDS", "FPS", "FKSteering", "DDRM", "DPS"):
-        engine_class = getattr(posterior, name, None)
-        if engine_class is not None:
-            found[name] = engine_class(num_steps=num_steps)
+#: engines that can run a noisy linear Gaussian problem, in table order
+ENGINE_NAMES = (
+    "MCGDiff", "TDS", "FPS", "FKSteering", "DDRM", "DPS", "PiGDM", "MMPS", "SNIPS", "DDS",
+    "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD", "FlowVI",
+)  # fmt: skip
+FAMILIES = ("smc", "explicit", "langevin", "variational")
+
+
+def engine_class(name: str) -> type[posterior.Engine] | None:
+    """The engine class ``name`` from :mod:`posterior` (or its family package), or ``None``."""
+    found = getattr(posterior, name, None)
+    for family in FAMILIES:
+        if found is not None:
+            break
+        try:
+            module = importlib.import_module(f"posterior.engines.{family}")
+        except ImportError:
+            continue
+        found = getattr(module, name, None)
+    return found
+
+
+def engines(num_steps: int, names: list[str]) -> dict[str, posterior.Engine]:
+    """The engines among ``names`` that exist, at ``num_steps``."""
+    found = {}
+    for name in names:
+        cls = engine_class(name)
+        if cls is not None:
+            found[name] = cls(num_steps=num_steps)
     return found
 
 
@@ -68,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--chains", type=int, default=500, help="filters, one draw each")
     parser.add_argument("--particles", type=int, default=32, help="particles per filter")
+    parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="comma-separated")
     parser.add_argument("--output", default=None, help="markdown file to write the table to")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -77,10 +102,10 @@ def main() -> None:
         f"Recorded {datetime.date.today()} on {platform.machine()} CPU ({os.cpu_count()} cores), "
         f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/gmm.py --dims {args.dims} "
         f"--obs-dims {args.obs_dims} --steps {args.steps} --seeds {args.seeds} --chains {args.chains} "
-        f"--particles {args.particles}`.",
+        f"--particles {args.particles} --engines {args.engines}`.",
         "",
         f"Sliced Wasserstein (256 random directions, p = 2) between {args.chains} draws (one per filter of "
-        f"{args.particles} particles) and {args.chains} exact posterior draws; mean ± 1.96 sd/sqrt(seeds) "
+        f"{args.particles} particles; unweighted engines: {args.chains} draws of one run) and {args.chains} exact posterior draws; mean ± 1.96 sd/sqrt(seeds) "
         f"over {args.seeds} seeds. `floor` is the same distance between two exact sets. Paper columns: "
         "MCGDiff v2 table, 10^4 samples, 20 steps, their SW estimator.",
         "",
@@ -103,19 +128,26 @@ def main() -> None:
                         (args.chains,), generator=torch.Generator().manual_seed(20_000 + seed)
                     )
                     floors.append(sliced_wasserstein(other, reference, seed=seed))
-                    for name, engine in engines(num_steps).items():
+                    for name, engine in engines(num_steps, args.engines.split(",")).items():
+                        # a particle filter gives one draw per filter; an unweighted engine runs
+                        # all its draws as one ensemble (same number of samples, no wasted work)
+                        filters = isinstance(engine, SMCEngine)
                         start = time.perf_counter()
                         result = posterior.sample(
                             problem.model,
                             engine,
-                            num_particles=args.particles,
-                            num_chains=args.chains,
+                            num_particles=args.particles if filters else args.chains,
+                            num_chains=args.chains if filters else 1,
                             seed=seed,
                             progress=False,
                             model_kwargs=problem.model_kwargs,
                         )
                         wall = time.perf_counter() - start
-                        draws = result.one_draw_per_chain(seed)["x"]
+                        draws = (
+                            result.one_draw_per_chain(seed)["x"]
+                            if filters
+                            else result.values["x"].flatten(0, 1)
+                        )
                         row = rows.setdefault(name, {"sw": [], "nfe": [], "wall": []})
                         row["sw"].append(sliced_wasserstein(draws, reference, seed=seed))
                         row["nfe"].append(result.info["nfe"])

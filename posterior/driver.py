@@ -157,4 +157,5 @@ def sample(
             "latent_name": problem.latent_name,
             "device": str(problem.device),
         },
+        fitted=engine.fitted(problem, state),
     )

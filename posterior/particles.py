@@ -37,6 +37,9 @@ class ParticleSet:
             ``t``, ``log_evidence_increment``).
         info: engine name and configuration, ``num_particles``, ``num_chains``, ``nfe``,
             ``vjp``, ``wall_time``, ``seed``, ``latent_name``, ``event_dims``.
+        fitted: what the engine fitted besides the particles, name -> object (e.g. the
+            normalizing flow of :class:`~posterior.FlowVI`, which draws more samples); kept in
+            memory only (not saved, not moved by :meth:`to`, dropped by :meth:`concat`).
     """
 
     values: dict[str, Tensor]
@@ -46,6 +49,7 @@ class ParticleSet:
     observed: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    fitted: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.log_weights.dim() != 2:

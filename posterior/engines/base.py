@@ -83,6 +83,12 @@ class Engine:
     ) -> tuple[Any, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def fitted(self, problem: Problem, state) -> dict[str, Any]:
+        """What the run fitted besides the particles (default none), kept in
+        :attr:`ParticleSet.fitted <posterior.ParticleSet.fitted>`; e.g. a variational family that
+        can draw more samples."""
+        return {}
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
