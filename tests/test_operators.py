@@ -106,6 +106,22 @@ def test_svd_factors_are_orthogonal(name):
 
 
 @pytest.mark.parametrize("name", WITH_SVD)
+def test_thin_svd_maps_match_the_full_rotation(name):
+    """vt_head / v_head (thin for Matrix and Mask, full rotation otherwise) agree with vt / v."""
+    op = LINEAR[name]()
+    svd = op.svd()
+    n = _size(op.in_shape)
+    k = max(1, min(svd.rank_bound, n) // 2)
+    x = _randn(3, *op.in_shape, seed=11)
+    torch.testing.assert_close(svd.vt_head(x, k), svd.vt(x)[:, :k], rtol=0, atol=1e-12)
+    head = _randn(3, k, seed=12)
+    padded = torch.cat([head, head.new_zeros(3, n - k)], dim=1)
+    torch.testing.assert_close(
+        svd.v_head(head, tuple(op.in_shape)), svd.v(padded), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", WITH_SVD)
 def test_singular_values_match_the_dense_matrix(name):
     op = LINEAR[name]()
     s = op.svd().singular_values

@@ -98,11 +98,31 @@ class SVD:
     v: Callable[[Tensor], Tensor]
     ut: Callable[[Tensor], Tensor]
     u: Callable[[Tensor], Tensor]
+    leading_vt: Callable[[Tensor, int], Tensor] | None = None
+    leading_v: Callable[[Tensor, tuple[int, ...]], Tensor] | None = None
 
     @property
     def rank_bound(self) -> int:
         """``r = len(singular_values)``."""
         return self.singular_values.shape[0]
+
+    def vt_head(self, x: Tensor, k: int) -> Tensor:
+        """The first ``k`` coordinates :math:`V_{:, :k}^\top x`: ``(B, *in_shape) -> (B, k)``.
+
+        Costs ``O(B d k)`` where the operator provides ``leading_vt`` (dense matrices, masks),
+        the full rotation otherwise."""
+        if self.leading_vt is not None:
+            return self.leading_vt(x, k)
+        return self.vt(x)[:, :k]
+
+    def v_head(self, z: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+        """:math:`V_{:, :k} z` for ``z`` of shape ``(B, k)``: ``-> (B, *in_shape)`` (the other
+        coordinates zero); ``O(B d k)`` where the operator provides ``leading_v``."""
+        if self.leading_v is not None:
+            return self.leading_v(z, tuple(in_shape))
+        padded = z.new_zeros(z.shape[0], math.prod(in_shape))
+        padded[:, : z.shape[1]] = z
+        return self.v(padded)
 
     def apply(self, x: Tensor, out_size: int) -> Tensor:
         """:math:`U [s \\odot (V^\\top x)_{1:r}, 0]` for ``x`` of shape ``(B, *in_shape)``."""

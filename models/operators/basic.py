@@ -79,6 +79,8 @@ class Matrix(LinearOperator):
                 v=lambda z: z @ right_t.to(z),
                 ut=lambda y: y @ left.to(y),
                 u=lambda z: z @ left.to(z).T,
+                leading_vt=lambda x, k: x @ right_t[:k].to(x).T,
+                leading_v=lambda z, shape: z @ right_t[: z.shape[1]].to(z),
             )
         return self._svd
 
@@ -144,10 +146,17 @@ class Mask(LinearOperator):
             flat[:, permutation.to(z.device)] = z
             return flat.reshape((-1,) + tuple(self.in_shape))
 
+        def leading_v(z: Tensor, shape: tuple[int, ...]) -> Tensor:
+            flat = z.new_zeros(z.shape[0], math.prod(shape))
+            flat[:, permutation[: z.shape[1]].to(z.device)] = z
+            return flat.reshape((-1,) + shape)
+
         return SVD(
             singular_values=torch.ones(self.observed.numel(), dtype=torch.float64),
             vt=lambda x: x.flatten(1)[:, permutation.to(x.device)],
             v=v,
             ut=lambda y: y,
             u=lambda z: z,
+            leading_vt=lambda x, k: x.flatten(1)[:, permutation[:k].to(x.device)],
+            leading_v=leading_v,
         )

@@ -95,6 +95,7 @@ from posterior.engines.smc.core import (
     advance,
     check_resampling,
     log_normal,
+    propose_with_head,
     resample,
     reweight,
     sampling_grid,
@@ -245,13 +246,13 @@ class FPS(SMCEngine):
         mean = alpha_s * x0 + (1 - self.c_rate) ** 0.5 * sigma_s * epsilon_from_x0(
             schedule, x_t, x0, t
         )
-        z = svd.vt(mean)  # (n, d)
+        head = svd.vt_head(mean, r)  # (n, r): the kernel mean's coordinates V_r^T mean
         noise_var = alpha_s**2 * state.constants["noise_var"]
         y_s = path[:, state.step + 1].repeat_interleave(n, dim=0)  # (n, m), U basis
 
         # 1. predictive weight of each parent, diagonal in the U basis
         predicted = torch.zeros_like(y_s)
-        predicted[:, :r] = s_values * z[:, :r]
+        predicted[:, :r] = s_values * head
         predictive_var = torch.full_like(y_s[0], float(noise_var))
         predictive_var[:r] = variance * s_values**2 + noise_var
         log_g = log_normal(y_s, predicted, predictive_var).sum(-1)
@@ -261,13 +262,11 @@ class FPS(SMCEngine):
         indices, log_weights, ess, resampled = resample(
             log_weights, self.resampling, self.ess_threshold, generator
         )
-        z = z[indices]  # y_s is shared within a chain
+        mean, head = mean[indices], head[indices]  # y_s is shared within a chain
 
-        # 3. exact conjugate proposal in the V basis; free coordinates follow the kernel
-        mean_r, var_r = _condition(z[:, :r], variance.expand(r), y_s[:, :r], s_values, noise_var)
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        z_s = torch.cat(
-            [mean_r + var_r.sqrt() * noise[:, :r], z[:, r:] + variance.sqrt() * noise[:, r:]],
-            dim=-1,
+        # 3. exact conjugate proposal on the leading V coordinates; free ones follow the kernel
+        mean_r, var_r = _condition(head, variance.expand(r), y_s[:, :r], s_values, noise_var)
+        x_s, _ = propose_with_head(
+            svd, mean, variance.sqrt(), head, mean_r, var_r.sqrt(), generator
         )
-        return advance(state, svd.v(z_s), log_weights, log_increment, ess, resampled)
+        return advance(state, x_s, log_weights, log_increment, ess, resampled)

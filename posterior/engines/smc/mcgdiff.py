@@ -80,6 +80,7 @@ from posterior.engines.smc.core import (
     check_resampling,
     initial_particles,
     log_normal,
+    propose_with_head,
     resample,
     reweight,
     sampling_grid,
@@ -213,51 +214,53 @@ class MCGDiff(SMCEngine):
                 schedule.sigma(t) ** 2
                 - (schedule.alpha(t) / schedule.alpha(s) * schedule.sigma(s)) ** 2
             ).to(x_t)
-        # the kernel mean a x0 + b eps, eps = (x_t - alpha_t x0) / sigma_t, in the SVD basis:
-        # one rotation of x0 per step, z_t is kept from the previous step's proposal
-        z_t = state.cache["z"] if "z" in state.cache else svd.vt(x_t)  # (n, d)
+        # the kernel mean a x0 + b eps, eps = (x_t - alpha_t x0) / sigma_t, and its observed
+        # coordinates in the SVD basis (those of x_t are kept from the previous step's proposal)
+        head_t = state.cache["head"] if "head" in state.cache else svd.vt_head(x_t, count)
         alpha_t, sigma_t = schedule.alpha(t).to(x_t), schedule.sigma(t).to(x_t)
         eps_weight = b.to(x_t) / sigma_t
-        mean_z = (a.to(x_t) - eps_weight * alpha_t) * svd.vt(x0) + eps_weight * z_t
+        x0_weight = a.to(x_t) - eps_weight * alpha_t
+        mean = x0_weight * x0 + eps_weight * x_t
+        mean_head = x0_weight * svd.vt_head(x0, count) + eps_weight * head_t
         active_s, variance_s = self._potentials(problem, constants, s)
         target_s = schedule.alpha(s).to(x_t) * y_tilde
 
         # 1. auxiliary weights of the parents: int p(z_s | z_t) g_s(z_s) dz_s / g_t(z_t)
-        log_g = _masked_sum(
-            active_s, log_normal(target_s, mean_z[:, :count], kernel_variance + variance_s)
-        )
+        log_g = _masked_sum(active_s, log_normal(target_s, mean_head, kernel_variance + variance_s))
         if state.step > 0:
             active_t, variance_t = self._potentials(problem, constants, t)
-            log_g = log_g - _masked_sum(
-                active_t, log_normal(z_t[:, :count], alpha_t * y_tilde, variance_t)
-            )
+            log_g = log_g - _masked_sum(active_t, log_normal(head_t, alpha_t * y_tilde, variance_t))
         log_weights, log_increment = reweight(state.log_weights, log_g.reshape(chains, -1))
 
         # 2. resampling
         indices, log_weights, ess, resampled = resample(
             log_weights, self.resampling, self.ess_threshold, generator
         )
-        mean_z = mean_z[indices]
+        mean, mean_head = mean[indices], mean_head[indices]
 
         # 3. proposal: the kernel on free coordinates, its product with g_s on observed ones
-        noise = torch.randn(mean_z.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
-        z_s = mean_z + kernel_variance.sqrt() * noise
+        # (gain K, variance (1 - K) c^2 = K v_s; an inactive potential leaves the kernel)
         gain = torch.where(active_s, kernel_variance / (kernel_variance + variance_s), 0.0)
-        z_s[:, :count] = (
-            gain * target_s
-            + (1 - gain) * mean_z[:, :count]
-            + (gain * variance_s).sqrt() * noise[:, :count]
+        x_s, head_s = propose_with_head(
+            svd,
+            mean,
+            kernel_variance.sqrt(),
+            mean_head,
+            mean_head + gain * (target_s - mean_head),
+            ((1 - gain) * kernel_variance).sqrt(),
+            generator,
         )
         if last:
-            final = self._final_correction(constants, z_s, active_s, variance_s)
+            final = self._final_correction(constants, head_s, active_s, variance_s)
             log_weights, final_increment = reweight(log_weights, final.reshape(chains, -1))
             log_increment = log_increment + final_increment
-        return advance(state, svd.v(z_s), log_weights, log_increment, ess, resampled, {"z": z_s})
+        return advance(state, x_s, log_weights, log_increment, ess, resampled, {"head": head_s})
 
     def _final_correction(
-        self, constants: dict[str, Tensor], z_0: Tensor, active_0: Tensor, variance_0: Tensor
+        self, constants: dict[str, Tensor], head_0: Tensor, active_0: Tensor, variance_0: Tensor
     ) -> Tensor:
-        r"""Log-weight swapping the last potential for the true likelihood, ``(n,)``.
+        r"""Log-weight swapping the last potential for the true likelihood, ``(n,)``, from the
+        observed SVD coordinates ``head_0`` ``(n, count)`` of the returned particles.
 
         Noiseless: the last potential is the exact constraint; only the Jacobian
         :math:`-\sum_i \log s_i` of ``y = U S z`` enters (the evidence is a density of ``y``).
@@ -267,14 +270,15 @@ class MCGDiff(SMCEngine):
         s_obs = constants["singular_values"]
         if float(constants["sigma"]) == 0:
             return torch.full(
-                (z_0.shape[0],), -float(s_obs.log().sum()), dtype=z_0.dtype, device=z_0.device
+                (head_0.shape[0],),
+                -float(s_obs.log().sum()),
+                dtype=head_0.dtype,
+                device=head_0.device,
             )
         rotated_y = constants["rotated_y"]
         predicted = torch.zeros(
-            z_0.shape[0], rotated_y.shape[0], dtype=z_0.dtype, device=z_0.device
+            head_0.shape[0], rotated_y.shape[0], dtype=head_0.dtype, device=head_0.device
         )
-        predicted[:, :count] = s_obs * z_0[:, :count]
+        predicted[:, :count] = s_obs * head_0
         log_likelihood = log_normal(rotated_y, predicted, constants["sigma"] ** 2).sum(-1)
-        return log_likelihood - _masked_sum(
-            active_0, log_normal(z_0[:, :count], y_tilde, variance_0)
-        )
+        return log_likelihood - _masked_sum(active_0, log_normal(head_0, y_tilde, variance_0))
