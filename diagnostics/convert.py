@@ -10,6 +10,7 @@ Layout (``C`` chains, ``N`` draws, ``S`` steps)::
 
     /                     attrs: inference_library, engine, config (JSON), nfe, vjp, wall_time, ...
     posterior             site (chain, draw, *event)          equal-weight draws
+    posterior_predictive  <obs site> (chain, draw, *obs event)  A(x) of each draw, on request
     sample_stats          log_weight (chain, draw)            raw particles (see below)
                           log_likelihood (chain, draw)        raw particles, when available
                           ancestor (chain, draw)              raw index of each posterior draw
@@ -26,6 +27,11 @@ particles, i.e. draw ``d`` of ``sample_stats`` is particle ``d`` of ``weighted_p
 that draw ``d`` of ``posterior`` copies, so ``posterior == weighted_posterior[ancestor]``. The
 ``log_likelihood`` *group* is gathered with the same ancestors and therefore matches ``posterior``
 draw by draw (as ``arviz_stats.loo`` expects).
+
+Several independent runs of one problem go in one tree along ``chain`` (pass a list of sets), so
+``arviz_stats.rhat`` compares them. The importance-weight diagnostics work on the raw
+log-weights: ``tree["sample_stats"]["log_weight"].azstats.psislw(dim="draw")`` and
+:func:`diagnostics.pareto_khat`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import importlib.metadata
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,6 @@ import xarray as xr
 from torch import Tensor
 
 from posterior.particles import ParticleSet
-from posterior.resampling import systematic
 
 __all__ = ["to_datatree", "save_datatree", "load_datatree", "equal_weight_ancestors"]
 
@@ -56,6 +61,7 @@ _OBSERVED_SUFFIXES = {2: ["row", "column"], 3: ["channel", "row", "column"]}
 
 _GROUP_ORDER = (
     "posterior",
+    "posterior_predictive",
     "sample_stats",
     "log_likelihood",
     "observed_data",
@@ -88,17 +94,12 @@ def _numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _is_uniform(log_weights: Tensor) -> bool:
-    """Same test as :meth:`ParticleSet.get_samples`: weights equal to ``1 / draws``."""
-    uniform = -math.log(log_weights.shape[-1])
-    return bool(torch.allclose(log_weights, torch.full_like(log_weights, uniform)))
-
-
 def equal_weight_ancestors(particles: ParticleSet) -> Tensor | None:
     """Ancestors of the equal-weight draws of ``particles``, or ``None`` if weights are uniform.
 
-    This is the resampling of :meth:`ParticleSet.get_samples`: systematic resampling per chain
-    with a ``torch.Generator`` on the weights' device seeded by ``info["seed"]`` (0 when absent).
+    The resampling of :meth:`ParticleSet.get_samples` (see
+    :meth:`ParticleSet.equal_weight_ancestors`): systematic, per chain, seeded from the run's
+    seed.
 
     Args:
         particles: the set.
@@ -107,13 +108,7 @@ def equal_weight_ancestors(particles: ParticleSet) -> Tensor | None:
         ``long`` tensor ``(chains, draws)`` of indices into each chain's particles, on the device
         of ``particles.log_weights``; ``None`` when the weights are uniform (no resampling).
     """
-    log_weights = particles.log_weights
-    if _is_uniform(log_weights):
-        return None
-    seed = particles.info.get("seed")
-    seed = 0 if seed is None else int(seed)
-    generator = torch.Generator(device=log_weights.device).manual_seed(seed)
-    return systematic(log_weights, generator)
+    return particles.equal_weight_ancestors()
 
 
 def _gather(value: Tensor, ancestors: Tensor | None) -> Tensor:
@@ -231,11 +226,12 @@ def _drop_empty_sample_dims(dataset: xr.Dataset) -> xr.Dataset:
 
 
 def to_datatree(
-    particles: ParticleSet,
+    particles: ParticleSet | Sequence[ParticleSet],
     *,
     x_true: Tensor | np.ndarray | None = None,
     dims: Mapping[str, Sequence[str]] | None = None,
     coords: Mapping[str, Sequence[Any]] | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> xr.DataTree:
     """A :class:`ParticleSet` as an ``xarray.DataTree`` in the ArviZ 1.x layout.
 
@@ -261,6 +257,10 @@ def to_datatree(
         * ``observed_data``: each observed value; dims ``measurement`` for rank 1,
           ``{site}_row, {site}_column`` and ``{site}_channel, {site}_row, {site}_column`` for
           ranks 2 and 3.
+        * ``posterior_predictive``: with ``forward``, the noiseless measurement
+          :math:`A(x)` of every ``posterior`` draw ``(chain, draw, *obs event)``, named and
+          dimensioned like the observed site (``"y"`` with several or no observed sites), so that
+          ``arviz_plots.plot_ppc_dist`` compares it with ``observed_data``.
         * ``constant_data``: ``x_true`` under the latent site's name, when given.
         * ``weighted_posterior``: the raw particles ``(chain, draw, *event)``, only when the
           weights are not uniform.
@@ -273,12 +273,16 @@ def to_datatree(
     netCDF (:func:`save_datatree` / :func:`load_datatree`).
 
     Args:
-        particles: the set to convert.
+        particles: the set to convert, or several runs of the same problem, joined along
+            ``chain`` (:meth:`ParticleSet.concat`) so that R-hat compares independent runs.
         x_true: the ground-truth latent, shape ``event`` of the latent site, stored in
             ``constant_data``.
         dims: site name -> names of its *event* dims (no ``chain``/``draw``), overriding the
             defaults; applies to sampled and observed sites (and to ``x_true`` via the latent).
         coords: dim name -> coordinate values (default ``0 .. size - 1``).
+        forward: the forward model for ``posterior_predictive``: a
+            :class:`~models.operators.Operator` or any callable ``(n, *event) -> (n, *obs)``
+            (e.g. ``problem.gaussian.operator``); ``None`` (default) adds no such group.
 
     Returns:
         The ``xarray.DataTree``.
@@ -287,6 +291,8 @@ def to_datatree(
         ValueError: ``x_true`` of the wrong shape, ``dims`` of the wrong length or naming an
             unknown site, statistics or log-likelihoods of the wrong shape.
     """
+    if not isinstance(particles, ParticleSet):
+        particles = ParticleSet.concat(list(particles))
     dims = dict(dims or {})
     coords = dict(coords or {})
     num_chains, num_draws = particles.num_chains, particles.num_draws
@@ -331,6 +337,12 @@ def to_datatree(
             )
         data["constant_data"] = {latent: truth}
         group_attrs["constant_data"] = dict(library)
+
+    if forward is not None:
+        name, values = _posterior_predictive(particles, ancestors, forward)
+        data["posterior_predictive"] = {name: values}
+        group_attrs["posterior_predictive"] = dict(library)
+        value_dims[name] = _name_dims({name: values.shape[2:]}, dims, observed=True)[name]
 
     if ancestors is not None:
         data["weighted_posterior"] = {name: _numpy(v) for name, v in particles.values.items()}
@@ -410,6 +422,35 @@ def to_datatree(
     result = xr.DataTree.from_dict(ordered)
     result.attrs = _root_attrs(particles, library, resampled=ancestors is not None)
     return result
+
+
+def _posterior_predictive(
+    particles: ParticleSet, ancestors: Tensor | None, forward: Callable[[Tensor], Tensor]
+) -> tuple[str, np.ndarray]:
+    """``(name, forward(draws))`` of the equal-weight draws, ``(chain, draw, *obs event)``."""
+    if not callable(forward):
+        raise ValueError(
+            f"forward must be an operator or a callable (n, *event) -> (n, *obs); got {forward!r}"
+        )
+    draws = _gather(particles.values[particles.latent_name], ancestors)
+    with torch.no_grad():
+        predicted = forward(draws.flatten(0, 1))
+    if not isinstance(predicted, Tensor) or predicted.shape[:1] != (
+        draws.shape[0] * draws.shape[1],
+    ):
+        raise ValueError(
+            "forward must map (n, *event) to a tensor (n, *obs); got "
+            f"{type(predicted).__name__} of shape {tuple(getattr(predicted, 'shape', ()))} for "
+            f"n = {draws.shape[0] * draws.shape[1]}"
+        )
+    name = next(iter(particles.observed)) if len(particles.observed) == 1 else "y"
+    observed = particles.observed.get(name)
+    if observed is not None and tuple(observed.shape) != tuple(predicted.shape[1:]):
+        raise ValueError(
+            f"forward gives measurements of shape {tuple(predicted.shape[1:])} but the observed "
+            f"site {name!r} has shape {tuple(observed.shape)}"
+        )
+    return name, _numpy(predicted.reshape(draws.shape[:2] + predicted.shape[1:]))
 
 
 def _root_attrs(particles: ParticleSet, library: dict[str, str], resampled: bool) -> dict:

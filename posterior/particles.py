@@ -7,6 +7,7 @@ keep normalised log-weights per chain; unweighted ones have uniform weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,14 +103,44 @@ class ParticleSet:
         """Effective sample size of the weights per chain, ``(chains,)``; ``draws`` if uniform."""
         return _ess(self.log_weights)
 
+    def _generator(self, seed: int | None, purpose: str) -> torch.Generator:
+        """A generator on the weights' device for drawing from this set, seeded by ``seed``
+        (default: the run's seed, 0 when unknown) *and* ``purpose``.
+
+        Seeding it with the run's seed itself would replay the engine's first random numbers,
+        so the draw would be correlated with the particles: with the Exact engine, whose first
+        draws pick the mixture components, ``one_draw_per_chain`` then picked particles of the
+        same few components (measured: biased means, ranks far from uniform). The seed is
+        therefore hashed with ``purpose`` into an unrelated stream.
+        """
+        seed = self.info.get("seed") if seed is None else seed
+        seed = 0 if seed is None else int(seed)
+        digest = hashlib.sha256(f"posterior.ParticleSet.{purpose}:{seed}".encode()).digest()
+        derived = int.from_bytes(digest[:8], "little") >> 1
+        return torch.Generator(device=self.log_weights.device).manual_seed(derived)
+
+    def equal_weight_ancestors(self, seed: int | None = None) -> Tensor | None:
+        """Ancestors of the equal-weight draws of :meth:`get_samples`, or ``None`` if uniform.
+
+        Systematic resampling per chain with :meth:`_generator` (``seed``, default the run's).
+
+        Returns:
+            ``long`` tensor ``(chains, draws)`` of indices into each chain's particles, on the
+            weights' device; ``None`` when the weights are uniform (no resampling).
+        """
+        uniform = torch.full_like(self.log_weights, -math.log(self.num_draws))
+        if torch.allclose(self.log_weights, uniform):
+            return None
+        return systematic(self.log_weights, self._generator(seed, "equal_weight_draws"))
+
     def get_samples(
         self, group_by_chain: bool = False, seed: int | None = None
     ) -> dict[str, Tensor]:
         """Equal-weight draws, Pyro style.
 
         Uniformly weighted sets are returned as they are. Weighted ones are resampled per chain
-        with systematic resampling, seeded by ``seed`` (default: the run's seed), so the call is
-        deterministic.
+        with systematic resampling (:meth:`equal_weight_ancestors`), seeded by ``seed`` (default:
+        the run's seed), so the call is deterministic.
 
         Args:
             group_by_chain: keep ``(chains, draws, *event)``; otherwise ``(chains * draws, *event)``.
@@ -119,12 +150,8 @@ class ParticleSet:
             Site name -> tensor.
         """
         values = self.values
-        uniform = math.log(self.num_draws)
-        if not torch.allclose(self.log_weights, torch.full_like(self.log_weights, -uniform)):
-            seed = self.info.get("seed") if seed is None else seed
-            seed = 0 if seed is None else seed
-            generator = torch.Generator(device=self.log_weights.device).manual_seed(int(seed))
-            ancestors = systematic(self.log_weights, generator)
+        ancestors = self.equal_weight_ancestors(seed)
+        if ancestors is not None:
             values = {
                 name: torch.gather(
                     v, 1, ancestors.reshape(ancestors.shape + (1,) * (v.dim() - 2)).expand_as(v)
@@ -143,15 +170,12 @@ class ParticleSet:
         draw from each.
 
         Args:
-            seed: seed of the draw (default: the run's seed).
+            seed: seed of the draw (default: the run's seed; see :meth:`_generator`).
 
         Returns:
             Site name -> tensor ``(chains, *event)``.
         """
-        seed = self.info.get("seed") if seed is None else seed
-        generator = torch.Generator(device=self.log_weights.device).manual_seed(
-            0 if seed is None else int(seed)
-        )
+        generator = self._generator(seed, "one_draw_per_chain")
         pick = torch.multinomial(self.log_weights.exp(), 1, generator=generator)[:, 0]
         chains = torch.arange(self.num_chains, device=pick.device)
         return {name: value[chains, pick] for name, value in self.values.items()}

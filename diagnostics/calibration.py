@@ -1,0 +1,385 @@
+r"""Calibration studies: simulation-based calibration (SBC), coverage curves and TARP.
+
+A posterior is *calibrated* when its credible regions contain the truth as often as they claim,
+averaged over the problems the model generates. :func:`calibration_study` checks this the way
+Talts et al. (2018) propose: draw :math:`(x^\star_i, y_i)` from the model's prior predictive,
+run the engine on each :math:`y_i`, and for a scalar summary :math:`f` count the posterior draws
+below the truth,
+
+.. math:: r_i = \#\{\ell \le L : f(x^{(\ell)}_i) < f(x^\star_i)\} \in \{0, \dots, L\}.
+
+If the draws are exact and independent, :math:`r_i` is uniform on :math:`\{0, \dots, L\}` for
+every :math:`f` (ties, e.g. a noiselessly observed pixel, are broken uniformly at random). The
+summaries are
+
+* ``"coordinates"``: every coordinate (pixel) of the flattened signal, or a chosen subset;
+* ``"projections"``: random unit directions :math:`\theta^\top x`, shared by all trials;
+* ``"log_likelihood"``: :math:`\log p(y_i \mid x)`, the test quantity Modrák et al. (2023)
+  recommend, sensitive to posteriors that are too wide or too narrow in the directions the data
+  inform (needs a finite likelihood);
+* ``"tarp"``: the distance to a random reference point :math:`\lVert x - x^r_i \rVert` of TARP
+  (Lemos et al. 2023) in coordinates normalised by the truths' range, with :math:`x^r_i` uniform
+  in the unit box (the official ``tarp`` package's ``references="random"``, ``norm=True``): one
+  joint summary of all coordinates, meant for high dimensions. Lemos et al. show that nominal
+  coverage at every :math:`\alpha` implies an exact posterior when the reference points'
+  distribution depends on the observation; with these data-independent references, prior draws
+  pass it (measured in ``tests/test_calibration.py``), as they pass every summary that ignores
+  :math:`y` (Talts et al.) — the log-likelihood summary is the one that catches them.
+
+Uniformity of each summary's ranks is tested with Pearson's chi-square on ``num_bins`` bins of
+the ranks (Talts et al., section 4.1), with the exact bin probabilities of a discrete uniform
+on :math:`\{0, \dots, L\}`; the study passes at level :math:`\alpha` when every p-value exceeds
+:math:`\alpha / K` for :math:`K` summaries (Bonferroni). Coverage curves give, for each nominal
+level :math:`q`, the fraction of trials whose central :math:`q` credible interval of the summary
+(empirical quantiles of the draws) contains the truth; TARP's curve is its expected coverage
+probability :math:`\mathrm{ECP}(\alpha) = \frac1T\sum_i \mathbb 1\{r_i / L < \alpha\}`.
+
+Choices: trials run one engine call each (a problem holds one observation, so trials are not
+batched together), while the prior-predictive draws of all trials are one batched call of the
+prior's sampler. Ranks need *independent* draws: the particles of one SMC chain share ancestors,
+which widens the rank histogram; pass ``one_draw_per_chain=True`` with many chains for SMC
+engines (each chain then contributes one draw picked by its weights).
+
+References:
+    Talts, Betancourt, Simpson, Vehtari, Gelman. Validating Bayesian inference algorithms with
+    simulation-based calibration. arXiv:1804.06788, 2018.
+    Modrák, Moon, Kim, Bürkner, Huurre, Faltejsková, Gelman, Vehtari. Simulation-based
+    calibration checking for Bayesian computation: the choice of test quantities shapes
+    sensitivity. Bayesian Analysis, 2023.
+    Lemos, Coogan, Hezaveh, Perreault-Levasseur. Sampling-based accuracy testing of posterior
+    estimators for general inference. ICML 2023 (official code: github.com/Ciela-Institute/tarp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import posterior
+from diagnostics.simulation import prior_predictive
+from diagnostics.ranks import (
+    SUMMARIES,
+    Summaries,
+    check_summaries,
+    rank_uniformity_test,
+    ranks_of_truth,
+)
+from diagnostics.scores import central_intervals
+from posterior.driver import _progress_enabled
+from posterior.engines.base import Engine
+from posterior.problem import Problem
+
+__all__ = [
+    "CalibrationStudy",
+    "calibration_study",
+    "rank_uniformity_test",
+    "SUMMARIES",
+]
+
+#: default nominal levels of the coverage curves
+DEFAULT_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+# --------------------------------------------------------------------------------------------
+# the study
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationStudy:
+    """The result of :func:`calibration_study`.
+
+    Attributes:
+        ranks: ``(T, K)`` ``long``: per trial and summary, the number of posterior draws below
+            the truth (plus a random share of ties), in ``[0, num_draws]``.
+        num_draws: :math:`L`, the posterior draws per trial.
+        summaries: ``K`` names: ``"x[i]"`` (coordinate ``i`` of the flattened latent),
+            ``"projection[j]"``, ``"log_likelihood"``, ``"tarp"``.
+        kinds: ``K`` kinds: ``"coordinates"``, ``"projections"``, ``"log_likelihood"``, ``"tarp"``.
+        levels: ``(Q,)`` nominal levels of the coverage curves.
+        coverage: ``(Q, K)``: fraction of trials whose central credible interval of the summary
+            at each level contains the truth (for ``"tarp"``: the ECP at credibility ``level``).
+        num_bins: bins of the rank histograms and of the chi-square test.
+        x_true: ``(T, *event)`` the simulated truths.
+        observations: observed site -> ``(T, *obs event)`` the simulated measurements.
+        projections: ``(d, P)`` the unit directions of the ``"projections"`` summaries.
+        info: engine name and config, ``num_particles``, ``num_chains``, ``seed``, total
+            ``nfe``, ``vjp`` and ``wall_time`` over trials.
+    """
+
+    ranks: Tensor
+    num_draws: int
+    summaries: list[str]
+    kinds: list[str]
+    levels: Tensor
+    coverage: Tensor
+    num_bins: int
+    x_true: Tensor
+    observations: dict[str, Tensor] = field(default_factory=dict)
+    projections: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_trials(self) -> int:
+        return self.ranks.shape[0]
+
+    @property
+    def p_values(self) -> Tensor:
+        """``(K,)`` chi-square p-values of the uniformity of each summary's ranks."""
+        return rank_uniformity_test(self.ranks, self.num_draws, self.num_bins)
+
+    def columns(self, kinds: Sequence[str] | None = None) -> list[int]:
+        """Indices of the summaries of ``kinds`` (default all)."""
+        if kinds is None:
+            return list(range(len(self.kinds)))
+        unknown = sorted(set(kinds) - set(self.kinds))
+        if unknown:
+            raise ValueError(
+                f"kinds {unknown} are not in this study; it has {sorted(set(self.kinds))}"
+            )
+        return [k for k, kind in enumerate(self.kinds) if kind in kinds]
+
+    def p_value(self, kinds: Sequence[str] | None = None) -> float:
+        """Bonferroni-adjusted p-value of "all ranks are uniform": ``min(1, K * min_k p_k)`` over
+        the summaries of ``kinds`` (default all)."""
+        columns = self.columns(kinds)
+        return min(1.0, len(columns) * float(self.p_values[columns].min()))
+
+    def passed(self, alpha: float = 0.01, kinds: Sequence[str] | None = None) -> bool:
+        """Whether no summary rejects uniformity at family-wise level ``alpha`` (Bonferroni)."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+        return self.p_value(kinds) > alpha
+
+    def normalized_ranks(self) -> Tensor:
+        """``(T, K)`` ranks mapped to ``(0, 1)``: ``(r + 0.5) / (L + 1)`` (PIT values)."""
+        return (self.ranks.double() + 0.5) / (self.num_draws + 1)
+
+    def to_datatree(self):
+        """The PIT values (:meth:`normalized_ranks`) as an ArviZ tree for
+        ``arviz_plots.plot_ecdf_pit`` (PIT-ECDF with simultaneous bands, Säilynoja et al. 2022).
+
+        Group ``prior_sbc``, ``sample_dims = ["chain", "draw"]`` with one chain and one draw per
+        trial; one variable per kind, ``coordinates`` and ``projections`` with a
+        ``coordinates_summary`` / ``projections_summary`` dim labelled by the summary names.
+        """
+        import arviz_base
+
+        pit = self.normalized_ranks().numpy()
+        kinds = list(dict.fromkeys(self.kinds))
+        data, dims, coords = {}, {}, {}
+        for kind in kinds:
+            columns = self.columns([kind])
+            if kind in ("coordinates", "projections"):
+                data[kind] = pit[None, :, columns]
+                dims[kind] = [f"{kind}_summary"]
+                coords[f"{kind}_summary"] = [self.summaries[k] for k in columns]
+            else:
+                data[kind] = pit[None, :, columns[0]]
+        return arviz_base.from_dict(
+            {"prior_sbc": data}, sample_dims=["chain", "draw"], dims=dims, coords=coords
+        )
+
+    def table(self):
+        """One row per summary: name, kind, p-value and the coverage at each level
+        (a ``pandas.DataFrame``)."""
+        import pandas as pd
+
+        rows = {"summary": self.summaries, "kind": self.kinds, "p_value": self.p_values.tolist()}
+        for q, values in zip(self.levels.tolist(), self.coverage.tolist()):
+            rows[f"coverage_{q:g}"] = values
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        engine = self.info.get("engine", "?")
+        return (
+            f"CalibrationStudy(engine={engine}, trials={self.num_trials}, draws={self.num_draws}, "
+            f"summaries={len(self.summaries)}, p_value={self.p_value():.3g})"
+        )
+
+
+def calibration_study(
+    model: Callable,
+    engine: Engine,
+    num_trials: int,
+    *,
+    num_particles: int = 100,
+    num_chains: int = 1,
+    one_draw_per_chain: bool = False,
+    summaries: Sequence[str] | None = None,
+    coordinates: Sequence[int] | None = None,
+    num_projections: int = 8,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    num_bins: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+    model_args: tuple = (),
+    model_kwargs: dict[str, Any] | None = None,
+) -> CalibrationStudy:
+    r"""Simulation-based calibration of an engine on a model (see the module docstring).
+
+    Draws ``num_trials`` pairs :math:`(x^\star_i, y_i)` from the model's prior predictive
+    (:func:`prior_predictive`), runs ``posterior.sample`` on each :math:`y_i` (the model
+    conditioned on it), and computes the rank of every summary of :math:`x^\star_i` among the
+    posterior draws and the coverage of its central credible intervals.
+
+    Args:
+        model: the Pyro model, called as ``model(*model_args, **model_kwargs)`` with the
+            observations unobserved (e.g. ``def model(y=None)``).
+        engine: the engine to check, e.g. ``posterior.Exact()``.
+        num_trials: :math:`T`, simulated problems (a few hundred for a sharp test).
+        num_particles: particles per chain.
+        num_chains: chains per trial.
+        one_draw_per_chain: use one draw per chain, picked by its weights
+            (:meth:`~posterior.ParticleSet.one_draw_per_chain`; :math:`L` = ``num_chains``)
+            instead of all equal-weight draws (:math:`L` = ``num_chains * num_particles``).
+        summaries: a subset of :data:`SUMMARIES`; default all of them, ``"log_likelihood"``
+            only when the likelihood is finite (not for noiseless measurements).
+        coordinates: flat indices of the coordinates to rank (default all).
+        num_projections: number of random directions for ``"projections"``.
+        levels: nominal levels of the coverage curves, in ``(0, 1)``.
+        num_bins: bins of the rank histograms and the chi-square test (default
+            ``min(20, T // 10, L + 1)``, at least 2: about ten expected trials per bin).
+        seed: seeds the prior-predictive draws, directions, reference points, tie-breaking and
+            the per-trial engine seeds.
+        batch_size: chunk size of the engine's denoiser calls (see :func:`posterior.sample`).
+        progress: show a progress bar over trials (off when ``CI`` is set).
+        model_args: positional arguments of the model.
+        model_kwargs: keyword arguments of the model, without observed values.
+
+    Returns:
+        A :class:`CalibrationStudy`; ``study.passed(alpha)`` is the uniformity verdict.
+
+    Raises:
+        ValueError: bad arguments, a model that cannot be simulated (see
+            :func:`prior_predictive`), ``"log_likelihood"`` without a finite likelihood, or an
+            engine that refuses the problem.
+    """
+    for name, value in (
+        ("num_trials", num_trials),
+        ("num_particles", num_particles),
+        ("num_chains", num_chains),
+        ("num_projections", num_projections),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if not isinstance(engine, Engine):
+        raise ValueError(f"engine must be a posterior engine instance; got {engine!r}")
+    summaries = check_summaries(summaries)
+    levels_list = [float(q) for q in levels]
+    if not levels_list or any(not 0 < q < 1 for q in levels_list):
+        raise ValueError(f"levels must be a non-empty list of numbers in (0, 1); got {levels_list}")
+    num_draws = num_chains if one_draw_per_chain else num_chains * num_particles
+    if num_bins is None:
+        num_bins = max(2, min(20, num_trials // 10, num_draws + 1))
+    if not isinstance(num_bins, int) or not 2 <= num_bins <= num_draws + 1:
+        raise ValueError(f"num_bins must be an integer in [2, {num_draws + 1}]; got {num_bins!r}")
+    model_kwargs = dict(model_kwargs or {})
+
+    # ---- simulate every trial at once ----
+    latent, x_true, observations = prior_predictive(
+        model, num_trials, seed, model_args=model_args, model_kwargs=model_kwargs
+    )
+    event = tuple(x_true.shape[1:])
+    cpu = torch.Generator().manual_seed(int(seed))
+    first = Problem.from_model(
+        poutine.condition(model, data={k: v[0] for k, v in observations.items()}),
+        *model_args,
+        **model_kwargs,
+    )
+    finite_likelihood = "finite_likelihood" in first.capabilities
+    if summaries is None:
+        summaries = [s for s in SUMMARIES if finite_likelihood or s != "log_likelihood"]
+    elif "log_likelihood" in summaries and not finite_likelihood:
+        raise ValueError(
+            "the log_likelihood summary needs a finite likelihood; the model has "
+            f"{first.describe_observation()}"
+        )
+    flat_truth = x_true.reshape(num_trials, -1)
+    summary = Summaries.build(summaries, flat_truth, coordinates, num_projections, cpu)
+    names, kinds = summary.columns()
+    tarp = names.index("tarp") if "tarp" in names else None
+    trial_seeds = torch.randint(0, 2**62, (num_trials,), generator=cpu).tolist()
+    level_tensor = torch.tensor(levels_list, dtype=torch.float64)
+
+    # ---- one engine run per trial ----
+    ranks = torch.empty(num_trials, len(names), dtype=torch.long)
+    covered = torch.zeros(len(levels_list), len(names), dtype=torch.float64)
+    totals = {"nfe": 0, "vjp": 0, "wall_time": 0.0}
+    bar = tqdm(
+        range(num_trials),
+        desc=f"calibration {engine.name}",
+        disable=not _progress_enabled(progress),
+    )
+    for trial in bar:
+        conditioned = poutine.condition(
+            model, data={name: value[trial] for name, value in observations.items()}
+        )
+        result = posterior.sample(
+            conditioned,
+            engine,
+            num_particles=num_particles,
+            num_chains=num_chains,
+            seed=trial_seeds[trial],
+            batch_size=batch_size,
+            progress=False,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+        )
+        for key in totals:
+            totals[key] += result.info.get(key, 0)
+        draws = (
+            result.one_draw_per_chain()[latent]
+            if one_draw_per_chain
+            else result.get_samples()[latent]
+        )
+        log_likelihood = None
+        if "log_likelihood" in summaries:
+            problem = Problem.from_model(conditioned, *model_args, **model_kwargs)
+
+            def log_likelihood(flat: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return problem.log_likelihood(flat.reshape(flat.shape[:1] + event))
+
+        values, target = summary(
+            draws.reshape(num_draws, -1), flat_truth[trial], trial, log_likelihood
+        )
+
+        # rank of the truth among the draws, and the central intervals that contain it
+        trial_ranks = ranks_of_truth(values, target, cpu).cpu()
+        ranks[trial] = trial_ranks
+        lower, upper = central_intervals(values, levels_list)
+        inside = ((lower <= target) & (target <= upper)).cpu().double()
+        if tarp is not None:  # TARP: the ball around the reference holding a fraction alpha
+            inside[:, tarp] = (trial_ranks[tarp] < level_tensor * num_draws).double()
+        covered += inside
+
+    return CalibrationStudy(
+        ranks=ranks,
+        num_draws=num_draws,
+        summaries=names,
+        kinds=kinds,
+        levels=level_tensor,
+        coverage=covered / num_trials,
+        num_bins=num_bins,
+        x_true=x_true,
+        observations=observations,
+        projections=summary.directions,
+        info={
+            "engine": engine.name,
+            "config": engine.config(),
+            "num_particles": num_particles,
+            "num_chains": num_chains,
+            "one_draw_per_chain": one_draw_per_chain,
+            "seed": int(seed),
+            "latent_name": latent,
+            **totals,
+        },
+    )

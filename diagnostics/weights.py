@@ -1,0 +1,57 @@
+r"""Diagnostics of importance weights: the Pareto :math:`\hat k` of each chain's weights.
+
+The final weights of a weighted engine (SMC, importance sampling) are ratios of densities; their
+right tail tells whether weighted averages have finite variance. Pareto-smoothed importance
+sampling (PSIS) fits a generalised Pareto distribution to the largest weights; its shape
+:math:`\hat k` reads (Vehtari et al. 2024): below 0.5 the weights are fine; below
+:math:`\min(1 - 1/\log_{10} S, 0.7)` estimates are still reliable with ``S`` draws; above 0.7
+weighted averages are dominated by a few particles and cannot be trusted (the ESS can look fine
+while :math:`\hat k` already warns).
+
+References:
+    Vehtari, Simpson, Gelman, Yao, Gabry. Pareto smoothed importance sampling. JMLR 25, 2024.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from posterior.particles import ParticleSet
+
+__all__ = ["pareto_khat"]
+
+
+def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
+    r"""Pareto :math:`\hat k` of the raw log-weights of each chain (PSIS, via ArviZ).
+
+    Runs ``log_weight.azstats.psislw(dim="draw")`` of ``arviz_stats`` on the raw particles'
+    normalised log-weights (``ParticleSet.log_weights``, or ``sample_stats.log_weight`` of a
+    tree from :func:`diagnostics.to_datatree`).
+
+    Args:
+        result: a :class:`~posterior.ParticleSet` or its ``DataTree``.
+
+    Returns:
+        ``(chains,)`` float array of :math:`\hat k`; ``-inf`` for a chain whose weights are all
+        equal (nothing to smooth: an unweighted engine, or weights just resampled).
+
+    Raises:
+        ValueError: a tree without ``sample_stats.log_weight``.
+    """
+    if isinstance(result, ParticleSet):
+        log_weights = result.log_weights.detach().double().cpu().numpy()
+    else:
+        if "sample_stats" not in result.children or "log_weight" not in result["sample_stats"]:
+            raise ValueError(
+                "the tree has no sample_stats.log_weight (use diagnostics.to_datatree)"
+            )
+        log_weights = np.asarray(result["sample_stats"]["log_weight"].transpose("chain", "draw"))
+    khat = np.full(log_weights.shape[0], -np.inf)
+    spread = log_weights.max(1) - log_weights.min(1)
+    varying = spread > 1e-12 * np.maximum(1.0, np.abs(log_weights).max(1))
+    if varying.any():
+        array = xr.DataArray(log_weights[varying], dims=("chain", "draw"))
+        _, k = array.azstats.psislw(dim="draw")
+        khat[varying] = np.asarray(k, dtype=float)
+    return khat
