@@ -9,7 +9,22 @@ Example::
 """
 
 from posterior.driver import sample
-from posterior.engines import FPS, TDS, Engine, EngineFailed, Exact, FKSteering, MCGDiff, SMCDiff
+from posterior.engines import (
+    DDRM,
+    DDS,
+    DPS,
+    FPS,
+    MMPS,
+    SNIPS,
+    TDS,
+    Engine,
+    EngineFailed,
+    Exact,
+    FKSteering,
+    MCGDiff,
+    PiGDM,
+    SMCDiff,
+)
 from posterior.particles import ParticleSet
 from posterior.problem import Problem
 
@@ -25,5 +40,11 @@ __all__ = [
     "MCGDiff",
     "SMCDiff",
     "TDS",
+    "DDRM",
+    "DDS",
+    "DPS",
+    "MMPS",
+    "PiGDM",
+    "SNIPS",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,22 @@
 
 from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
+from posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
 from posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
 
-__all__ = ["Engine", "EngineFailed", "Exact", "FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]
+__all__ = [
+    "Engine",
+    "EngineFailed",
+    "Exact",
+    "FKSteering",
+    "FPS",
+    "MCGDiff",
+    "SMCDiff",
+    "TDS",
+    "DDRM",
+    "DDS",
+    "DPS",
+    "MMPS",
+    "PiGDM",
+    "SNIPS",
+]

@@ -1,0 +1,13 @@
+"""Explicit-approximation engines: guidance by an approximation of :math:`p(y \\mid x_t)` built
+from the Tweedie estimate (DPS, ΠGDM, MMPS, DDS) or by the observation in the SVD basis (DDRM,
+SNIPS). Unweighted: every particle is one approximate posterior draw (uniform log-weights, no
+evidence estimate)."""
+
+from posterior.engines.explicit.ddrm import DDRM
+from posterior.engines.explicit.dds import DDS
+from posterior.engines.explicit.dps import DPS
+from posterior.engines.explicit.mmps import MMPS
+from posterior.engines.explicit.pigdm import PiGDM
+from posterior.engines.explicit.snips import SNIPS
+
+__all__ = ["DDRM", "DDS", "DPS", "MMPS", "PiGDM", "SNIPS"]

@@ -1,0 +1,158 @@
+r"""What the explicit-approximation engines share: their state, their loop over a time grid, and
+the observation in the SVD basis.
+
+Every engine of this family moves one unweighted cloud of particles down a decreasing time grid
+:math:`t_K > \dots > t_0` (one driver iteration per interval); all particles of all chains form
+one batch. The log-weights stay uniform and there is no evidence estimate.
+
+The SVD-based engines (DDRM, SNIPS) work in the spectral coordinates of
+:math:`A = U \operatorname{diag}(s) V^\top`: :math:`\bar x = V^\top x` and :math:`\bar y_i = (U^\top
+y)_i / s_i` on the observed coordinates, so that :math:`\bar y_i = \bar x_{0,i} + (\sigma_y / s_i)
+e_i`; :func:`spectral_observation` computes these once per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from models.operators.base import SVD
+from posterior.engines.base import Engine
+from posterior.engines.smc.core import initial_particles, uniform_log_weights
+from posterior.problem import Problem
+
+__all__ = [
+    "ExplicitEngine",
+    "ExplicitState",
+    "SpectralObservation",
+    "advance",
+    "chain_mean",
+    "gaussian_noise",
+    "initial_state",
+    "scalar_noise_level",
+    "spectral_observation",
+]
+
+
+class ExplicitState(NamedTuple):
+    """State of an unweighted reverse-time sampler.
+
+    Attributes:
+        particles: ``(chains * N, *event)`` at time ``grid[step]``.
+        log_weights: ``(chains, N)``, uniform (``-log N``).
+        log_evidence: always ``None``.
+        step: index into ``grid`` of the particles' time.
+        grid: the decreasing time grid, ``(K + 1,)`` float64.
+        constants: per-run quantities computed once in ``init``.
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    log_evidence: None
+    step: int
+    grid: Tensor
+    constants: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExplicitEngine(Engine):
+    """Base of the explicit-approximation engines: one iteration per interval of the grid."""
+
+    def iterations(self, state: ExplicitState) -> int:
+        return state.grid.shape[0] - 1
+
+    def _check_num_steps(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"{self.name}: num_steps must be >= 1; got {self.num_steps}")
+
+
+def initial_state(
+    problem: Problem,
+    grid: Tensor,
+    num_chains: int,
+    num_particles: int,
+    generator: torch.Generator,
+    *,
+    particles: Tensor | None = None,
+    constants: dict[str, Any] | None = None,
+) -> ExplicitState:
+    """The state at ``grid[0]``: the given particles, or draws of the diffusion's reference law."""
+    if particles is None:
+        particles = initial_particles(problem, grid, num_chains * num_particles, generator)
+    log_weights = uniform_log_weights(num_chains, num_particles, particles)
+    return ExplicitState(particles, log_weights, None, 0, grid, constants or {})
+
+
+def advance(
+    state: ExplicitState, particles: Tensor, **statistics: Tensor | float
+) -> tuple[ExplicitState, dict[str, Tensor | float]]:
+    """The next state, and the step's statistics with the time reached, ``t``."""
+    info = {"t": state.grid[state.step + 1], **statistics}
+    return state._replace(particles=particles, step=state.step + 1), info
+
+
+def chain_mean(values: Tensor, state: ExplicitState) -> Tensor:
+    """Per-chain mean of a per-particle statistic, ``(chains * N,) -> (chains,)``."""
+    return values.reshape(state.log_weights.shape).mean(-1)
+
+
+def gaussian_noise(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normal draws shaped like ``like``, on its device and dtype."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def scalar_noise_level(problem: Problem, engine_name: str) -> float:
+    """The observation's single noise standard deviation (``ValueError`` if one per measurement)."""
+    sigma = problem.gaussian.sigma
+    if sigma.numel() > 1 and not bool((sigma == sigma.flatten()[0]).all()):
+        raise ValueError(
+            f"{engine_name} needs one noise level for all measurements; got per-measurement sigma"
+        )
+    return float(sigma.flatten()[0])
+
+
+class SpectralObservation(NamedTuple):
+    r"""The observation in the SVD basis, every vector over the ``d`` signal coordinates.
+
+    Attributes:
+        svd: the operator's :class:`~models.operators.SVD`.
+        singular_values: ``(d,)``, zero on unobserved coordinates (and beyond the rank).
+        observed: ``(d,)`` boolean, :math:`s_i > 0`.
+        rotated_y: ``(d,)``, :math:`(U^\top y)_i` on the first ``min(m, d)`` coordinates, 0 after.
+        y_bar: ``(d,)``, :math:`(U^\top y)_i / s_i` where observed, 0 elsewhere.
+        sigma: the noise standard deviation :math:`\sigma_y`.
+    """
+
+    svd: SVD
+    singular_values: Tensor
+    observed: Tensor
+    rotated_y: Tensor
+    y_bar: Tensor
+    sigma: float
+
+
+def spectral_observation(problem: Problem, engine_name: str) -> SpectralObservation:
+    """:class:`SpectralObservation` of a linear Gaussian problem with an SVD.
+
+    Singular values at or below ``1e-10`` times the largest are treated as zero (unobserved).
+    """
+    gaussian = problem.gaussian
+    svd = gaussian.operator.svd()
+    dtype, device = problem.dtype, problem.device
+    d = svd.vt(torch.zeros((1,) + tuple(problem.event_shape), dtype=dtype, device=device)).shape[1]
+    rank = svd.rank_bound
+    singular_values = torch.zeros(d, dtype=dtype, device=device)
+    singular_values[:rank] = svd.singular_values.to(dtype=dtype, device=device)
+    singular_values = torch.where(
+        singular_values > 1e-10 * singular_values.max().clamp_min(1e-300), singular_values, 0.0
+    )
+    observed = singular_values > 0
+    rotated_y = torch.zeros(d, dtype=dtype, device=device)
+    rotated_y[:rank] = svd.ut(gaussian.y.to(dtype)[None])[0, :rank]
+    y_bar = torch.where(observed, rotated_y / torch.where(observed, singular_values, 1.0), 0.0)
+    return SpectralObservation(
+        svd, singular_values, observed, rotated_y, y_bar, scalar_noise_level(problem, engine_name)
+    )

@@ -1,0 +1,170 @@
+r"""DDRM: denoising diffusion restoration models (Kawar, Elad, Ermon, Song; NeurIPS 2022).
+
+DDRM runs a DDIM-like chain in the spectral coordinates of :math:`A = U \operatorname{diag}(s)
+V^\top`, on the variance-exploding variable :math:`\bar x_t = V^\top x_t / \alpha_t` whose noise
+level is :math:`\rho_t = \sigma_t / \alpha_t` (the paper's :math:`\sigma_t`;
+:math:`\sqrt{(1 - \bar\alpha_t)/\bar\alpha_t}` under VP). With :math:`\bar y_i = (U^\top y)_i / s_i`
+(so :math:`\bar y_i = \bar x_{0,i} + (\sigma_y / s_i) e_i`), :math:`\bar x_0 = V^\top \hat x_0(x_t)`
+and :math:`\bar\epsilon = V^\top \hat\epsilon(x_t)`, one step from ``t`` to ``s`` draws every
+coordinate independently (official ``efficient_generalized_steps``):
+
+.. math::
+    \bar x_{s,i} = \begin{cases}
+      \bar x_{0,i} + \sqrt{1 - \eta^2}\, \rho_s\, \bar\epsilon_i + \eta\, \rho_s\, z_i
+        & s_i = 0 \text{ (unobserved)} \\
+      \bar x_{0,i} + \sqrt{1 - \eta^2}\, \rho_s\, \dfrac{\bar y_i - \bar x_{0,i}}{\sigma_y / s_i}
+        + \eta\, \rho_s\, z_i & s_i \rho_s < \sigma_y \text{ (less noisy than } y) \\
+      (1 - \eta_b)\, \bar x_{0,i} + \eta_b\, \bar y_i
+        + \sqrt{\rho_s^2 - \eta_b^2 \sigma_y^2 / s_i^2}\; z_i & s_i \rho_s > \sigma_y
+        \text{ (noisier than } y)
+    \end{cases}
+
+and :math:`x_s = \alpha_s V \bar x_s`. (A coordinate with :math:`s_i \rho_s = \sigma_y` exactly
+follows the first line, as in the official code.) The chain starts from the paper's :math:`q(x_T
+\mid x_0, y)`: :math:`\bar x_{T,i} = \bar y_i + \sqrt{\rho_T^2 - \sigma_y^2/s_i^2}\, z_i` where
+:math:`s_i \rho_T > \sigma_y`, :math:`\rho_T z_i` elsewhere. The last step reaches :math:`\rho_0 =
+0` and returns :math:`\hat x_0` of the last noisy state. The noiseless case (:math:`\sigma_y = 0`)
+is the same formulas: every observed coordinate stays "noisier than :math:`y`" and is pinned to
+:math:`\bar y_i` plus the remaining noise.
+
+Defaults (official code and paper): ``eta = 0.85`` (the code's :math:`\eta_A = \eta_C`),
+``eta_b = 1``, 20 steps (20 NFEs, no VJP) on the DDIM sub-sequence
+(:func:`~posterior.engines.smc.core.sampling_grid`). The official scripts double the user's
+:math:`\sigma_y` because their images are rescaled to :math:`[-1, 1]`; here the model's
+:math:`\sigma_y` is used as declared (declare it on the scale of the prior's data).
+
+**Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
+--steps 20 --seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds
+0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): 6.13, 8.21, 3.85, 8.48, 7.77, 9.03
+(the paper's DDRM column: 5.88, 5.20, 2.51, 5.64, 7.07, 7.81; over seeds 0-5 ours average 8.1,
+``eta = 1`` 7.6). The gap is not the sample size (3000 draws give the same values) nor the
+unconditional kernel (20-step DDIM draws of the prior are at the noise floor); the official
+formulas are reproduced exactly, so we report it as measured. More steps help: 100 steps give 2.42,
+0.21, 3.09 at (8, 4) per seed. On a 2-D Gaussian posterior DDRM under-disperses (variance ratios
+0.64–0.72); with a noiseless mask the free coordinates carry the bias of the "replacement" method.
+
+Requires a :class:`~models.observations.GaussianObservation` with a linear operator that has an
+SVD and a single noise level.
+
+References:
+    Kawar, Elad, Ermon, Song. Denoising Diffusion Restoration Models. NeurIPS 2022.
+    arXiv:2201.11793. Official code: github.com/bahjat-kawar/ddrm
+    (``functions/denoising.py: efficient_generalized_steps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from models.denoisers import epsilon_from_x0
+from posterior.engines.explicit.common import (
+    ExplicitEngine,
+    ExplicitState,
+    SpectralObservation,
+    advance,
+    gaussian_noise,
+    initial_state,
+    spectral_observation,
+)
+from posterior.engines.smc.core import sampling_grid
+from posterior.problem import Problem
+
+__all__ = ["DDRM"]
+
+
+@dataclass(frozen=True)
+class DDRM(ExplicitEngine):
+    """Denoising diffusion restoration models (see the module docstring).
+
+    Attributes:
+        num_steps: DDIM sub-sequence steps (paper: 20).
+        eta: stochasticity :math:`\\eta` of the unobserved and "less noisy" coordinates, in
+            ``[0, 1]`` (paper: 0.85).
+        eta_b: weight :math:`\\eta_b` of the measurement on the "noisier" coordinates, in
+            ``[0, 1]`` (paper: 1).
+    """
+
+    num_steps: int = 20
+    eta: float = 0.85
+    eta_b: float = 1.0
+    requires: ClassVar[frozenset[str]] = frozenset({"gaussian_observation", "linear", "svd"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_num_steps()
+        for name in ("eta", "eta_b"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"DDRM: {name} must lie in [0, 1]; got {value!r}")
+
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> ExplicitState:
+        spectral = spectral_observation(problem, self.name)
+        schedule = problem.prior.schedule
+        grid = sampling_grid(schedule, self.num_steps, device=problem.device)
+        dtype = problem.dtype
+        noise_level = schedule.noise_ratio(grid[0]).to(dtype)
+        z = torch.randn(
+            (num_chains * num_particles, spectral.singular_values.shape[0]),
+            generator=generator,
+            dtype=dtype,
+            device=problem.device,
+        )
+        pinned, remaining = self._pinned(spectral, noise_level, 1.0)
+        x_bar = torch.where(pinned, spectral.y_bar, 0.0) + remaining.sqrt() * z
+        particles = schedule.alpha(grid[0]).to(dtype) * spectral.svd.v(x_bar)
+        return initial_state(
+            problem,
+            grid,
+            num_chains,
+            num_particles,
+            generator,
+            particles=particles,
+            constants={"spectral": spectral},
+        )
+
+    @staticmethod
+    def _pinned(
+        spectral: SpectralObservation, noise_level: Tensor, measurement_weight: float
+    ) -> tuple[Tensor, Tensor]:
+        """The coordinates noisier than ``y`` at ``noise_level`` (:math:`s_i \\rho > \\sigma_y`) and
+        the variance :math:`\\rho^2 - w^2 \\sigma_y^2 / s_i^2` left to add there, ``(d,)`` each."""
+        s, sigma = spectral.singular_values, spectral.sigma
+        pinned = spectral.observed & (s * noise_level > sigma)
+        measurement_variance = torch.where(pinned, (sigma / torch.where(pinned, s, 1.0)) ** 2, 0.0)
+        return pinned, (noise_level**2 - measurement_weight**2 * measurement_variance).clamp_min(0)
+
+    def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
+        schedule = problem.prior.schedule
+        spectral: SpectralObservation = state.constants["spectral"]
+        svd, singular, sigma = spectral.svd, spectral.singular_values, spectral.sigma
+        t, s = state.grid[state.step], state.grid[state.step + 1]
+        x_t = state.particles
+
+        x0 = problem.denoise(x_t, t)
+        x0_bar = svd.vt(x0)
+        eps_bar = svd.vt(epsilon_from_x0(schedule, x_t, x0, t))
+        noise_level = schedule.noise_ratio(s).to(x_t)
+        z = gaussian_noise(x0_bar, generator)
+
+        kept = (1.0 - self.eta**2) ** 0.5 * noise_level
+        fresh = self.eta * noise_level
+        # unobserved coordinates: the DDIM step in the spectral basis
+        x_bar = x0_bar + kept * eps_bar + fresh * z
+        # less noisy than y: the measurement residual, normalised, plays the part of the noise
+        less_noisy = spectral.observed & (singular * noise_level < sigma)
+        if bool(less_noisy.any()):
+            scaled_residual = (spectral.y_bar - x0_bar) * singular / sigma
+            x_bar = torch.where(less_noisy, x0_bar + kept * scaled_residual + fresh * z, x_bar)
+        # noisier than y: mix in eta_b of the measurement, keep the remaining noise
+        pinned, remaining = self._pinned(spectral, noise_level, self.eta_b)
+        mixed = (1.0 - self.eta_b) * x0_bar + self.eta_b * spectral.y_bar + remaining.sqrt() * z
+        x_bar = torch.where(pinned, mixed, x_bar)
+
+        x_s = schedule.alpha(s).to(x_t) * svd.v(x_bar)
+        return advance(state, x_s)

@@ -1,0 +1,115 @@
+r"""DPS: diffusion posterior sampling (Chung, Kim, Mccann, Klasky, Ye; ICLR 2023).
+
+DPS approximates :math:`p(y \mid x_t) \approx p(y \mid \hat x_0(x_t))` (the likelihood at the
+Tweedie estimate, "Jensen's approximation") and follows the gradient of the data misfit through
+the denoiser after every ancestral step (paper, Algorithm 1):
+
+.. math::
+    \hat x_0 &= D(x_t, t), \qquad
+    x_s' = a\, \hat x_0 + b\, \hat\epsilon + c\, z \quad \text{(DDPM ancestral step, } \eta = 1),\\
+    x_s &= x_s' - \zeta\, \nabla_{x_t}
+        \big\lVert y - \mathbb{E}[y \mid \hat x_0(x_t)] \big\rVert_2 .
+
+**Step size.** The paper writes :math:`x_s = x_s' - \zeta_t \nabla_{x_t} \lVert y - A(\hat
+x_0)\rVert_2^2` with :math:`\zeta_t = \zeta' / \lVert y - A(\hat x_0) \rVert`; the official code
+(``PosteriorSampling.conditioning``) differentiates the *unsquared* norm and subtracts ``scale``
+times its gradient, which is the same rule with :math:`\zeta' = \text{scale} / 2`. We implement
+the code's form: ``scale`` is the code's value. Official scales (FFHQ, 1000 steps, images in
+:math:`[-1, 1]`, :math:`\sigma_y = 0.05`): 0.3 for super-resolution and (non-linear) deblurring,
+0.5 for inpainting, 1.0 for phase retrieval; the default is the linear-task value 0.5. The norm
+is taken per particle (the official code takes it over the whole batch, which couples the images
+of a batch). The normalised step does not shrink as the residual vanishes, so near the data the
+particles keep being kicked by about ``scale``: on a 2-D Gaussian posterior the variance along
+the observed direction comes out 4x (``scale = 0.5``) to 14x (``scale = 1``) too large.
+
+**Any likelihood.** The residual is :math:`y - \mathbb{E}[y \mid \hat x_0]` at every observed
+site (:func:`posterior.guidance.observation_residual`): :math:`y - A(\hat x_0)` for a
+:class:`~models.observations.GaussianObservation` with any differentiable operator (phase
+retrieval, ...), and :math:`y - \text{rate}(\hat x_0)` for e.g. ``Poisson(rate(x)).to_event(1)``.
+The paper's Poisson variant weights the residual by :math:`1 / (2 y_j)` (a normal approximation;
+the official code divides the norm by :math:`|y|`, which is infinite for a zero count); we keep
+the plain residual norm for every distribution, so one step-size rule covers all of them.
+The step is scale-dependent: the norm is in the units of ``y``, so ``scale`` is too.
+
+No clipping of :math:`\hat x_0` to :math:`[-1, 1]` (the official pixel-range clipping): the
+library's signals have no fixed range. Cost: one NFE and one VJP per step; the default 1000 steps
+on the DDPM grid (:func:`~posterior.engines.smc.core.sampling_grid`) are the paper's.
+
+**Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
+--steps 20 --seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds
+0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``scale = 0.5``: 3.12, 6.71, 2.33,
+5.03, 4.39, 3.65; ``scale = 1``: 3.05, 5.86, 2.88, 7.15, 5.21, 6.81 (the paper's DPS column: 4.86,
+5.79, 3.48, 4.98, 5.10, 4.28).
+
+References: Chung, Kim, Mccann, Klasky, Ye. Diffusion Posterior Sampling for General Noisy Inverse
+Problems. ICLR 2023. arXiv:2209.14687. Official code:
+github.com/DPS2022/diffusion-posterior-sampling (``guided_diffusion/condition_methods.py``,
+``configs/*_config.yaml``). """
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.denoisers import epsilon_from_x0
+from models.samplers import ddim_coefficients
+from posterior.engines.explicit.common import (
+    ExplicitEngine,
+    ExplicitState,
+    advance,
+    chain_mean,
+    gaussian_noise,
+    initial_state,
+)
+from posterior.engines.smc.core import sampling_grid
+from posterior.guidance import denoise_with_residual_gradient
+from posterior.problem import Problem
+
+__all__ = ["DPS"]
+
+
+@dataclass(frozen=True)
+class DPS(ExplicitEngine):
+    """Diffusion posterior sampling (see the module docstring).
+
+    Attributes:
+        num_steps: DDPM steps (paper: 1000).
+        scale: step size on the gradient of the residual norm (official code's ``scale``: 0.5
+            for inpainting, 0.3 for super-resolution and deblurring, 1.0 for phase retrieval).
+
+    Per-step statistics: ``t`` and ``residual_norm`` (chain mean of :math:`\\lVert y -
+    \\mathbb{E}[y \\mid \\hat x_0]\\rVert` before the step).
+    """
+
+    num_steps: int = 1000
+    scale: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_num_steps()
+        if not (
+            isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0
+        ):
+            raise ValueError(f"DPS: scale must be a finite number >= 0; got {self.scale!r}")
+
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> ExplicitState:
+        if not problem.likelihood_sites:
+            raise ValueError("DPS needs an observed site: the model observes nothing")
+        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
+        return initial_state(problem, grid, num_chains, num_particles, generator)
+
+    def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
+        schedule = problem.prior.schedule
+        t, s = state.grid[state.step], state.grid[state.step + 1]
+        x_t = state.particles
+
+        x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
+        a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
+        x_s = a * x0 + b * epsilon_from_x0(schedule, x_t, x0, t) - self.scale * grad
+        if float(c) > 0:
+            x_s = x_s + c * gaussian_noise(x_s, generator)
+        return advance(state, x_s, residual_norm=chain_mean(norm, state))

@@ -1,0 +1,205 @@
+r"""ΠGDM: pseudoinverse-guided diffusion models (Song, Vahdat, Mardani, Kautz; ICLR 2023).
+
+ΠGDM approximates :math:`p(x_0 \mid x_t)` by the isotropic Gaussian :math:`\mathcal{N}(\hat
+x_0(x_t), r_t^2 I)`, so that for :math:`y = A x_0 + \sigma_y e`
+
+.. math:: p(y \mid x_t) \approx \mathcal{N}\big(y;\ A \hat x_0,\ r_t^2 A A^\top + \sigma_y^2 I\big),
+   \qquad
+   g = J^\top A^\top \big(r_t^2 A A^\top + \sigma_y^2 I\big)^{-1} \big(y - A \hat x_0\big)
+
+is its gradient with respect to :math:`x_t` (:math:`J = \partial \hat x_0 /
+\partial x_t`, one vector-Jacobian product). The linear system is solved in closed form in the SVD
+basis when the operator has an SVD and the noise level is one number (it is diagonal there,
+:math:`r_t^2 s_i^2 + \sigma_y^2`), and by conjugate gradient (tolerance :math:`10^{-6}`, at most
+200 iterations of :math:`A A^\top`) otherwise. With :math:`\sigma_y = 0` and :math:`A A^\top`
+invertible, :math:`r_t^2 A^\top (r_t^2 A A^\top)^{-1} = A^+`: the noiseless pseudoinverse form of
+the paper.
+
+**Variance** :math:`r_t^2 = \tau^2 \rho_t^2 / (\tau^2 + \rho_t^2)`, :math:`\rho_t = \sigma_t /
+\alpha_t` (:func:`posterior.guidance.tweedie_variance`): the exact :math:`\operatorname{Var}[x_0
+\mid x_t]` of a Gaussian prior :math:`\mathcal{N}(\mu, \tau^2 I)`. The paper assumes unit-variance
+data (:math:`r_t^2 = \rho_t^2 / (1 + \rho_t^2) = 1 - \bar\alpha_t` under VP); ``data_variance =
+None`` (default) takes :math:`\tau^2` from the prior when it exposes its variance (Gaussian
+mixtures) and falls back to the paper's 1 otherwise (images scaled to unit range).
+
+**Update** (the official implementation, ``algos/pgdm.py`` of NVlabs/RED-diff with its default
+``awd = True``): one DDIM step with the *unguided* :math:`\hat x_0` and
+:math:`\hat\epsilon`, plus the guidance in the Tweedie estimate scaled by :math:`\alpha_t r_t^2`,
+
+.. math:: x_s = a\, \big(\hat x_0 + w\, \alpha_t\, r_t^2\, g\big) + b\, \hat\epsilon + c\, z
+
+(:func:`models.samplers.ddim_coefficients`; the code's :math:`\sqrt{\bar\alpha_{t-1}}
+\sqrt{\bar\alpha_t}\, w\, J^\top A^+ (y - A\hat x_0)` in its noiseless form, and the same
+:math:`\sqrt{\bar\alpha_s \bar\alpha_t}\, r_t^2 J^\top A^\top v` in the noisy form of the
+mmps-benchmark re-implementation). The chain starts from the measurement:
+:math:`x_T = \alpha_T A^+ y + \sigma_T z` (official ``initialize``).
+
+**Guidance as a score** (``guidance = "score"``, not the paper's): :math:`g` is the gradient of
+:math:`\log p(y \mid x_t)` under the approximation, so Tweedie's formula with the conditional score
+gives :math:`\hat x_0' = \hat x_0 + w\, (\sigma_t^2 / \alpha_t)\, g` and :math:`\hat\epsilon' =
+\hat\epsilon(\hat x_0')`, and the DDIM step uses both. For a Gaussian prior :math:`\mathcal{N}(\mu,
+\tau^2 I)` this is the exact conditional score. Under VP with :math:`\tau = 1` the paper's factor
+:math:`\alpha_t r_t^2` is :math:`\alpha_t^2` times the score's :math:`\sigma_t^2 / \alpha_t` in the
+Tweedie estimate: the paper's update under-weights the data at high noise. Measured on the
+Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20 --seeds 3
+--chains 300``; sliced Wasserstein to the exact posterior, mean over seeds 0-2, cells (d, d_y) =
+(8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``"paper"`` 6.07, 8.98, 4.36, 8.30, 7.97, 8.62;
+``"score"`` 4.07, 7.69, 2.64, 6.06, 5.71, 5.05. On a 2-D Gaussian posterior (100 steps) the
+variance ratio along the observed direction is 0.62 (``"paper"``) and 0.86 (``"score"``; the
+100-step sampler alone gives 0.93).
+
+Defaults: 100 steps on the DDIM sub-sequence, ``eta = 1`` (the paper's experiments as reported in
+the reference notes; the RED-diff config file's default is ``eta: 0.0``), guidance weight
+``w = 1``. Cost: one NFE
+and one VJP per step. The official code's extra step for inpainting (pasting the observed pixels
+into :math:`\hat x_0`) is not applied: it is specific to masks.
+
+References:
+    Song, Vahdat, Mardani, Kautz. Pseudoinverse-Guided Diffusion Models for Inverse Problems.
+    ICLR 2023. Official implementation: github.com/NVlabs/RED-diff (``algos/pgdm.py``,
+    ``_configs/algo/pgdm.yaml``).
+    Rozet, Andry, Lanusse, Louppe. Learning Diffusion Priors from Observations by Expectation
+    Maximization. NeurIPS 2024 (github.com/francois-rozet/mmps-benchmark: the noisy form).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from models.denoisers import epsilon_from_x0
+from models.operators.base import LinearOperator, conjugate_gradient
+from models.samplers import ddim_coefficients
+from posterior.engines.explicit.common import (
+    ExplicitEngine,
+    ExplicitState,
+    advance,
+    chain_mean,
+    gaussian_noise,
+    initial_state,
+)
+from posterior.engines.smc.core import sampling_grid
+from posterior.guidance import (
+    denoise_with_cotangent,
+    prior_variance,
+    residual_norm,
+    tweedie_variance,
+)
+from posterior.problem import Problem
+
+__all__ = ["PiGDM"]
+
+
+@dataclass(frozen=True)
+class PiGDM(ExplicitEngine):
+    """Pseudoinverse-guided diffusion (see the module docstring).
+
+    Attributes:
+        num_steps: DDIM sub-sequence steps (paper: 100).
+        eta: DDIM stochasticity, in ``[0, 1]`` (paper: 1).
+        guidance_weight: :math:`w \\ge 0` (official ``grad_term_weight``: 1).
+        data_variance: :math:`\\tau^2` of :math:`r_t^2`; ``None`` takes the prior's variance where
+            it has one, else 1 (the paper's).
+        guidance: ``"paper"`` (the official update) or ``"score"`` (``g`` plugged into
+            Tweedie's formula as the score of :math:`p(y \\mid x_t)`), see the module docstring.
+
+    Per-step statistics: ``t`` and ``residual_norm`` (chain mean of :math:`\\lVert y - A \\hat
+    x_0\\rVert`).
+    """
+
+    num_steps: int = 100
+    eta: float = 1.0
+    guidance_weight: float = 1.0
+    data_variance: float | None = None
+    guidance: str = "paper"
+    requires: ClassVar[frozenset[str]] = frozenset({"gaussian_observation", "linear"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_num_steps()
+        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
+            raise ValueError(f"PiGDM: eta must lie in [0, 1]; got {self.eta!r}")
+        if not (
+            isinstance(self.guidance_weight, (int, float))
+            and math.isfinite(self.guidance_weight)
+            and self.guidance_weight >= 0
+        ):
+            raise ValueError(
+                f"PiGDM: guidance_weight must be a finite number >= 0; got {self.guidance_weight!r}"
+            )
+        if self.data_variance is not None and not self.data_variance > 0:
+            raise ValueError(f"PiGDM: data_variance must be > 0; got {self.data_variance!r}")
+        if self.guidance not in ("paper", "score"):
+            raise ValueError(f"PiGDM: guidance must be 'paper' or 'score'; got {self.guidance!r}")
+
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> ExplicitState:
+        schedule = problem.prior.schedule
+        grid = sampling_grid(schedule, self.num_steps, device=problem.device)
+        gaussian = problem.gaussian
+        start = gaussian.operator.pinv(gaussian.y.to(problem.dtype))
+        noise = torch.randn(
+            (num_chains * num_particles,) + tuple(problem.event_shape),
+            generator=generator,
+            dtype=problem.dtype,
+            device=problem.device,
+        )
+        alpha, sigma = (v.to(problem.dtype) for v in schedule(grid[0]))
+        particles = alpha * start + sigma * noise
+        data_variance = self.data_variance or prior_variance(problem)
+        return initial_state(
+            problem,
+            grid,
+            num_chains,
+            num_particles,
+            generator,
+            particles=particles,
+            constants={"data_variance": data_variance},
+        )
+
+    def _cotangent(self, problem: Problem, variance: Tensor, x0: Tensor) -> Tensor:
+        r""":math:`A^\top (r_t^2 A A^\top + \sigma_y^2 I)^{-1} (y - A \hat x_0)`, ``(n, *event)``"""
+        gaussian = problem.gaussian
+        operator: LinearOperator = gaussian.operator
+        sigma = gaussian.sigma.to(x0)
+        residual = gaussian.y.to(x0) - operator(x0)
+        svd = operator.svd()
+        if svd is not None and sigma.numel() == 1:  # diagonal in the basis U
+            rotated = svd.ut(residual)
+            gains = torch.zeros(rotated.shape[1], dtype=x0.dtype, device=x0.device)
+            gains[: svd.rank_bound] = svd.singular_values.to(x0) ** 2
+            total = variance * gains + sigma.reshape(()) ** 2
+            solved = svd.u(
+                torch.where(total > 0, rotated / torch.where(total > 0, total, 1.0), 0.0)
+            )
+        else:
+            solved = conjugate_gradient(
+                lambda v: variance * operator(operator.adjoint(v)) + sigma**2 * v, residual
+            )
+        return operator.adjoint(solved)
+
+    def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
+        schedule = problem.prior.schedule
+        t, s = state.grid[state.step], state.grid[state.step + 1]
+        x_t = state.particles
+        variance = tweedie_variance(schedule, t, state.constants["data_variance"]).to(x_t)
+
+        x0, gradient = denoise_with_cotangent(
+            problem, x_t, t, lambda x0: self._cotangent(problem, variance, x0)
+        )
+        a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
+        alpha_t, sigma_t = (v.to(x_t) for v in schedule(t))
+        if self.guidance == "paper":  # shift the Tweedie estimate only, keep the network's noise
+            x_s = a * (x0 + self.guidance_weight * alpha_t * variance * gradient)
+            x_s = x_s + b * epsilon_from_x0(schedule, x_t, x0, t)
+        else:  # g is the score of p(y | x_t): Tweedie's formula with the conditional score
+            guided_x0 = x0 + self.guidance_weight * sigma_t**2 / alpha_t * gradient
+            x_s = a * guided_x0 + b * epsilon_from_x0(schedule, x_t, guided_x0, t)
+        if float(c) > 0:
+            x_s = x_s + c * gaussian_noise(x_s, generator)
+        return advance(state, x_s, residual_norm=chain_mean(residual_norm(problem, x0), state))
