@@ -22,6 +22,11 @@ from posterior.particles import ParticleSet
 __all__ = ["pareto_khat"]
 
 
+#: fewest draws per chain for which ArviZ's ``psislw`` fits a tail (it needs
+#: ``ceil(min(0.2 n, 3 sqrt(n))) >= 5`` tail draws)
+MIN_DRAWS = 21
+
+
 def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
     r"""Pareto :math:`\hat k` of the raw log-weights of each chain (PSIS, via ArviZ).
 
@@ -34,7 +39,9 @@ def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
 
     Returns:
         ``(chains,)`` float array of :math:`\hat k`; ``-inf`` for a chain whose weights are all
-        equal (nothing to smooth: an unweighted engine, or weights just resampled).
+        equal (nothing to smooth: an unweighted engine, or weights just resampled); NaN for
+        every chain when there are fewer than :data:`MIN_DRAWS` draws per chain (too few to
+        fit a tail).
 
     Raises:
         ValueError: a tree without ``sample_stats.log_weight``.
@@ -48,9 +55,13 @@ def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
             )
         log_weights = np.asarray(result["sample_stats"]["log_weight"].transpose("chain", "draw"))
     khat = np.full(log_weights.shape[0], -np.inf)
+    if log_weights.shape[1] < MIN_DRAWS:
+        return np.full(log_weights.shape[0], np.nan)
     spread = log_weights.max(1) - log_weights.min(1)
     varying = spread > 1e-12 * np.maximum(1.0, np.abs(log_weights).max(1))
     if varying.any():
+        import arviz_stats  # noqa: F401  (registers the ``azstats`` accessor)
+
         array = xr.DataArray(log_weights[varying], dims=("chain", "draw"))
         _, k = array.azstats.psislw(dim="draw")
         khat[varying] = np.asarray(k, dtype=float)

@@ -24,6 +24,9 @@ from posterior.engines import (
     MCGDiff,
     PiGDM,
     SMCDiff,
+    REDDiff,
+    RSLD,
+    FlowVI,
 )
 from posterior.particles import ParticleSet
 from posterior.problem import Problem
@@ -46,5 +49,8 @@ __all__ = [
     "MMPS",
     "PiGDM",
     "SNIPS",
+    "FlowVI",
+    "REDDiff",
+    "RSLD",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import sys
 import diagnostics
 
 
-def test_demo_writes_datatree_figure_and_summary(tmp_path):
+def test_demo_writes_datatrees_figures_and_summary(tmp_path):
     output = tmp_path / "demo"
     completed = subprocess.run(
         [
@@ -16,21 +16,38 @@ def test_demo_writes_datatree_figure_and_summary(tmp_path):
             "demo",
             "--output",
             str(output),
-            "--num-particles",
-            "200",
-            "--num-chains",
-            "2",
+            "--engines",
+            "mcgdiff,dps",
+            "--num-draws",
+            "8",
+            "--particles-per-filter",
+            "4",
+            "--quiet",
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr
-    for name in ("posterior.nc", "particles.pt", "figure.png", "summary.txt"):
+    for name in ("mcgdiff.nc", "dps.nc", "mcgdiff.png", "dps.png", "compare.png", "summary.txt"):
         assert (output / name).stat().st_size > 0
-    tree = diagnostics.load_datatree(output / "posterior.nc")
-    assert tree["posterior"]["x"].shape == (2, 200, 8)
-    assert "noise floor" in completed.stdout and "closed form" in completed.stdout
+    smc = diagnostics.load_datatree(output / "mcgdiff.nc")
+    assert smc["posterior"]["x"].shape == (8, 4, 1, 8, 8)  # 8 filters of 4 particles
+    assert "x_true" in smc["constant_data"]
+    dps = diagnostics.load_datatree(output / "dps.nc")
+    assert dps["posterior"]["x"].shape == (4, 2, 1, 8, 8)  # 4 chains of 8 // 4 draws
+    summary = (output / "summary.txt").read_text()
+    assert "MCGDiff" in summary and "DPS" in summary and "psnr" in summary
+    assert summary.strip() in completed.stdout
+
+
+def test_demo_refuses_an_unknown_engine(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "posterior", "demo", "--engines", "nope", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode != 0 and "unknown engine" in completed.stderr
 
 
 def test_unknown_command_fails_with_usage():

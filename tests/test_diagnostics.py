@@ -585,6 +585,9 @@ def test_pareto_khat_reads_the_raw_weights():
     np.testing.assert_allclose(k.values, khat[:2])
     with pytest.raises(ValueError, match="log_weight"):
         diagnostics.pareto_khat(xr.DataTree())
+    # too few draws to fit a tail (ArviZ's psislw raises below 21): NaN, not an exception
+    few = ParticleSet(values={"x": particles.values["x"][:, :20]}, log_weights=log_weights[:, :20])
+    assert np.isnan(diagnostics.pareto_khat(few)).all()
 
 
 def test_one_draw_per_chain_of_exact_runs_is_unbiased():

@@ -4,6 +4,7 @@ from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
 from posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
 from posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
+from posterior.engines.variational import RSLD, FlowVI, REDDiff
 
 __all__ = [
     "Engine",
@@ -20,4 +21,7 @@ __all__ = [
     "MMPS",
     "PiGDM",
     "SNIPS",
+    "FlowVI",
+    "REDDiff",
+    "RSLD",
 ]
