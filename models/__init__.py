@@ -1,11 +1,17 @@
-"""What users declare: schedules, denoisers, priors, operators, observations, ready-made problems.
+"""What users declare: schedules, denoisers, priors, operators, observations, ready-made problems,
+the shipped priors (``zoo``) and the training utility (``training``).
 
-``models`` never imports ``posterior`` or ``diagnostics``.
+``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training`` and ``networks``
+are imported on first use, so that ``import models`` stays fast.
 """
+
+import importlib
 
 from models import denoisers, operators, samplers, schedules
 from models.observations import GaussianObservation
 from models.priors import DiffusionPrior, Gaussian, GaussianMixture
+
+_LAZY_MODULES = ("networks", "training", "zoo")
 
 __all__ = [
     "DiffusionPrior",
@@ -13,7 +19,16 @@ __all__ = [
     "GaussianMixture",
     "GaussianObservation",
     "denoisers",
+    "networks",
     "operators",
     "samplers",
     "schedules",
+    "training",
+    "zoo",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"models.{name}")
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""The exact script that trained the shipped digits priors (``digits.pt`` and ``digits16.pt``).
+
+Usage, from the repository root::
+
+    python -m models.zoo.train_digits digits   --checkpoint /tmp/digits.ckpt
+    python -m models.zoo.train_digits digits16 --checkpoint /tmp/digits16.ckpt
+    python -m models.zoo.train_digits gmm
+
+An interrupted run (Ctrl-C or SIGTERM) saves its checkpoint; the same command resumes it. At the
+end the EMA weights are written in float16 next to this file, with the network's configuration,
+and ``python -m models.zoo.quality`` measures them (``QUALITY.md``). ``gmm`` fits the exact
+Gaussian mixtures of ``digits_gmm`` (10 and 20 components) and writes ``digits_gmm.pt``: float32
+weights, means and the upper triangles of the covariances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from models.denoisers import VDenoiser
+from models.networks import UNet
+from models.schedules import VP
+from models.training import fit_gaussian_mixture, train
+from models.zoo import SHIPPED_COMPONENTS, digits_data
+
+#: name -> (image size, UNet arguments, training arguments)
+PRESETS = {
+    "digits": (
+        8,
+        {"channels": 1, "base_channels": 16, "channel_multipliers": (1, 2, 2)},
+        {"num_steps": 6000, "batch_size": 128, "learning_rate": 2e-3, "warmup_steps": 200},
+    ),
+    "digits16": (
+        16,
+        {"channels": 1, "base_channels": 16, "channel_multipliers": (1, 2, 2, 2)},
+        {"num_steps": 3000, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 200},
+    ),
+}
+SCHEDULE = {"kind": "cosine"}
+SEED = 0
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def fit_mixtures() -> None:
+    images, _ = digits_data("train", dtype=torch.float64)
+    shipped = {}
+    for components in SHIPPED_COMPONENTS:
+        mixture = fit_gaussian_mixture(images, components, regularisation=1e-2, seed=SEED)
+        rows, cols = torch.triu_indices(64, 64)
+        shipped[components] = {
+            "weights": mixture.weights.float(),
+            "means": mixture.means.float(),
+            "covariances": mixture.covariances[:, rows, cols].float(),
+        }
+    out = Path(__file__).with_name("digits_gmm.pt")
+    torch.save(shipped, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(PRESETS) + ["gmm"])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.name == "gmm":
+        return fit_mixtures()
+    if args.checkpoint is None:
+        parser.error("training a network needs --checkpoint")
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    torch.set_num_threads(args.threads)
+    size, network, settings = PRESETS[args.name]
+    torch.manual_seed(SEED)  # the network's initialisation
+    denoiser = VDenoiser(UNet(**network), VP(**SCHEDULE))
+    images, _ = digits_data("train", size=size)
+    print(
+        f"{args.name}: {sum(p.numel() for p in denoiser.parameters())} parameters, "
+        f"{images.shape[0]} training images of shape {tuple(images.shape[1:])}",
+        flush=True,
+    )
+    start = time.time()
+    result = train(
+        denoiser,
+        images,
+        **settings,
+        seed=SEED,
+        device=args.device,
+        checkpoint=args.checkpoint,
+        checkpoint_every=250,
+    )
+    losses = result.losses
+    print(
+        f"done in {time.time() - start:.0f} s (this session); loss over the last 500 steps "
+        f"{float(losses[-500:].mean()):.4f}",
+        flush=True,
+    )
+    write_weights(args.name, result.denoiser.net, losses)
+
+
+def write_weights(name: str, net: UNet, losses: torch.Tensor) -> Path:
+    """Save ``net`` (the EMA network) in float16 with its configuration next to this file."""
+    size, _, settings = PRESETS[name]
+    state = {k: v.to(torch.float16) for k, v in net.state_dict().items()}
+    out = Path(__file__).with_name(f"{name}.pt")
+    torch.save(
+        {
+            "network": dict(net.config),
+            "schedule": SCHEDULE,
+            "prediction": "v",
+            "event_shape": (1, size, size),
+            "training": {**settings, "seed": SEED, "ema_decay": 0.999, "steps_done": len(losses)},
+            "loss_curve": losses[: len(losses) // 100 * 100].reshape(-1, 100).mean(1).float(),
+            "state_dict": state,
+        },
+        out,
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
