@@ -10,6 +10,9 @@ Example::
 
 from posterior.driver import sample
 from posterior.engines import (
+    DAPS,
+    DCDP,
+    ScoreALD,
     DDRM,
     DDS,
     DPS,
@@ -49,6 +52,9 @@ __all__ = [
     "MMPS",
     "PiGDM",
     "SNIPS",
+    "DAPS",
+    "DCDP",
+    "ScoreALD",
     "FlowVI",
     "REDDiff",
     "RSLD",

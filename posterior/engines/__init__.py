@@ -3,6 +3,7 @@
 from posterior.engines.base import Engine, EngineFailed
 from posterior.engines.exact import Exact
 from posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
+from posterior.engines.langevin import DAPS, DCDP, ScoreALD
 from posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
 from posterior.engines.variational import RSLD, FlowVI, REDDiff
 
@@ -21,6 +22,9 @@ __all__ = [
     "MMPS",
     "PiGDM",
     "SNIPS",
+    "DAPS",
+    "DCDP",
+    "ScoreALD",
     "FlowVI",
     "REDDiff",
     "RSLD",

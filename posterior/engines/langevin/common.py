@@ -1,0 +1,192 @@
+r"""What the decoupled / Langevin engines (Score-ALD, DAPS, DCDP) share.
+
+All three walk a decreasing list of *noise levels* rather than a diffusion's own kernel. A level is
+a noise ratio :math:`\beta = \sigma(t) / \alpha(t)` (the noise of the equivalent variance-exploding
+process :math:`x_t / \alpha(t) = x_0 + \beta\, \epsilon`), so that the same engine runs on every
+:class:`~models.schedules.Schedule`: :func:`noise_levels` spaces the levels as the papers do
+(geometric for NCSN-style annealing, Karras' :math:`\rho`-polynomial for EDM-style annealing),
+clamped to the ratios the schedule can reach, and maps them to times.
+
+References:
+    Song, Ermon. Generative Modeling by Estimating Gradients of the Data Distribution. NeurIPS
+    2019 (annealed Langevin dynamics over geometric noise levels).
+    Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
+    Models. NeurIPS 2022 (eq. 5, the :math:`\rho`-spacing of noise levels).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from models.denoisers import epsilon_from_x0
+from models.operators.base import LinearOperator
+from models.samplers import ddim_coefficients
+from models.schedules import Schedule
+from posterior.problem import GaussianStructure, Problem
+
+__all__ = [
+    "AnnealingState",
+    "check_positive",
+    "data_variance",
+    "deterministic_ddim",
+    "gaussian_data_gradient",
+    "langevin_move",
+    "noise_levels",
+    "noised",
+    "spaced_ratios",
+]
+
+
+class AnnealingState(NamedTuple):
+    """State of an engine that walks a list of noise levels.
+
+    Attributes:
+        particles: ``(chains * N, *event)``; what they are between levels is engine-specific.
+        log_weights: ``(chains, N)``, uniform (these engines do not weight).
+        log_evidence: always ``None``.
+        step: index of the next level in ``times``.
+        times: the levels' diffusion times, float64, decreasing, one per driver step.
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    log_evidence: None
+    step: int
+    times: Tensor
+
+
+def check_positive(engine: str, **values: float) -> None:
+    """Raise ``ValueError`` naming the engine and the field when a value is not finite and > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"{engine}: {name} must be a positive number; got {value!r}")
+
+
+def spaced_ratios(high: Tensor, low: float, num: int, rho: float | None) -> Tensor:
+    r"""``num`` noise ratios from ``high`` down to ``low``, ``(*high.shape, num)``.
+
+    ``rho = None`` spaces them geometrically (NCSN, Song & Ermon 2019); a number spaces them as
+    Karras et al. (2022, eq. 5): :math:`(h^{1/\rho} + \tfrac{i}{n-1} (l^{1/\rho} - h^{1/\rho}))^\rho`.
+    With ``num = 1`` the only ratio is ``high``.
+    """
+    fraction = torch.linspace(0, 1, num, dtype=torch.float64, device=high.device)
+    high = high.to(torch.float64)[..., None]
+    if rho is None:
+        return high * (low / high) ** fraction
+    return (high ** (1 / rho) + fraction * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+
+
+def noise_levels(
+    engine: str,
+    schedule: Schedule,
+    num: int,
+    noise_max: float,
+    noise_min: float,
+    rho: float | None,
+) -> tuple[Tensor, Tensor]:
+    r"""The annealing levels of an engine: ``(ratios, times)``, both float64 ``(num,)``, decreasing.
+
+    The requested range ``[noise_min, noise_max]`` is clamped to what ``schedule`` reaches on
+    ``[0, 1]`` (e.g. VE's :math:`\sigma_{\min}` from below, a VP schedule's finite
+    :math:`\sigma(1)/\alpha(1)` from above; rectified flow has no upper bound).
+
+    Raises:
+        ValueError: the clamped range is empty.
+    """
+    ends = schedule.noise_ratio(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    high = min(noise_max, float(ends[1]))
+    low = max(noise_min, float(ends[0]))
+    if not high > low:
+        raise ValueError(
+            f"{engine}: the noise range [{noise_min:g}, {noise_max:g}] does not meet the range "
+            f"[{float(ends[0]):.4g}, {float(ends[1]):.4g}] of noise ratios sigma/alpha of {schedule!r}"
+        )
+    ratios = spaced_ratios(torch.tensor(high, dtype=torch.float64), low, num, rho)
+    return ratios, schedule.time_of_noise_ratio(ratios)
+
+
+def langevin_move(
+    x: Tensor, drift: Tensor, step_size: Tensor, generator: torch.Generator
+) -> Tensor:
+    r"""One unadjusted Langevin step :math:`x + \eta\, \nabla \log \pi(x) + \sqrt{2\eta}\, \xi`.
+
+    Args:
+        x: ``(n, *event)``.
+        drift: :math:`\nabla \log \pi(x)`, shape of ``x``.
+        step_size: :math:`\eta`, a 0-d tensor or one per particle broadcastable to ``x``.
+        generator: source of :math:`\xi \sim \mathcal{N}(0, I)`.
+    """
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + step_size * drift + torch.sqrt(2 * step_size) * noise
+
+
+def data_variance(problem: Problem) -> float:
+    """The smallest noise variance of a GaussianObservation (its data term's largest curvature for an
+    operator of unit norm), or 1 for other observation models: the unit of data-term step sizes."""
+    if problem.gaussian is not None:
+        return float(problem.gaussian.sigma.min()) ** 2
+    return 1.0
+
+
+def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Tensor) -> Tensor:
+    r""":math:`\nabla_x \big[-\tfrac12 \sum_j (y_j - A(x)_j)^2 / v_j\big] = J_A(x)^\top ((y - A(x)) / v)`.
+
+    The gradient of a Gaussian data term whose variance ``v`` is not (only) the observation's own,
+    e.g. Score-ALD's annealed :math:`\sigma_y^2 + \gamma_t^2` or DAPS' :math:`\tau^2`. For a linear
+    operator this is :math:`A^\top (y - A x) / v`; otherwise one vector-Jacobian product through
+    the operator (never through the denoiser).
+
+    Args:
+        gaussian: the observation's structure (operator and ``y``).
+        x: ``(n, *event)``.
+        variance: broadcastable to the operator's output shape (a 0-d tensor for a scalar).
+
+    Returns:
+        ``(n, *event)``.
+    """
+    operator = gaussian.operator
+    if isinstance(operator, LinearOperator):
+        return operator.adjoint((gaussian.y - operator(x)) / variance)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        residual = gaussian.y - operator(x)
+        objective = -0.5 * (residual**2 / variance).sum()
+        (gradient,) = torch.autograd.grad(objective, x)
+    return gradient
+
+
+def deterministic_ddim(problem: Problem, x_t: Tensor, grid: Tensor) -> Tensor:
+    r"""Deterministic DDIM (``eta = 0``) along a decreasing ``grid`` of times, one NFE per interval.
+
+    :math:`x_s = \alpha_s \hat x_0 + \sigma_s \hat\epsilon`: the Euler step of the
+    probability-flow ODE in the variance-exploding variable :math:`x_t / \alpha_t` (EDM's Euler
+    sampler), written for any schedule (Song, Meng, Ermon 2021, eq. 12; Karras et al. 2022).
+
+    Args:
+        problem: the problem, whose counted :meth:`~posterior.Problem.denoise` is used.
+        x_t: ``(n, *event)`` at time ``grid[0]``.
+        grid: float64 ``(K + 1,)``, decreasing.
+
+    Returns:
+        ``(n, *event)`` at time ``grid[-1]`` (the denoiser output when it is 0 on a VP schedule).
+    """
+    schedule = problem.prior.schedule
+    x = x_t
+    for t, s in zip(grid[:-1], grid[1:]):
+        x0 = problem.denoise(x, t)
+        a, b, _ = (v.to(x) for v in ddim_coefficients(schedule, t, s, 0.0))
+        x = a * x0 + b * epsilon_from_x0(schedule, x, x0, t)
+    return x
+
+
+def noised(schedule: Schedule, x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+    r"""A draw of the forward kernel :math:`x_t = \alpha(t) x_0 + \sigma(t) \epsilon`, ``x0``'s shape."""
+    alpha, sigma = (v.to(x0) for v in schedule(t))
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    return alpha * x0 + sigma * noise
