@@ -395,7 +395,9 @@ def to_datatree(
                 f"ParticleSet.stats[{name!r}] must be (chains, steps) with chains = {num_chains}; "
                 f"got {value.shape}"
             )
-        per_chain[name] = value
+        # a per-step statistic named like a per-draw one (e.g. an engine's running mean
+        # log-likelihood) keeps both, the per-step one suffixed
+        per_chain[f"{name}_step" if name in stats or name in per_chain else name] = value
     if per_chain:
         steps = arviz_base.dict_to_dataset(
             per_chain,

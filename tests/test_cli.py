@@ -33,7 +33,7 @@ def test_demo_writes_datatrees_figures_and_summary(tmp_path):
         assert (output / name).stat().st_size > 0
     smc = diagnostics.load_datatree(output / "mcgdiff.nc")
     assert smc["posterior"]["x"].shape == (8, 4, 1, 8, 8)  # 8 filters of 4 particles
-    assert "x_true" in smc["constant_data"]
+    assert "x" in smc["constant_data"]  # the truth, under the latent's name
     dps = diagnostics.load_datatree(output / "dps.nc")
     assert dps["posterior"]["x"].shape == (4, 2, 1, 8, 8)  # 4 chains of 8 // 4 draws
     summary = (output / "summary.txt").read_text()

@@ -621,3 +621,18 @@ def test_one_draw_per_chain_of_exact_runs_is_unbiased():
     picked = result.one_draw_per_chain()["x"]
     z = (picked.mean(0) - exact.mean) / (exact.variance / 2000).sqrt()
     assert float(z.abs().max()) < 4, z
+
+
+def test_a_per_step_statistic_named_like_a_per_draw_one_is_kept_suffixed():
+    """DAPS and DCDP record a per-step mean log-likelihood beside the per-draw one."""
+    g = torch.Generator().manual_seed(0)
+    per_step = torch.randn(2, 7, generator=g)
+    particles = ParticleSet(
+        values={"x": torch.randn(2, 5, 3, generator=g)},
+        log_weights=torch.full((2, 5), -math.log(5)),
+        log_likelihood=torch.randn(2, 5, generator=g),
+        stats={"log_likelihood": per_step},
+    )
+    stats = to_datatree(particles)["sample_stats"]
+    assert stats["log_likelihood"].dims == ("chain", "draw")
+    np.testing.assert_allclose(stats["log_likelihood_step"].values, per_step.numpy())
