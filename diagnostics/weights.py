@@ -60,9 +60,17 @@ def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
     spread = log_weights.max(1) - log_weights.min(1)
     varying = spread > 1e-12 * np.maximum(1.0, np.abs(log_weights).max(1))
     if varying.any():
-        import arviz_stats  # noqa: F401  (registers the ``azstats`` accessor)
-
-        array = xr.DataArray(log_weights[varying], dims=("chain", "draw"))
-        _, k = array.azstats.psislw(dim="draw")
-        khat[varying] = np.asarray(k, dtype=float)
+        khat[varying] = [_chain_khat(row) for row in log_weights[varying]]
     return khat
+
+
+def _chain_khat(log_weights: np.ndarray) -> float:
+    r"""ArviZ's Pareto :math:`\hat k` of one chain's log-weights ``(draws,)``; NaN where it
+    cannot fit a tail (e.g. "All tail values are the same" for nearly uniform, tied weights)."""
+    import arviz_stats  # noqa: F401  (registers the ``azstats`` accessor)
+
+    try:
+        _, k = xr.DataArray(log_weights, dims=("draw",)).azstats.psislw(dim="draw")
+    except ValueError:
+        return float("nan")
+    return float(k)

@@ -636,3 +636,16 @@ def test_a_per_step_statistic_named_like_a_per_draw_one_is_kept_suffixed():
     stats = to_datatree(particles)["sample_stats"]
     assert stats["log_likelihood"].dims == ("chain", "draw")
     np.testing.assert_allclose(stats["log_likelihood_step"].values, per_step.numpy())
+
+
+def test_pareto_khat_is_nan_where_the_tail_cannot_be_fitted():
+    """Nearly uniform weights with a tied tail make ArviZ's psislw raise; k-hat is NaN there."""
+    raw = torch.tensor([0.008, 0.006, 0.004, 0.002, 0.001] + [0.0] * 27, dtype=torch.float64)
+    tied = torch.log_softmax(raw, 0)
+    heavy = torch.log_softmax(3.0 * torch.randn(32, generator=torch.Generator().manual_seed(0)), 0)
+    particles = ParticleSet(
+        values={"x": torch.zeros(2, 32, 2, dtype=torch.float64)},
+        log_weights=torch.stack([tied, heavy.double()]),
+    )
+    khat = diagnostics.pareto_khat(particles)
+    assert np.isnan(khat[0]) and np.isfinite(khat[1]), khat

@@ -188,5 +188,6 @@ class ScoreALD(Engine):
             return gaussian_data_gradient(gaussian, x, variance)
         gradient = problem.grad_log_likelihood(x)
         # a particle that fits the data exactly has a zero gradient, and keeps it
+        # (normalised first: the prior score's norm over a tiny one would overflow to inf * 0)
         gradient_norm = _per_particle_norm(gradient).clamp_min(torch.finfo(x.dtype).tiny)
-        return self.norm_ratio * _per_particle_norm(prior_score) / gradient_norm * gradient
+        return self.norm_ratio * _per_particle_norm(prior_score) * (gradient / gradient_norm)
