@@ -45,7 +45,7 @@ Why the default departs from the paper for noisy data: the paper's potential shr
 infinite once the proposal's gain exceeds 1/2. Measured on a 1-D Gaussian prior,
 ``sigma_y = 0.3``, 20 chains x 2000 particles: with 200 steps the paper's variant returns a
 posterior variance of 0.023 (exact 0.083) and a log-evidence 0.34 too low; the smooth variant
-returns 0.082 and is within 0.03 (``tests/test_smc.py`` keeps this comparison).
+returns 0.082 and is within 0.03 (``tests/test_smc_mcgdiff.py`` keeps this comparison).
 
 Other choices: the DDIM kernel to ``t = 0`` is deterministic (``c = 0``); in the noiseless case the
 last step uses DDPM's "fixed large" variance :math:`\sigma_t^2 - (\alpha_t/\alpha_0)^2\sigma_0^2`
