@@ -267,18 +267,24 @@ def advance(
         particles: particles ``(chains * N, *event)`` at the next grid time.
         log_weights: their normalised log-weights ``(chains, N)``.
         log_increment: the step's log-evidence increment ``(chains,)`` (added to the running
-            estimate unless the engine keeps none).
+            estimate unless the engine keeps none). The recorded statistic of the first step
+            also carries the initial weighting's increment (the state's log-evidence before any
+            step: TDS and FK steering weight the initial particles), so the recorded increments
+            always sum to the final log-evidence.
         ess: ESS before resampling ``(chains,)``.
         resampled: resampling flags ``(chains,)``.
         cache: per-particle tensors for the next step (default: keep the current cache).
     """
+    log_evidence = None if state.log_evidence is None else state.log_evidence + log_increment
+    recorded = log_increment
+    if state.step == 0 and state.log_evidence is not None:
+        recorded = log_evidence
     info = {
         "t": state.grid[state.step + 1],
         "ess": ess,
         "resampled": resampled,
-        "log_evidence_increment": log_increment,
+        "log_evidence_increment": recorded,
     }
-    log_evidence = None if state.log_evidence is None else state.log_evidence + log_increment
     new_state = state._replace(
         particles=particles,
         log_weights=log_weights,
