@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from posterior.engines.base import Engine, EngineFailed
 from posterior.particles import ParticleSet
-from posterior.problem import Problem
+from posterior.problem import NonFiniteParticles, Problem
 
 __all__ = ["sample"]
 
@@ -109,7 +109,10 @@ def sample(
     generator = torch.Generator(device=problem.device).manual_seed(seed)
 
     start = time.perf_counter()
-    state = engine.init(problem, num_chains, num_particles, generator)
+    try:
+        state = engine.init(problem, num_chains, num_particles, generator)
+    except NonFiniteParticles as error:
+        raise EngineFailed(engine.name, 0, None, str(error)) from error
     _check_state(engine, state, 0, None)
     records = []
     iterations = engine.iterations(state)
@@ -119,7 +122,10 @@ def sample(
         disable=iterations == 0 or not _progress_enabled(progress),
     )
     for step in bar:
-        state, info = engine.step(problem, state, generator)
+        try:
+            state, info = engine.step(problem, state, generator)
+        except NonFiniteParticles as error:
+            raise EngineFailed(engine.name, step + 1, None, str(error)) from error
         t = info.get("t")
         _check_state(
             engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0])

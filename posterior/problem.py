@@ -23,7 +23,7 @@ from models.operators.base import LinearOperator, Operator
 from models.operators.basic import Mask
 from models.priors import DiffusionPrior, GaussianMixture
 
-__all__ = ["Problem", "GaussianStructure", "CAPABILITIES"]
+__all__ = ["Problem", "GaussianStructure", "CAPABILITIES", "NonFiniteParticles"]
 
 #: capability -> what an engine that requires it is told when the problem lacks it
 CAPABILITIES: dict[str, str] = {
@@ -35,6 +35,15 @@ CAPABILITIES: dict[str, str] = {
     "finite_likelihood": "a finite log-likelihood (sigma > 0, or a non-Gaussian observation)",
     "exact_prior": "a Gaussian or GaussianMixture prior (exact posterior)",
 }
+
+
+class NonFiniteParticles(ArithmeticError):
+    """Particles with NaN or infinite entries were passed to the likelihood.
+
+    Raised before they reach the model's distributions (whose argument validation would
+    otherwise fail with an unrelated message); :func:`posterior.sample` turns it into
+    :class:`~posterior.engines.base.EngineFailed` with the step.
+    """
 
 
 @dataclass(frozen=True)
@@ -283,12 +292,14 @@ class Problem:
         size = self.batch_size or max(n, 1)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _check_particles(self, x: Tensor) -> None:
+    def _check_particles(self, x: Tensor, finite: bool = False) -> None:
         event = tuple(self.event_shape)
         if x.dim() != len(event) + 1 or tuple(x.shape[1:]) != event:
             raise ValueError(
                 f"particles must have shape (N, {', '.join(map(str, event))}); got {tuple(x.shape)}"
             )
+        if finite and not bool(torch.isfinite(x).all()):
+            raise NonFiniteParticles("non-finite particles reached the likelihood")
 
     def _log_likelihood_chunk(self, x: Tensor) -> Tensor:
         gaussian = self.gaussian
@@ -313,8 +324,9 @@ class Problem:
 
         Raises:
             ValueError: the observation is noiseless (degenerate density).
+            NonFiniteParticles: ``x`` has NaN or infinite entries.
         """
-        self._check_particles(x)
+        self._check_particles(x, finite=True)
         if "finite_likelihood" not in self.capabilities:
             raise ValueError(
                 f"the likelihood is degenerate for {self.describe_observation()}: a noiseless "
@@ -326,7 +338,7 @@ class Problem:
 
     def grad_log_likelihood(self, x: Tensor) -> Tensor:
         r""":math:`\\nabla_x \\log p(y \\mid x)`, ``(N, *event) -> (N, *event)`` (chunked)."""
-        self._check_particles(x)
+        self._check_particles(x, finite=True)
         if "finite_likelihood" not in self.capabilities:
             self.log_likelihood(x)  # raises the explanatory error
         grads = []

@@ -366,6 +366,35 @@ def test_driver_collects_statistics_calls_back_and_raises_engine_failed():
     assert result.log_evidence is None
 
 
+class _BlowUpThenScore(_Drift):
+    """A toy engine whose particles turn NaN at step 3 and are then scored by the likelihood."""
+
+    def step(self, problem, state, generator):
+        state, info = super().step(problem, state, generator)
+        particles = torch.nan_to_num(state.particles, posinf=float("nan"))
+        problem.log_likelihood(particles)
+        return state._replace(particles=particles), info
+
+
+def test_non_finite_particles_fail_before_reaching_the_model():
+    # a Poisson site validates its rate: without the check, inf particles raised Pyro's
+    # "Expected parameter rate ..." ValueError from inside the step instead of EngineFailed
+    prior = GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", dist.Poisson(torch.exp(x)).to_event(1), obs=y)
+
+    with pytest.raises(posterior.EngineFailed, match=r"step 3: non-finite particles reached"):
+        posterior.sample(
+            model,
+            _BlowUpThenScore(num_steps=5),
+            num_particles=5,
+            num_chains=2,
+            model_kwargs={"y": torch.tensor([1.0, 2.0])},
+        )
+
+
 def test_float32_in_float32_out():
     prior = GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])
 
