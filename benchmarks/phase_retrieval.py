@@ -1,14 +1,15 @@
 """Phase retrieval on the shipped digits prior: DAPS (and the other decoupled engines) against DPS.
 
-Each held-out 8x8 digit ``x`` (``models.zoo.digits_data("heldout")``, values in ``[-1, 1]``) is
-observed as ``y = |F_P x| + 0.05 e``, the magnitude of its 2x oversampled unitary Fourier
-transform (:class:`models.operators.PhaseRetrieval`, DPS/DAPS' noise level), and each engine draws
-``--samples`` posterior samples per image under the UNet prior ``models.zoo.digits()``.
+Each held-out digit ``x`` (``models.zoo.digits_data("heldout")``, values in ``[-1, 1]``; 8x8, or
+16x16 with ``--size 16``) is observed as ``y = |F_P x| + 0.05 e``, the magnitude of its 2x
+oversampled unitary Fourier transform (:class:`models.operators.PhaseRetrieval`, DPS/DAPS' noise
+level), and each engine draws ``--samples`` posterior samples per image under the UNet prior
+``models.zoo.digits()`` (``digits16()`` for 16x16).
 
 Ambiguities. ``|F_P x|`` is unchanged by ``x -> -x`` and by the conjugate flip ``x -> x[::-1,
 ::-1]`` (a 180-degree rotation; its shift inside the padded frame changes only the phase). A
 translation is *not* an ambiguity here: the digits' background is -1, not 0, so every image fills
-its 8x8 frame. Each draw is therefore replaced by the member of its 4-element orbit closest to the
+its frame. Each draw is therefore replaced by the member of its 4-element orbit closest to the
 truth before any statistic (the standard "up to trivial ambiguities" protocol; it uses the truth,
 as the DPS paper's best-of-4 does). Reported per engine, mean ± 1.96 sd / sqrt(images):
 
@@ -103,6 +104,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--size", type=int, choices=(8, 16), default=8,
+        help="8: models.zoo.digits() on the 8x8 digits; 16: models.zoo.digits16() on 16x16 ones",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -113,10 +118,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    prior = zoo.digits(device=args.device)
-    images, _ = zoo.digits_data("heldout", device=args.device)
+    prior_name = "digits" if args.size == 8 else "digits16"
+    prior = getattr(zoo, prior_name)(device=args.device)
+    images, _ = zoo.digits_data("heldout", size=args.size, device=args.device)
     images = images[: args.images]
-    operator = operators.PhaseRetrieval((1, 8, 8), oversampling=2.0)
+    operator = operators.PhaseRetrieval((1, args.size, args.size), oversampling=2.0)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     measurements = [
         operator(x[None])[0] + SIGMA * torch.randn(operator.out_shape, generator=generator,
@@ -169,9 +175,10 @@ def main() -> None:
         f"({os.cpu_count()} cores), torch {torch.__version__}; command: `.venv/bin/python "
         f"benchmarks/phase_retrieval.py --images {args.images} --samples {args.samples} "
         f"--engines '{args.engines}' --device {args.device} --seed {args.seed} "
-        f"--threads {args.threads}`.",
+        f"--threads {args.threads} --size {args.size}`.",
         "",
-        f"Prior `models.zoo.digits()` (UNet, cosine VP); the first {args.images} held-out digits; "
+        f"Prior `models.zoo.{prior_name}()` (UNet, cosine VP); the first {args.images} held-out "
+        f"{args.size}x{args.size} digits; "
         f"`y = |F_P x| + {SIGMA} e`, oversampling 2. {args.samples} draws per image, each aligned "
         "to the truth over the 4 trivial ambiguities (sign, 180-degree rotation) before any "
         "statistic. Mean ± 1.96 sd/sqrt(images). Misfit: `||y - |F_P x||| / sqrt(m)` over sigma "

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
@@ -250,8 +251,11 @@ class Problem:
             return f"GaussianObservation({operator}, sigma={self._sigma_text()}) at site {self.gaussian.site!r}"
         parts = []
         for name in self.likelihood_sites:
-            fn = self._trace_fn(name)
-            parts.append(f"{type(fn).__name__} at site {name!r}")
+            fn, event_dims = self._trace_fn(name), 0
+            while isinstance(fn, Independent):  # name the distribution, not its wrapper
+                fn, event_dims = fn.base_dist, event_dims + fn.reinterpreted_batch_ndims
+            wrapped = f".to_event({event_dims})" if event_dims else ""
+            parts.append(f"{type(fn).__name__}{wrapped} at site {name!r}")
         return ", ".join(parts) or "no observed site"
 
     def _sigma_text(self) -> str:

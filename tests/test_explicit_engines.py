@@ -289,7 +289,7 @@ def _model_without_svd(sigma=0.1):
     [
         (DDRM(), _model_without_svd, r"DDRM needs a linear operator with an SVD.*_WithoutSVD"),
         (SNIPS(), _model_without_svd, r"SNIPS needs a linear operator with an SVD"),
-        (DDRM(), _poisson_model, r"DDRM needs a GaussianObservation.*Independent at site 'counts'"),
+        (DDRM(), _poisson_model, r"DDRM needs a GaussianObservation.*Poisson\.to_event\(1\) at site 'counts'"),
         (PiGDM(), _poisson_model, r"PiGDM needs a GaussianObservation"),
         (MMPS(), _nonlinear_model, r"MMPS needs a linear operator"),
         (DDS(), _nonlinear_model, r"DDS needs a linear operator"),

@@ -31,12 +31,13 @@ from posterior.problem import GaussianStructure, Problem
 __all__ = [
     "AnnealingState",
     "check_positive",
-    "data_variance",
     "deterministic_ddim",
     "gaussian_data_gradient",
+    "inverse_data_curvature",
     "langevin_move",
     "noise_levels",
     "noised",
+    "operator_gain",
     "spaced_ratios",
 ]
 
@@ -126,12 +127,32 @@ def langevin_move(
     return x + step_size * drift + torch.sqrt(2 * step_size) * noise
 
 
-def data_variance(problem: Problem) -> float:
-    """The smallest noise variance of a GaussianObservation (its data term's largest curvature for an
-    operator of unit norm), or 1 for other observation models: the unit of data-term step sizes."""
-    if problem.gaussian is not None:
-        return float(problem.gaussian.sigma.min()) ** 2
+def operator_gain(problem: Problem) -> float:
+    r""":math:`\lVert A \rVert_2^2` of a linear GaussianObservation's operator
+    (:meth:`~models.operators.base.LinearOperator.norm`), 1 otherwise.
+
+    A Gaussian data term of variance :math:`v` has largest curvature :math:`\lVert A
+    \rVert^2 / v`; step sizes are set against it. Non-linear operators are taken as 1-Lipschitz
+    (as :class:`~models.operators.PhaseRetrieval` is), other likelihoods as of unit curvature.
+    """
+    gaussian = problem.gaussian
+    if gaussian is not None and isinstance(gaussian.operator, LinearOperator):
+        return gaussian.operator.norm() ** 2
     return 1.0
+
+
+def inverse_data_curvature(problem: Problem, variance: float | None = None) -> float:
+    r"""The inverse of the data term's largest curvature, :math:`v / \lVert A \rVert^2`: the unit
+    of data-term step sizes.
+
+    Args:
+        problem: the problem.
+        variance: the data term's variance :math:`v`; default the smallest noise variance of the
+            model's GaussianObservation, or 1 for other observation models.
+    """
+    if variance is None:
+        variance = float(problem.gaussian.sigma.min()) ** 2 if problem.gaussian is not None else 1.0
+    return variance / operator_gain(problem)
 
 
 def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Tensor) -> Tensor:

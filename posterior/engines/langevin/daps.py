@@ -44,10 +44,12 @@ put them, log-likelihood -80 against -0.9 for exact posterior draws), so ``step_
 fraction of the inverse curvature of the Langevin target,
 
 .. math:: \eta_i = \text{step\_size} \cdot \Big(1 + \frac{i}{N}(\delta - 1)\Big)
-          \Big/ \Big(\frac{1}{r_i^2} + \frac{1}{v}\Big),
+          \Big/ \Big(\frac{1}{r_i^2} + \frac{\lVert A \rVert^2}{v}\Big),
 
 with :math:`v` the data term's variance (:math:`\tau^2`, or the smallest :math:`\sigma_y^2` of the
-model's GaussianObservation; 1 for other observation models, whose curvature is unknown). With
+model's GaussianObservation; 1 for other observation models, whose curvature is unknown) and
+:math:`\lVert A \rVert` the spectral norm of a linear operator (1 for non-linear ones, taken as
+1-Lipschitz; without it a 6x6 :class:`~models.operators.Radon` of norm 6.7 diverged). With
 :math:`\tau = 0.01` and :math:`r_i \ge 0.1` this is the official :math:`\eta_i` within 1% for
 ``step_size = 1`` (0.5 for phase retrieval), and it keeps :math:`\eta_i` below the stability limit of
 the prior term when the data term is weak (measured: a step size proportional to
@@ -91,7 +93,7 @@ from posterior.engines.base import Engine
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
-    data_variance,
+    inverse_data_curvature,
     deterministic_ddim,
     gaussian_data_gradient,
     langevin_move,
@@ -191,8 +193,9 @@ class DAPS(Engine):
 
         fraction = state.step / self.num_steps
         decay = 1 + fraction * (self.step_size_min_ratio - 1)
-        variance = data_variance(problem) if self.data_std is None else self.data_std**2
-        step_size = self.step_size * decay / (1 / float(noise) ** 2 + 1 / variance)
+        data_std = self.data_std
+        scale = inverse_data_curvature(problem, None if data_std is None else data_std**2)
+        step_size = self.step_size * decay / (1 / float(noise) ** 2 + 1 / scale)
         x0 = self._langevin(problem, x0_hat, noise, step_size, generator)
 
         last = state.step + 1 == state.times.shape[0]

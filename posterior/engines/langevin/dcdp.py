@@ -73,7 +73,7 @@ from models.schedules import time_grid
 from posterior.engines.base import Engine
 from posterior.engines.langevin.common import (
     AnnealingState,
-    data_variance,
+    inverse_data_curvature,
     deterministic_ddim,
     noised,
 )
@@ -193,7 +193,7 @@ class DCDP(Engine):
 
         x = anchor
         value = objective(x)
-        step = torch.full_like(value, 1 / (1 / data_variance(problem) + weight))
+        step = torch.full_like(value, 1 / (1 / inverse_data_curvature(problem) + weight))
         for _ in range(self.consistency_steps):
             gradient = -problem.grad_log_likelihood(x) + weight * (x - anchor)
             candidate = x - _per_particle(step, x) * gradient
