@@ -32,8 +32,8 @@ Run (the recorded results in ``benchmarks/results/`` give their exact commands):
 from __future__ import annotations
 
 import argparse
-import importlib
 import datetime
+import importlib
 import math
 import os
 import platform

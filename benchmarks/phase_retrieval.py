@@ -14,6 +14,8 @@ truth before any statistic (the standard "up to trivial ambiguities" protocol; i
 as the DPS paper's best-of-4 does). Reported per engine, mean ± 1.96 sd / sqrt(images):
 
 - PSNR (data range 2) of the posterior mean of the aligned draws, and of the best draw;
+- failed: the images whose posterior-mean PSNR is below 20 dB (a wrong reconstruction, not a
+  blurred one), and the per-image PSNRs of the means;
 - spread: the per-pixel standard deviation of the aligned draws, averaged over pixels;
 - the data misfit ``||y - |F_P x||| / sqrt(m)`` of the draws over sigma (about 1 for draws that
   explain the data, as the truth does);
@@ -44,6 +46,8 @@ from diagnostics.scores import psnr
 from models import GaussianObservation, operators, zoo
 
 SIGMA = 0.05
+#: an image counts as failed when the PSNR of its posterior mean is below this (dB)
+FAILED_BELOW = 20.0
 
 #: label -> (family module, engine class name, keyword arguments)
 ENGINES = {
@@ -185,16 +189,20 @@ def main() -> None:
         f"(the truth's: {statistics.mean(truth_misfit):.2f}). Spread: per-pixel sd of the aligned "
         "draws, mean over pixels (images span [-1, 1]).",
         "",
-        "| engine | PSNR of mean (dB) | PSNR of best draw (dB) | spread | misfit | NFE | VJP | wall s / image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | PSNR of mean (dB) | PSNR of best draw (dB) | failed | spread | misfit | NFE | VJP | wall s / image |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
         lines.append(
             f"| {label} | {interval(row['mean'])} | {interval(row['best'])} | "
+            f"{sum(value < FAILED_BELOW for value in row['mean'])}/{len(row['mean'])} | "
             f"{interval(row['spread'])} | {interval(row['misfit'])} | "
             f"{statistics.mean(row['nfe']):.0f} | {statistics.mean(row['vjp']):.0f} | "
             f"{statistics.mean(row['wall']):.1f} |"
         )
+    lines.append("\nPer-image PSNR of the posterior mean (dB):\n")
+    for label, row in rows.items():
+        lines.append(f"- {label}: " + ", ".join(f"{value:.1f}" for value in row["mean"]))
     for label, (module, name, kwargs) in ENGINES.items():
         if label in rows:
             lines.append(f"\n`{label}`: `posterior.engines.{module}.{name}(**{kwargs})`.")

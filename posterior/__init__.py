@@ -12,24 +12,24 @@ from posterior.driver import sample
 from posterior.engines import (
     DAPS,
     DCDP,
-    ScoreALD,
     DDRM,
     DDS,
     DPS,
     FPS,
     MMPS,
+    RSLD,
     SNIPS,
     TDS,
     Engine,
     EngineFailed,
     Exact,
     FKSteering,
+    FlowVI,
     MCGDiff,
     PiGDM,
-    SMCDiff,
     REDDiff,
-    RSLD,
-    FlowVI,
+    ScoreALD,
+    SMCDiff,
 )
 from posterior.particles import ParticleSet
 from posterior.problem import Problem

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from posterior.resampling import ess as _ess
-from posterior.resampling import normalize_log_weights, systematic
+from posterior.resampling import systematic
 
 __all__ = ["ParticleSet"]
 
@@ -269,8 +269,3 @@ class ParticleSet:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.values.items())
         engine = self.info.get("engine", "?")
         return f"ParticleSet(engine={engine}, chains={self.num_chains}, draws={self.num_draws}, {shapes})"
-
-
-def uniform_log_weights(num_chains: int, num_draws: int, like: Tensor) -> Tensor:
-    """Uniform normalised log-weights ``(chains, draws)`` on ``like``'s device and dtype."""
-    return normalize_log_weights(like.new_zeros(num_chains, num_draws))

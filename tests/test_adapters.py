@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import all_schedules
+
 from models.denoisers import (
     ADAPTERS,
     ConvertedDenoiser,

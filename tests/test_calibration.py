@@ -16,10 +16,10 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import CalibrationStudy, calibration_study, prior_predictive, rank_uniformity_test
-from helpers import gaussian_model
 from models import GaussianMixture, GaussianObservation
 from models.operators import Mask, Matrix
 from posterior.engines.exact import Exact, ExactState

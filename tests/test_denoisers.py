@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from helpers import all_schedules
 
 from models.denoisers import (
     DiscreteDDPMDenoiser,
@@ -30,7 +31,6 @@ from models.denoisers import (
     X0Denoiser,
     broadcast_time,
 )
-from helpers import all_schedules
 from models.schedules import VP, ddpm_linear_betas
 
 F64 = torch.float64

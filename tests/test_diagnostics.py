@@ -21,7 +21,8 @@ from diagnostics import (
     sliced_wasserstein,
     to_datatree,
 )
-from posterior.particles import ParticleSet, uniform_log_weights
+from posterior.engines.common import uniform_log_weights
+from posterior.particles import ParticleSet
 
 arviz_stats = pytest.importorskip("arviz_stats")
 
@@ -486,6 +487,7 @@ def test_public_names():
 def _gaussian_problem():
     """x ~ N(0, diag(1, 4)) in 2 dims, y = x[0] + x[1] + 0.5 e."""
     from helpers import gaussian_model
+
     from models import Gaussian
     from models.operators import Matrix
 
@@ -595,8 +597,9 @@ def test_one_draw_per_chain_of_exact_runs_is_unbiased():
     # draws, so which particle was picked depended on its mixture component (measured with the
     # old pick on this problem: z = -32.8 for x[0]). Now the pick's mean over 2000 chains is
     # within 4 standard errors of the exact mean (measured z -0.56 and -0.56).
-    import posterior
     from helpers import gaussian_model
+
+    import posterior
     from models import GaussianMixture
     from models.operators import Matrix
 

@@ -12,10 +12,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
-from helpers import gaussian_model
 from models import Gaussian, GaussianMixture, GaussianObservation, operators
 from models.operators import LinearOperator
 from posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
@@ -88,6 +88,15 @@ def _gaussian():
     operator = operators.Matrix(torch.randn(1, 2, generator=g, dtype=DTYPE))
     y = torch.randn(1, generator=g, dtype=DTYPE)
     return gaussian_model(prior, operator, 0.5), prior.posterior(operator, y, 0.5), y
+
+
+def test_ddrm_eta_c_defaults_to_eta_and_acts_on_the_less_noisy_coordinates():
+    # sigma = 0.5 and |s| ~ 1: the observed coordinate is "less noisy than y" in the last steps
+    model, _, y = _gaussian()
+    same = [_run(model, engine, {"y": y}, 50).values["x"] for engine in (DDRM(), DDRM(eta_c=0.85))]
+    assert torch.equal(*same)
+    other = _run(model, DDRM(eta_c=0.0), {"y": y}, 50).values["x"]
+    assert not torch.allclose(other, same[0])
 
 
 @pytest.mark.parametrize(
@@ -289,7 +298,11 @@ def _model_without_svd(sigma=0.1):
     [
         (DDRM(), _model_without_svd, r"DDRM needs a linear operator with an SVD.*_WithoutSVD"),
         (SNIPS(), _model_without_svd, r"SNIPS needs a linear operator with an SVD"),
-        (DDRM(), _poisson_model, r"DDRM needs a GaussianObservation.*Poisson\.to_event\(1\) at site 'counts'"),
+        (
+            DDRM(),
+            _poisson_model,
+            r"DDRM needs a GaussianObservation.*Poisson\.to_event\(1\) at site 'counts'",
+        ),
         (PiGDM(), _poisson_model, r"PiGDM needs a GaussianObservation"),
         (MMPS(), _nonlinear_model, r"MMPS needs a linear operator"),
         (DDS(), _nonlinear_model, r"DDS needs a linear operator"),
@@ -329,6 +342,7 @@ def test_svd_engines_need_one_noise_level_and_dps_an_observation():
         (lambda: DPS(scale=float("nan")), "DPS: scale"),
         (lambda: DDRM(eta=1.5), r"DDRM: eta must lie in \[0, 1\]"),
         (lambda: DDRM(eta_b=-0.1), "DDRM: eta_b"),
+        (lambda: DDRM(eta_c=1.2), "DDRM: eta_c"),
         (lambda: PiGDM(eta=2.0), "PiGDM: eta"),
         (lambda: PiGDM(guidance_weight=-1.0), "PiGDM: guidance_weight"),
         (lambda: PiGDM(data_variance=0.0), "PiGDM: data_variance"),
@@ -350,7 +364,7 @@ def test_bad_hyperparameters_are_rejected(build, message):
 
 def test_defaults_are_the_papers():
     assert (DPS().num_steps, DPS().scale) == (1000, 0.5)
-    assert (DDRM().num_steps, DDRM().eta, DDRM().eta_b) == (20, 0.85, 1.0)
+    assert (DDRM().num_steps, DDRM().eta, DDRM().eta_b, DDRM().eta_c) == (20, 0.85, 1.0, None)
     assert (PiGDM().num_steps, PiGDM().eta, PiGDM().guidance) == (100, 1.0, "paper")
     assert (MMPS().num_steps, MMPS().cg_iterations) == (64, 1)
     assert (SNIPS().num_steps, SNIPS().steps_per_level, SNIPS().step_lr) == (500, 5, 3.3e-6)

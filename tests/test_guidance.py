@@ -9,10 +9,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import gaussian_model
 from torch import nn
 
 import posterior
-from helpers import gaussian_model
 from models import DiffusionPrior, Gaussian, GaussianMixture, GaussianObservation, operators
 from models.denoisers import X0Denoiser
 from models.schedules import VP

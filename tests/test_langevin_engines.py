@@ -14,10 +14,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import all_schedules, gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
-from helpers import all_schedules, gaussian_model
 from models import Gaussian, GaussianObservation, operators
 from models.problems import gaussian_mixture_benchmark
 from models.schedules import VE

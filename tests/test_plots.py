@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import gaussian_model  # noqa: E402
 
 import posterior  # noqa: E402
 from diagnostics import (  # noqa: E402
@@ -25,7 +26,6 @@ from diagnostics import (  # noqa: E402
     plot_rank_histograms,
     plot_traces,
 )
-from helpers import gaussian_model  # noqa: E402
 from models import Gaussian, GaussianMixture  # noqa: E402
 from models.operators import Mask, Matrix  # noqa: E402
 from posterior.engines.exact import ExactState  # noqa: E402

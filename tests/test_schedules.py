@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import all_schedules
+
 from models.schedules import (
     EDM,
     VE,

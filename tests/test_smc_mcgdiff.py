@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
 from models import Gaussian, GaussianMixture, operators
 from models.problems import gaussian_mixture_benchmark
-from helpers import gaussian_model
 from posterior.engines.smc import MCGDiff
 
 DTYPE = torch.float64

@@ -9,6 +9,7 @@ over ten sets).
 
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
@@ -16,8 +17,7 @@ from models import Gaussian, GaussianMixture, operators
 from models.operators.nonlinear import PhaseRetrieval
 from models.problems import gaussian_mixture_benchmark
 from models.schedules import VP
-from helpers import gaussian_model
-from posterior.engines.smc.core import sampling_grid
+from posterior.engines.common import sampling_grid
 from posterior.engines.smc.fps import FPS
 from posterior.engines.smc.smcdiff import SMCDiff
 

@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
 from models import Gaussian, GaussianMixture, operators
-from helpers import gaussian_model
 from posterior.engines.smc.fk_steering import FKSteering
 from posterior.engines.smc.tds import TDS
 

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from helpers import gaussian_model
 
 import posterior
 from diagnostics import sliced_wasserstein
-from helpers import gaussian_model
 from models import DiffusionPrior, Gaussian, GaussianMixture, operators
 from models.problems import gaussian_mixture_benchmark
 from models.schedules import VP

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from models.operators.base import SVD
 from posterior.engines.base import Engine
-from posterior.engines.smc.core import initial_particles, uniform_log_weights
+from posterior.engines.common import initial_particles, uniform_log_weights
 from posterior.problem import Problem
 
 __all__ = [

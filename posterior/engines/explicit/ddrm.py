@@ -29,7 +29,7 @@ is the same formulas: every observed coordinate stays "noisier than :math:`y`" a
 
 Defaults (official code and paper): ``eta = 0.85`` (the code's :math:`\eta_A = \eta_C`),
 ``eta_b = 1``, 20 steps (20 NFEs, no VJP) on the DDIM sub-sequence
-(:func:`~posterior.engines.smc.core.sampling_grid`). The official scripts double the user's
+(:func:`~posterior.engines.common.sampling_grid`). The official scripts double the user's
 :math:`\sigma_y` because their images are rescaled to :math:`[-1, 1]`; here the model's
 :math:`\sigma_y` is used as declared (declare it on the scale of the prior's data).
 
@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
+from posterior.engines.common import sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -70,7 +71,6 @@ from posterior.engines.explicit.common import (
     initial_state,
     spectral_observation,
 )
-from posterior.engines.smc.core import sampling_grid
 from posterior.problem import Problem
 
 __all__ = ["DDRM"]
@@ -82,8 +82,11 @@ class DDRM(ExplicitEngine):
 
     Attributes:
         num_steps: DDIM sub-sequence steps (paper: 20).
-        eta: stochasticity :math:`\\eta` of the unobserved and "less noisy" coordinates, in
-            ``[0, 1]`` (paper: 0.85).
+        eta: stochasticity :math:`\\eta` (the code's :math:`\\eta_A`) of the unobserved
+            coordinates, in ``[0, 1]`` (paper: 0.85).
+        eta_c: stochasticity :math:`\\eta_C` of the "less noisy" coordinates, in ``[0, 1]``;
+            ``None`` (default) uses ``eta``, as the official scripts do (they pass one ``eta``
+            for both). The MCGDiff paper's Gaussian-mixture runs of DDRM set it to 1.
         eta_b: weight :math:`\\eta_b` of the measurement on the "noisier" coordinates, in
             ``[0, 1]`` (paper: 1).
     """
@@ -91,13 +94,16 @@ class DDRM(ExplicitEngine):
     num_steps: int = 20
     eta: float = 0.85
     eta_b: float = 1.0
+    eta_c: float | None = None
     requires: ClassVar[frozenset[str]] = frozenset({"gaussian_observation", "linear", "svd"})
 
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        for name in ("eta", "eta_b"):
+        for name in ("eta", "eta_b", "eta_c"):
             value = getattr(self, name)
+            if name == "eta_c" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"DDRM: {name} must lie in [0, 1]; got {value!r}")
 
@@ -152,15 +158,18 @@ class DDRM(ExplicitEngine):
         noise_level = schedule.noise_ratio(s).to(x_t)
         z = gaussian_noise(x0_bar, generator)
 
-        kept = (1.0 - self.eta**2) ** 0.5 * noise_level
-        fresh = self.eta * noise_level
         # unobserved coordinates: the DDIM step in the spectral basis
-        x_bar = x0_bar + kept * eps_bar + fresh * z
+        x_bar = x0_bar + (1.0 - self.eta**2) ** 0.5 * noise_level * eps_bar
+        x_bar = x_bar + self.eta * noise_level * z
         # less noisy than y: the measurement residual, normalised, plays the part of the noise
         less_noisy = spectral.observed & (singular * noise_level < sigma)
         if bool(less_noisy.any()):
+            eta_c = self.eta if self.eta_c is None else self.eta_c
             scaled_residual = (spectral.y_bar - x0_bar) * singular / sigma
-            x_bar = torch.where(less_noisy, x0_bar + kept * scaled_residual + fresh * z, x_bar)
+            less_noisy_draw = x0_bar + noise_level * (
+                (1.0 - eta_c**2) ** 0.5 * scaled_residual + eta_c * z
+            )
+            x_bar = torch.where(less_noisy, less_noisy_draw, x_bar)
         # noisier than y: mix in eta_b of the measurement, keep the remaining noise
         pinned, remaining = self._pinned(spectral, noise_level, self.eta_b)
         mixed = (1.0 - self.eta_b) * x0_bar + self.eta_b * spectral.y_bar + remaining.sqrt() * z

@@ -19,7 +19,7 @@ the stochasticity: a fraction :math:`\eta` of the next noise level is fresh nois
 form), not DDIM's :math:`\eta`. The last step returns :math:`\hat x_0'`.
 
 Defaults (official ``main.py`` and scripts): 50 steps on the DDIM sub-sequence
-(:func:`~posterior.engines.smc.core.sampling_grid`, the code's ``range(0, 1000, skip)``),
+(:func:`~posterior.engines.common.sampling_grid`, the code's ``range(0, 1000, skip)``),
 :math:`\eta = 0.85`, :math:`M = 5` (``CG_iter``), :math:`\gamma = 1` (``gamma``). The official
 :math:`\gamma` ignores :math:`\sigma_y`; ``gamma`` is a fixed weight on the scale of the data,
 and with :math:`\gamma = 1` repeated at every step the draws collapse onto the data (on a 2-D
@@ -55,6 +55,7 @@ from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
 from models.operators.base import conjugate_gradient
+from posterior.engines.common import sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -63,7 +64,6 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.engines.smc.core import sampling_grid
 from posterior.guidance import prior_variance, residual_norm, tweedie_variance
 from posterior.problem import Problem
 

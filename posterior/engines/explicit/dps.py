@@ -33,7 +33,7 @@ The step is scale-dependent: the norm is in the units of ``y``, so ``scale`` is 
 
 No clipping of :math:`\hat x_0` to :math:`[-1, 1]` (the official pixel-range clipping): the
 library's signals have no fixed range. Cost: one NFE and one VJP per step; the default 1000 steps
-on the DDPM grid (:func:`~posterior.engines.smc.core.sampling_grid`) are the paper's.
+on the DDPM grid (:func:`~posterior.engines.common.sampling_grid`) are the paper's.
 
 **Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
 --steps 20 --seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds
@@ -55,6 +55,7 @@ import torch
 
 from models.denoisers import epsilon_from_x0
 from models.samplers import ddim_coefficients
+from posterior.engines.common import sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -63,7 +64,6 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.engines.smc.core import sampling_grid
 from posterior.guidance import denoise_with_residual_gradient
 from posterior.problem import Problem
 

@@ -26,7 +26,7 @@ observed directions).
 
 Defaults (official code, francois-rozet/diffusion-priors): ``cg_iterations = 1`` (``maxiter``),
 DDPM (``eta = 1``) with 64 steps (``DDPM.__call__``'s ``steps``), here on the DDIM sub-sequence
-(:func:`~posterior.engines.smc.core.sampling_grid`) rather than the code's uniform grid in VE time.
+(:func:`~posterior.engines.common.sampling_grid`) rather than the code's uniform grid in VE time.
 The paper's image benchmark (mmps-benchmark) uses DDIM with 10 to 1000 steps and 1 or 5
 iterations. Cost per step: one NFE and ``cg_iterations + 1`` VJPs.
 
@@ -58,6 +58,7 @@ from torch import Tensor
 from models.denoisers import epsilon_from_x0
 from models.operators.base import conjugate_gradient
 from models.samplers import ddim_coefficients
+from posterior.engines.common import sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -66,7 +67,6 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.engines.smc.core import sampling_grid
 from posterior.guidance import VJP, denoise_with_jacobian, residual_norm, tweedie_covariance_scale
 from posterior.problem import Problem
 

@@ -74,6 +74,7 @@ from torch import Tensor
 from models.denoisers import epsilon_from_x0
 from models.operators.base import LinearOperator, conjugate_gradient
 from models.samplers import ddim_coefficients
+from posterior.engines.common import sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -82,7 +83,6 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.engines.smc.core import sampling_grid
 from posterior.guidance import (
     denoise_with_cotangent,
     prior_variance,

@@ -90,18 +90,18 @@ import torch
 from torch import Tensor
 
 from posterior.engines.base import Engine
+from posterior.engines.common import initial_particles, uniform_log_weights
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
-    inverse_data_curvature,
     deterministic_ddim,
     gaussian_data_gradient,
+    inverse_data_curvature,
     langevin_move,
     noise_levels,
     noised,
     spaced_ratios,
 )
-from posterior.engines.smc.core import initial_particles, uniform_log_weights
 from posterior.problem import Problem
 
 __all__ = ["DAPS"]

@@ -71,13 +71,13 @@ from torch import Tensor
 from models.operators.base import LinearOperator, conjugate_gradient
 from models.schedules import time_grid
 from posterior.engines.base import Engine
+from posterior.engines.common import uniform_log_weights
 from posterior.engines.langevin.common import (
     AnnealingState,
-    inverse_data_curvature,
     deterministic_ddim,
+    inverse_data_curvature,
     noised,
 )
-from posterior.engines.smc.core import uniform_log_weights
 from posterior.problem import Problem
 
 __all__ = ["DCDP"]

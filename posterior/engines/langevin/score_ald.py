@@ -77,15 +77,15 @@ import torch
 from torch import Tensor
 
 from posterior.engines.base import Engine
+from posterior.engines.common import initial_particles, uniform_log_weights
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
     gaussian_data_gradient,
-    operator_gain,
     langevin_move,
     noise_levels,
+    operator_gain,
 )
-from posterior.engines.smc.core import initial_particles, uniform_log_weights
 from posterior.problem import Problem
 
 __all__ = ["ScoreALD"]

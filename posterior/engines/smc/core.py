@@ -23,18 +23,14 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from dataclasses import dataclass
-
 from models.operators.base import SVD
-from models.samplers import initial_noise
-from models.schedules import DiscreteVP, Schedule, time_grid
 from posterior.engines.base import Engine
-from posterior.problem import Problem
 from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
 
 __all__ = [
@@ -43,14 +39,11 @@ __all__ = [
     "SMCState",
     "check_resampling",
     "finish_step",
-    "initial_particles",
     "log_normal",
     "propose_with_head",
     "resample",
     "reweight",
-    "sampling_grid",
     "step_times",
-    "uniform_log_weights",
 ]
 
 
@@ -91,21 +84,6 @@ def step_times(state: SMCState) -> tuple[Tensor, Tensor, bool]:
     return state.grid[state.step], state.grid[state.step + 1], state.step + 2 == state.grid.shape[0]
 
 
-def initial_particles(
-    problem: Problem, grid: Tensor, count: int, generator: torch.Generator
-) -> Tensor:
-    """``count`` draws of the diffusion's reference law at ``grid[0]``, ``(count, *event)``."""
-    shape = (count,) + tuple(problem.event_shape)
-    return initial_noise(
-        problem.prior.schedule,
-        shape,
-        generator,
-        t_max=float(grid[0]),
-        dtype=problem.dtype,
-        device=problem.device,
-    )
-
-
 def log_normal(value: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
     """Elementwise :math:`\\log \\mathcal{N}(value; mean, variance)` (broadcasting)."""
     return -0.5 * ((value - mean) ** 2 / variance + torch.log(2 * math.pi * variance))
@@ -144,23 +122,6 @@ def propose_with_head(
     head = head_mean + head_std * noise_head
     correction = svd.v_head(head - mean_head - kernel_std * noise_head, tuple(mean.shape[1:]))
     return mean + kernel_std * noise + correction, head
-
-
-def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:
-    """``(chains, N)`` log-weights all equal to ``-log N``, on ``like``'s device and dtype."""
-    return like.new_full((num_chains, num_particles), -math.log(num_particles))
-
-
-def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
-    """The DDIM sub-sequence grid the SMC papers sample on, float64 ``(num_steps + 1,)``.
-
-    A :class:`~models.schedules.DiscreteVP` uses its own number of training steps; continuous
-    schedules use 1000, as the DDPM networks the papers load.
-    """
-    train_steps = schedule.num_train_steps if isinstance(schedule, DiscreteVP) else 1000
-    return time_grid(
-        min(num_steps, train_steps), "ddim", num_train_steps=train_steps, device=device
-    )
 
 
 def check_resampling(engine_name: str, scheme: str, ess_threshold: float) -> None:

@@ -5,7 +5,7 @@ Target :math:`p_\theta(x_0) \exp(\lambda\, r(x_0)) / Z` with the reward
 :math:`\lambda = 1` (the default here) is the posterior and :math:`Z = p(y)`. The likelihood is
 used as a black box: no gradient, so any observation with a finite log-density works.
 
-A reverse-time particle filter over the DDIM grid (:func:`~posterior.engines.smc.core.sampling_grid`)
+A reverse-time particle filter over the DDIM grid (:func:`~posterior.engines.common.sampling_grid`)
 with the *base* kernel as proposal, :math:`x_s \sim p_\theta(x_s \mid x_t)` (DDIM, ``eta = 1``:
 DDPM), and potentials built from the intermediate reward
 :math:`r_k = \lambda\, r(\hat x_0(x_{t_k}))` (Tweedie's estimate from ``problem.denoise``; the
@@ -67,17 +67,15 @@ from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
 from models.samplers import ddim_coefficients
+from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
     finish_step,
-    initial_particles,
     resample,
     reweight,
-    sampling_grid,
     step_times,
-    uniform_log_weights,
 )
 from posterior.problem import Problem
 

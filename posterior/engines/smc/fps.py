@@ -67,7 +67,7 @@ diagonalise per-measurement noise).
 
 Defaults: ``c_rate = 0.95`` (official README command and argparse default; the paper tunes it per
 task, 0.15-0.95); ``num_steps = 100`` on the DDIM sub-sequence grid of
-:func:`~posterior.engines.smc.core.sampling_grid`, **not** the code's 1000 (``timestep_respacing:
+:func:`~posterior.engines.common.sampling_grid`, **not** the code's 1000 (``timestep_respacing:
 1000``): one denoiser call per step makes 1000 steps ten times slower for little change with an exact
 proposal, and 100 matches the library's other SMC engines (pass ``num_steps=1000`` for the paper's
 setting); multinomial resampling at every step (code); the README runs 5 particles
@@ -89,6 +89,7 @@ from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
 from models.samplers import initial_noise
+from posterior.engines.common import sampling_grid, uniform_log_weights
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
@@ -98,8 +99,6 @@ from posterior.engines.smc.core import (
     propose_with_head,
     resample,
     reweight,
-    sampling_grid,
-    uniform_log_weights,
 )
 from posterior.problem import Problem
 

@@ -73,19 +73,17 @@ import torch
 from torch import Tensor
 
 from models.samplers import ddim_coefficients
+from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     advance,
     check_resampling,
-    initial_particles,
     log_normal,
     propose_with_head,
     resample,
     reweight,
-    sampling_grid,
     step_times,
-    uniform_log_weights,
 )
 from posterior.problem import Problem
 

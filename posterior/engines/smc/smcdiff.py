@@ -68,7 +68,7 @@ steps shrink (a criticism repeated by the MCGDiff and TDS papers).
 
 **Deviations from the official code**, all deliberate: the last weight is kept; the code's weights
 drop the Gaussian normalising constants (irrelevant for the particles, needed for the evidence, so
-we keep them); the DDIM sub-sequence grid of :func:`~posterior.engines.smc.core.sampling_grid`
+we keep them); the DDIM sub-sequence grid of :func:`~posterior.engines.common.sampling_grid`
 replaces the code's full chain when ``num_steps`` is smaller than the schedule's training steps;
 chains are batched.
 
@@ -95,18 +95,16 @@ from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
 from models.samplers import ddim_coefficients
+from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     advance,
     check_resampling,
-    initial_particles,
     log_normal,
     resample,
     reweight,
-    sampling_grid,
     step_times,
-    uniform_log_weights,
 )
 from posterior.problem import Problem
 from posterior.resampling import ess

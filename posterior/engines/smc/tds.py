@@ -105,18 +105,16 @@ from torch import Tensor
 from models.denoisers import epsilon_from_x0
 from models.operators.base import LinearOperator
 from models.samplers import ddim_coefficients
+from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
 from posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
     finish_step,
-    initial_particles,
     log_normal,
     resample,
     reweight,
-    sampling_grid,
     step_times,
-    uniform_log_weights,
 )
 from posterior.problem import Problem
 
@@ -141,7 +139,7 @@ class TDS(SMCEngine):
     """Twisted diffusion sampler (see the module docstring for the algorithm and the choices made).
 
     Attributes:
-        num_steps: DDIM steps on :func:`~posterior.engines.smc.core.sampling_grid` (paper: 100).
+        num_steps: DDIM steps on :func:`~posterior.engines.common.sampling_grid` (paper: 100).
         eta: stochasticity of the base kernel, in ``(0, 1]`` (1: DDPM, as the paper).
         twist_scale: exponent :math:`\\gamma \\ge 0` of the twist (1 in the paper; 0 gives plain
             importance sampling from the prior, weighted by the likelihood at the end).

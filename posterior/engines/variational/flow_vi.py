@@ -85,7 +85,7 @@ from torch import Tensor, nn
 
 from models.priors import GaussianMixture
 from posterior.engines.base import Engine, EngineFailed
-from posterior.engines.smc.core import uniform_log_weights
+from posterior.engines.common import uniform_log_weights
 from posterior.engines.variational.common import diffusion_elbo, probability_flow_log_prob
 from posterior.problem import Problem
 

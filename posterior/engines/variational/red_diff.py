@@ -16,7 +16,7 @@ and no VJP through the denoiser. :math:`w` is the SNR weighting (``weighting``, 
 ``"linear"``: :math:`w(r) = r = 1/\sqrt{\mathrm{SNR}_t}`), :math:`\lambda` = ``regularization``.
 The times run once down the DDIM sub-sequence of a 1000-step model (official ``get_timesteps``
 reversed: ``t = 1000 - skip, ..., skip, 0`` in 0-based DDPM indices, i.e.
-:func:`~posterior.engines.smc.core.sampling_grid` without its final 0; a
+:func:`~posterior.engines.common.sampling_grid` without its final 0; a
 :class:`~models.schedules.DiscreteVP` uses its own number of training steps, which also caps
 ``num_steps``), coarse to fine: the paper ablates random against descending times and keeps
 descending. The optimiser is Adam with the
@@ -71,7 +71,7 @@ from torch import Tensor
 from models.denoisers import epsilon_from_x0
 from models.operators.base import LinearOperator
 from posterior.engines.base import Engine
-from posterior.engines.smc.core import sampling_grid, uniform_log_weights
+from posterior.engines.common import sampling_grid, uniform_log_weights
 from posterior.engines.variational.common import SNR_WEIGHTINGS
 from posterior.problem import Problem
 
