@@ -33,14 +33,14 @@ Defaults (official code and paper): ``eta = 0.85`` (the code's :math:`\eta_A = \
 :math:`\sigma_y` because their images are rescaled to :math:`[-1, 1]`; here the model's
 :math:`\sigma_y` is used as declared (declare it on the scale of the prior's data).
 
-**Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
---steps 20 --seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds
-0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): 6.13, 8.21, 3.85, 8.48, 7.77, 9.03
-(the paper's DDRM column: 5.88, 5.20, 2.51, 5.64, 7.07, 7.81; over seeds 0-5 ours average 8.1,
-``eta = 1`` 7.6). The gap is not the sample size (3000 draws give the same values) nor the
-unconditional kernel (20-step DDIM draws of the prior are at the noise floor); the official
-formulas are reproduced exactly, so we report it as measured. More steps help: 100 steps give 2.42,
-0.21, 3.09 at (8, 4) per seed. On a 2-D Gaussian posterior DDRM under-disperses (variance ratios
+**Measured** on the Gaussian-mixture benchmark with the paper's estimator (SW_1 over 100
+directions, 2000 draws, 20 random problems per cell; ``benchmarks/results/gmm.md``), cells (d,
+d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4): 5.18, 5.56, 2.75, 7.18, 8.15, 8.46 against the
+paper's DDRM column 5.88, 5.20, 2.51, 5.64, 7.07, 7.81; every difference is within the combined
+95% interval of the two sets of 20 problems (the largest, +1.54 at (80, 1), against 1.59). With
+SW_2 (``--metric sw2``) the gap looked larger (6.13, 8.21, 3.85, 8.48, 7.77, 9.03 over 3 seeds),
+because W_2 weighs the stray mass DDRM leaves on wrong modes far more than W_1. ``eta_c = 1`` (the
+paper's runs) gives 7.19 at (80, 1), the same. On a 2-D Gaussian posterior DDRM under-disperses (variance ratios
 0.64–0.72); with a noiseless mask the free coordinates carry the bias of the "replacement" method.
 
 Requires a :class:`~models.observations.GaussianObservation` with a linear operator that has an

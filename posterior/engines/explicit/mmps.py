@@ -31,7 +31,7 @@ The paper's image benchmark (mmps-benchmark) uses DDIM with 10 to 1000 steps and
 iterations. Cost per step: one NFE and ``cg_iterations + 1`` VJPs.
 
 **Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
---steps 20 --seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds
+--steps 20 --seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds
 0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``cg_iterations = 1`` 3.23, 6.50,
 2.31, 4.86, 5.45, 2.64; ``cg_iterations = 5`` 3.23, 1.90, 0.43, 4.86, 4.40, 1.80 (at 4 extra VJPs
 per step).

@@ -42,7 +42,7 @@ gives :math:`\hat x_0' = \hat x_0 + w\, (\sigma_t^2 / \alpha_t)\, g` and :math:`
 :math:`\alpha_t r_t^2` is :math:`\alpha_t^2` times the score's :math:`\sigma_t^2 / \alpha_t` in the
 Tweedie estimate: the paper's update under-weights the data at high noise. Measured on the
 Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20 --seeds 3
---chains 300``; sliced Wasserstein to the exact posterior, mean over seeds 0-2, cells (d, d_y) =
+--draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2, cells (d, d_y) =
 (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``"paper"`` 6.07, 8.98, 4.36, 8.30, 7.97, 8.62;
 ``"score"`` 4.07, 7.69, 2.64, 6.06, 5.71, 5.05. On a 2-D Gaussian posterior (100 steps) the
 variance ratio along the observed direction is 0.62 (``"paper"``) and 0.86 (``"score"``; the

@@ -41,7 +41,7 @@ values below :math:`10^{-10}` times the largest are treated as zero.
 The step size is tied to the number of levels: with the default ``step_lr`` each step moves a
 particle by 3.3% of its distance to :math:`\hat x_0`, so a few levels do not equilibrate. Measured
 on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20
---seeds 3 --chains 300``; sliced Wasserstein to the exact posterior, mean over seeds 0-2, cells (d,
+--seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2, cells (d,
 d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): with 20 levels (100 NFEs) 24.3, 25.0, 24.1, 24.1,
 23.2, 25.4 (the prior's distance is 7–18); with the default 500 levels at d = 8: 5.47, 7.13, 1.68.
 On a 2-D mixture, 100 levels with ``step_lr = 3.3e-5`` reach the noise floor
