@@ -81,7 +81,8 @@ def main() -> None:
         description = "digits16 UNet prior, inpainting of the bottom half, sigma 0.05"
     x = torch.randn((args.particles,) + tuple(prior.event_shape))
     denoiser = prior.denoiser
-    call = best_time(lambda: denoiser(x, 0.5), 10)
+    with torch.no_grad():  # as the engines call it (Problem.denoise)
+        call = best_time(lambda: denoiser(x, 0.5), 10)
 
     def call_with_vjp():
         with torch.enable_grad():
