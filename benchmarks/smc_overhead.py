@@ -17,7 +17,7 @@ problems (``--problem``):
 Run::
 
     .venv/bin/python benchmarks/smc_overhead.py --problem gmm --output benchmarks/results/smc_overhead.txt
-    .venv/bin/python benchmarks/smc_overhead.py --problem digits16 --steps 20 \
+    .venv/bin/python benchmarks/smc_overhead.py --problem digits16 --steps 20 --repeats 2 \
         --output benchmarks/results/smc_overhead_digits16.txt
 """
 
