@@ -86,8 +86,8 @@ def test_score_ald_matches_gaussian_posterior_moments():
     mean_error, ratio = _moment_errors(
         result.values["x"][0], exact.means[0], exact.covariances[0].diagonal()
     )
-    # measured: mean error 0.065, variance ratios 1.13, 1.12 (the default 1155 x 3: 0.04 and
-    # 1.007, 1.008); Monte Carlo sd over 1000 draws: 0.045 for a ratio, 0.04 for a mean
+    # measured: mean error 0.074, variance ratios 1.15, 1.16 (the default 1155 x 3: 0.035 and
+    # 0.94, 0.96); Monte Carlo sd over 1000 draws: 0.045 for a ratio, 0.04 for a mean
     assert mean_error < 0.15
     assert bool(((ratio > 0.9) & (ratio < 1.3)).all()), ratio
 
