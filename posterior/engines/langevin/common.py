@@ -26,6 +26,7 @@ from models.denoisers import epsilon_from_x0
 from models.operators.base import LinearOperator
 from models.samplers import ddim_coefficients
 from models.schedules import Schedule
+from posterior.engines.common import uniform_log_weights
 from posterior.problem import GaussianStructure, Problem
 
 __all__ = [
@@ -58,6 +59,14 @@ class AnnealingState(NamedTuple):
     log_evidence: None
     step: int
     times: Tensor
+
+    @classmethod
+    def start(
+        cls, particles: Tensor, times: Tensor, num_chains: int, num_particles: int
+    ) -> AnnealingState:
+        """The state before the first level: ``particles`` with uniform weights."""
+        log_weights = uniform_log_weights(num_chains, num_particles, particles)
+        return cls(particles, log_weights, None, 0, times)
 
 
 def check_positive(engine: str, **values: float) -> None:

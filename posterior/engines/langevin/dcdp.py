@@ -71,7 +71,6 @@ from torch import Tensor
 from models.operators.base import LinearOperator, conjugate_gradient
 from models.schedules import time_grid
 from posterior.engines.base import Engine
-from posterior.engines.common import uniform_log_weights
 from posterior.engines.langevin.common import (
     AnnealingState,
     deterministic_ddim,
@@ -143,13 +142,7 @@ class DCDP(Engine):
         ).clamp_min(MIN_PURIFICATION_TIME)
         shape = (num_chains * num_particles,) + tuple(problem.event_shape)
         particles = torch.zeros(shape, dtype=problem.dtype, device=problem.device)
-        return AnnealingState(
-            particles=particles,
-            log_weights=uniform_log_weights(num_chains, num_particles, particles),
-            log_evidence=None,
-            step=0,
-            times=times,
-        )
+        return AnnealingState.start(particles, times, num_chains, num_particles)
 
     def step(
         self, problem: Problem, state: AnnealingState, generator: torch.Generator

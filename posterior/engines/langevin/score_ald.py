@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from posterior.engines.base import Engine
-from posterior.engines.common import initial_particles, uniform_log_weights
+from posterior.engines.common import initial_particles
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
@@ -163,13 +163,7 @@ class ScoreALD(Engine):
         )
         x_t = initial_particles(problem, times, num_chains * num_particles, generator)
         particles = x_t / schedule.alpha(times[0]).to(x_t)
-        return AnnealingState(
-            particles=particles,
-            log_weights=uniform_log_weights(num_chains, num_particles, particles),
-            log_evidence=None,
-            step=0,
-            times=times,
-        )
+        return AnnealingState.start(particles, times, num_chains, num_particles)
 
     def step(
         self, problem: Problem, state: AnnealingState, generator: torch.Generator
