@@ -373,6 +373,7 @@ def test_a_diverging_run_raises_engine_failed_with_the_step():
         (lambda: ScoreALD(noise_min=300.0), "noise_min < noise_max"),
         (lambda: ScoreALD(likelihood="exact"), "likelihood"),
         (lambda: DCDP(purification_start=1.5), "purification_start"),
+        (lambda: DCDP(consistency_steps=True), "DCDP: consistency_steps must be a positive integer"),
         (lambda: DCDP(purification_end=0.9), "purification_end"),
         (lambda: DCDP(consistency_steps=0), "consistency_steps"),
         (lambda: DCDP(proximal_weight=-1.0), "proximal_weight"),

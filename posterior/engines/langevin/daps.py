@@ -94,6 +94,7 @@ from posterior.engines.common import initial_particles
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
+    check_positive_integers,
     deterministic_ddim,
     gaussian_data_gradient,
     inverse_data_curvature,
@@ -143,10 +144,12 @@ class DAPS(Engine):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_steps", "ode_steps", "langevin_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DAPS: {name} must be a positive integer; got {value!r}")
+        check_positive_integers(
+            "DAPS",
+            num_steps=self.num_steps,
+            ode_steps=self.ode_steps,
+            langevin_steps=self.langevin_steps,
+        )
         check_positive(
             "DAPS",
             step_size=self.step_size,

@@ -73,6 +73,7 @@ from models.schedules import time_grid
 from posterior.engines.base import Engine
 from posterior.engines.langevin.common import (
     AnnealingState,
+    check_positive_integers,
     deterministic_ddim,
     inverse_data_curvature,
     noised,
@@ -117,10 +118,12 @@ class DCDP(Engine):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_steps", "purification_steps", "consistency_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DCDP: {name} must be a positive integer; got {value!r}")
+        check_positive_integers(
+            "DCDP",
+            num_steps=self.num_steps,
+            purification_steps=self.purification_steps,
+            consistency_steps=self.consistency_steps,
+        )
         if not (math.isfinite(self.proximal_weight) and self.proximal_weight >= 0):
             raise ValueError(
                 f"DCDP: proximal_weight must be finite and non-negative; got {self.proximal_weight!r}"

@@ -84,6 +84,7 @@ from posterior.engines.common import initial_particles
 from posterior.engines.langevin.common import (
     AnnealingState,
     check_positive,
+    check_positive_integers,
     gaussian_data_gradient,
     langevin_move,
     noise_levels,
@@ -129,10 +130,9 @@ class ScoreALD(Engine):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_steps", "steps_per_level"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ScoreALD: {name} must be a positive integer; got {value!r}")
+        check_positive_integers(
+            "ScoreALD", num_steps=self.num_steps, steps_per_level=self.steps_per_level
+        )
         check_positive(
             "ScoreALD",
             step_size=self.step_size,
