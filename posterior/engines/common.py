@@ -1,4 +1,5 @@
-"""What every engine family starts from: the sampling grid, the initial particles, uniform weights."""
+"""What every engine family starts from: the sampling grid, the initial particles, uniform weights,
+and the checks of its settings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from models.samplers import initial_noise
 from models.schedules import DiscreteVP, Schedule, time_grid
 from posterior.problem import Problem
 
-__all__ = ["initial_particles", "sampling_grid", "uniform_log_weights"]
+__all__ = [
+    "check_positive",
+    "check_positive_integers",
+    "check_unit_interval",
+    "initial_particles",
+    "sampling_grid",
+    "uniform_log_weights",
+]
 
 
 def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
@@ -44,3 +52,26 @@ def initial_particles(
 def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:
     """``(chains, N)`` log-weights all equal to ``-log N``, on ``like``'s device and dtype."""
     return like.new_full((num_chains, num_particles), -math.log(num_particles))
+
+
+def check_positive_integers(engine: str, **values: int) -> None:
+    """Raise ``ValueError`` naming the engine and the field when a value is not an integer >= 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{engine}: {name} must be a positive integer; got {value!r}")
+
+
+def check_positive(engine: str, **values: float) -> None:
+    """Raise ``ValueError`` naming the engine and the field when a value is not finite and > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"{engine}: {name} must be a positive number; got {value!r}")
+
+
+def check_unit_interval(engine: str, **values: float) -> None:
+    """Raise ``ValueError`` naming the engine and the field when a value is not a number in [0, 1]."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{engine}: {name} must lie in [0, 1]; got {value!r}")

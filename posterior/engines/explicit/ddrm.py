@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
-from posterior.engines.common import sampling_grid
+from posterior.engines.common import check_unit_interval, sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -100,12 +100,9 @@ class DDRM(ExplicitEngine):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        for name in ("eta", "eta_b", "eta_c"):
-            value = getattr(self, name)
-            if name == "eta_c" and value is None:
-                continue
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"DDRM: {name} must lie in [0, 1]; got {value!r}")
+        check_unit_interval("DDRM", eta=self.eta, eta_b=self.eta_b)
+        if self.eta_c is not None:
+            check_unit_interval("DDRM", eta_c=self.eta_c)
 
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator

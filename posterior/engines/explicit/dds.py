@@ -55,7 +55,7 @@ from torch import Tensor
 
 from models.denoisers import epsilon_from_x0
 from models.operators.base import conjugate_gradient
-from posterior.engines.common import sampling_grid
+from posterior.engines.common import check_positive_integers, check_unit_interval, sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -94,14 +94,8 @@ class DDS(ExplicitEngine):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"DDS: eta must lie in [0, 1]; got {self.eta!r}")
-        if isinstance(self.cg_iterations, bool) or not (
-            isinstance(self.cg_iterations, int) and self.cg_iterations >= 1
-        ):
-            raise ValueError(
-                f"DDS: cg_iterations must be an integer >= 1; got {self.cg_iterations!r}"
-            )
+        check_unit_interval("DDS", eta=self.eta)
+        check_positive_integers("DDS", cg_iterations=self.cg_iterations)
         if self.gamma is not None and not (
             isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0
         ):

@@ -74,7 +74,7 @@ from torch import Tensor
 from models.denoisers import epsilon_from_x0
 from models.operators.base import LinearOperator, conjugate_gradient
 from models.samplers import ddim_coefficients
-from posterior.engines.common import sampling_grid
+from posterior.engines.common import check_unit_interval, sampling_grid
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -121,8 +121,7 @@ class PiGDM(ExplicitEngine):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"PiGDM: eta must lie in [0, 1]; got {self.eta!r}")
+        check_unit_interval("PiGDM", eta=self.eta)
         if not (
             isinstance(self.guidance_weight, (int, float))
             and math.isfinite(self.guidance_weight)

@@ -67,6 +67,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from posterior.engines.common import check_positive_integers
 from posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -106,12 +107,7 @@ class SNIPS(ExplicitEngine):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        if isinstance(self.steps_per_level, bool) or not (
-            isinstance(self.steps_per_level, int) and self.steps_per_level >= 1
-        ):
-            raise ValueError(
-                f"SNIPS: steps_per_level must be an integer >= 1; got {self.steps_per_level!r}"
-            )
+        check_positive_integers("SNIPS", steps_per_level=self.steps_per_level)
         if not (
             isinstance(self.step_lr, (int, float))
             and math.isfinite(self.step_lr)

@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -31,8 +30,6 @@ from posterior.problem import GaussianStructure, Problem
 
 __all__ = [
     "AnnealingState",
-    "check_positive",
-    "check_positive_integers",
     "deterministic_ddim",
     "gaussian_data_gradient",
     "inverse_data_curvature",
@@ -68,22 +65,6 @@ class AnnealingState(NamedTuple):
         """The state before the first level: ``particles`` with uniform weights."""
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         return cls(particles, log_weights, None, 0, times)
-
-
-def check_positive_integers(engine: str, **values: int) -> None:
-    """Raise ``ValueError`` naming the engine and the field when a value is not an integer >= 1."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{engine}: {name} must be a positive integer; got {value!r}")
-
-
-def check_positive(engine: str, **values: float) -> None:
-    """Raise ``ValueError`` naming the engine and the field when a value is not finite and > 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not (
-            isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-        ):
-            raise ValueError(f"{engine}: {name} must be a positive number; got {value!r}")
 
 
 def spaced_ratios(high: Tensor, low: float, num: int, rho: float | None) -> Tensor:

@@ -97,11 +97,9 @@ import torch
 from torch import Tensor
 
 from posterior.engines.base import Engine
-from posterior.engines.common import initial_particles
+from posterior.engines.common import check_positive, check_positive_integers, initial_particles
 from posterior.engines.langevin.common import (
     AnnealingState,
-    check_positive,
-    check_positive_integers,
     deterministic_ddim,
     gaussian_data_gradient,
     inverse_data_curvature,

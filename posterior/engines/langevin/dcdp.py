@@ -71,9 +71,9 @@ from torch import Tensor
 from models.operators.base import LinearOperator, conjugate_gradient
 from models.schedules import time_grid
 from posterior.engines.base import Engine
+from posterior.engines.common import check_positive_integers
 from posterior.engines.langevin.common import (
     AnnealingState,
-    check_positive_integers,
     deterministic_ddim,
     inverse_data_curvature,
     noised,
