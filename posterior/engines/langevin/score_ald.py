@@ -64,7 +64,7 @@ images.
 **Measured** on the Gaussian-mixture benchmark at the default 1155 levels
 (``benchmarks/results/gmm-langevin-default-steps.md``, 10 seeds): sliced Wasserstein 5.83, 2.95,
 6.77 and 8.25 at (d, d_y) = (8, 1), (8, 4), (80, 1), (80, 4), against 0.4-2.0 for the particle
-filters. It is exact on Gaussian posteriors (above) but does not reweight modes.
+filters: it matches Gaussian posteriors (above), but nothing in it reweights modes.
 
 References:
     Jalal, Arvinte, Daras, Price, Dimakis, Tamir. Robust Compressed Sensing MRI with Deep
