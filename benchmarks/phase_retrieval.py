@@ -192,7 +192,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--figure-images", default=None,
-        help="comma-separated image indices for the figure (default: the 3 where the first engine beats the second most and the 3 where it loses most)",
+        help="comma-separated image indices for the figure (default: the 3 where the first "
+        "engine beats the second most and the 3 where it loses most)",
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
