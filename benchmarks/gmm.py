@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import math
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ import posterior
 from diagnostics import sliced_wasserstein
 from models.problems import gaussian_mixture_benchmark
 from posterior.engines.smc.core import SMCEngine
+from reporting import interval  # benchmarks/reporting.py (the script's own folder)
 
 #: the paper's Table (v2, "Sliced Wasserstein, GM"): (d, d_y) -> (MCGDiff, DDRM, DPS, RNVP), 20 steps
 PAPER = {
@@ -126,12 +126,6 @@ METRICS = {
     "sw2": ("SW_2 over 256 random directions (not comparable with the paper's columns)",
             {"num_projections": 256, "p": 2}),
 }  # fmt: skip
-
-
-def interval(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {1.96 * statistics.stdev(values) / math.sqrt(len(values)):.2f}"
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ import torch
 import posterior
 from diagnostics.scores import psnr
 from models import GaussianObservation, operators, zoo
+from reporting import interval  # benchmarks/reporting.py (the script's own folder)
 
 SIGMA = 0.05
 #: an image counts as failed when the PSNR of its posterior mean is below this (dB)
@@ -102,13 +103,6 @@ def align(draws: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     errors = (candidates - truth).pow(2).flatten(2).sum(-1)  # (4, S)
     best = errors.argmin(0)
     return candidates[best, torch.arange(draws.shape[0])]
-
-
-def interval(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}"
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{statistics.mean(values):.2f} ± {half:.2f}"
 
 
 def setting(args) -> tuple[str, torch.Tensor, operators.PhaseRetrieval, list[torch.Tensor]]:
