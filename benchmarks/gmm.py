@@ -1,11 +1,11 @@
 """The MCGDiff Gaussian-mixture benchmark for every engine that can run it.
 
 For each ``(d, d_y)``, seed and number of steps, the problem of
-:func:`models.problems.gaussian_mixture_benchmark` is solved by each engine and its ``--draws``
-samples are compared with as many exact posterior draws by sliced Wasserstein. The noise floor is
-the same distance between two exact sets. The table reports mean ± 1.96 sd / sqrt(seeds) over
-seeds (the paper's CLT intervals), NFE and wall time per run, with the paper's own MCGDiff, DDRM,
-DPS and RNVP columns beside.
+:func:`diffpost.models.problems.gaussian_mixture_benchmark` is solved by each engine and its
+``--draws`` samples are compared with as many exact posterior draws by sliced Wasserstein. The noise
+floor is the same distance between two exact sets. The table reports mean ± 1.96 sd / sqrt(seeds)
+over seeds (the paper's CLT intervals), NFE and wall time per run, with the paper's own MCGDiff,
+DDRM, DPS and RNVP columns beside.
 
 How a particle filter makes its sample set (``--layout``):
 
@@ -40,14 +40,15 @@ import statistics
 import time
 
 import torch
-
-import posterior
-from diagnostics import sliced_wasserstein
-from models.problems import gaussian_mixture_benchmark
-from posterior.engines.smc.core import SMCEngine
 from reporting import interval  # benchmarks/reporting.py (the script's own folder)
 
-#: the paper's Table (v2, "Sliced Wasserstein, GM"): (d, d_y) -> (MCGDiff, DDRM, DPS, RNVP), 20 steps
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.posterior.engines.smc.core import SMCEngine
+
+#: the paper's Table (v2, "Sliced Wasserstein, GM"): (d, d_y) -> (MCGDiff, DDRM, DPS, RNVP), 20
+#: steps
 PAPER = {
     (8, 1): ("1.43 ± 0.55", "5.88 ± 1.16", "4.86 ± 1.01", "9.43 ± 0.99"),
     (8, 2): ("0.49 ± 0.24", "5.20 ± 1.32", "5.79 ± 1.96", "8.93 ± 1.29"),
@@ -70,7 +71,8 @@ FAMILIES = ("smc", "explicit", "langevin", "variational")
 
 
 def engine_class(name: str) -> type[posterior.Engine] | None:
-    """The engine class ``name`` from :mod:`posterior` (or its family package), or ``None``."""
+    """The engine class ``name`` from :mod:`diffpost.posterior` (or its family package), or
+    ``None``."""
     found = getattr(posterior, name, None)
     for family in FAMILIES:
         if found is not None:
@@ -154,17 +156,19 @@ def main() -> None:
         "# Gaussian-mixture benchmark (MCGDiff paper, section 7 of the reference)",
         "",
         f"Recorded {datetime.date.today()} on {platform.machine()} CPU ({os.cpu_count()} cores), "
-        f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/gmm.py --dims {args.dims} "
-        f"--obs-dims {args.obs_dims} --steps {args.steps} --seeds {args.seeds} --draws {args.draws} "
-        f"--particles {args.particles} --layout {args.layout} --metric {args.metric} "
+        f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/gmm.py --dims "
+        f"{args.dims} --obs-dims {args.obs_dims} --steps {args.steps} --seeds {args.seeds} --draws "
+        f"{args.draws} --particles {args.particles} --layout {args.layout} --metric {args.metric} "
         f"--engines {args.engines}`.",
         "",
-        f"Metric: {description}, between {args.draws} engine draws and {args.draws} exact posterior "
-        f"draws; mean ± 1.96 sd/sqrt(seeds) over {args.seeds} seeds. Particle filters: {sampling}; "
-        f"other engines: {args.draws} draws of one run. `floor` is the same distance between two "
-        "exact sets. Paper columns: MCGDiff v2 table (20 steps, SW_1 with 100 directions).",
+        f"Metric: {description}, between {args.draws} engine draws and {args.draws} exact "
+        f"posterior draws; mean ± 1.96 sd/sqrt(seeds) over {args.seeds} seeds. Particle filters: "
+        f"{sampling}; other engines: {args.draws} draws of one run. `floor` is the same distance "
+        "between two exact sets. Paper columns: MCGDiff v2 table (20 steps, SW_1 with 100 "
+        "directions).",
         "",
-        "| d | d_y | steps | engine | SW | floor | NFE | wall s | paper MCGDiff | paper DDRM | paper DPS | paper RNVP |",
+        "| d | d_y | steps | engine | SW | floor | NFE | wall s | paper MCGDiff | paper DDRM | "
+        "paper DPS | paper RNVP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
@@ -217,7 +221,8 @@ def main() -> None:
                 paper = PAPER.get((dim, obs_dim), ("-",) * 4) if num_steps == 20 else ("-",) * 4
                 for name, row in rows.items():
                     line = (
-                        f"| {dim} | {obs_dim} | {row['steps']} | {name} | {interval(row['sw'])} | {interval(floors)} | "
+                        f"| {dim} | {obs_dim} | {row['steps']} | {name} | {interval(row['sw'])} | "
+                        f"{interval(floors)} | "
                         f"{statistics.mean(row['nfe']):.0f} | {statistics.mean(row['wall']):.1f} | "
                         f"{paper[0]} | {paper[1]} | {paper[2]} | {paper[3]} |"
                     )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from models import operators as ops
+from diffpost.models import operators as ops
 
 BATCH, SIZE = 256, 64
 MIN_RUNS, MIN_SECONDS, MAX_RUNS = 5, 1.0, 100

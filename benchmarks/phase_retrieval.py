@@ -1,10 +1,10 @@
 """Phase retrieval on the shipped digits prior: DAPS (and the other decoupled engines) against DPS.
 
-Each held-out digit ``x`` (``models.zoo.digits_data("heldout")``, values in ``[-1, 1]``; 8x8, or
-16x16 with ``--size 16``) is observed as ``y = |F_P x| + 0.05 e``, the magnitude of its 2x
-oversampled unitary Fourier transform (:class:`models.operators.PhaseRetrieval`, DPS/DAPS' noise
-level), and each engine draws ``--samples`` posterior samples per image under the UNet prior
-``models.zoo.digits()`` (``digits16()`` for 16x16).
+Each held-out digit ``x`` (``diffpost.models.zoo.digits_data("heldout")``, values in ``[-1, 1]``;
+8x8, or 16x16 with ``--size 16``) is observed as ``y = |F_P x| + 0.05 e``, the magnitude of its 2x
+oversampled unitary Fourier transform (:class:`diffpost.models.operators.PhaseRetrieval`, DPS/DAPS'
+noise level), and each engine draws ``--samples`` posterior samples per image under the UNet prior
+``diffpost.models.zoo.digits()`` (``digits16()`` for 16x16).
 
 Ambiguities. ``|F_P x|`` is unchanged by ``x -> -x`` and by the conjugate flip ``x -> x[::-1,
 ::-1]`` (a 180-degree rotation; its shift inside the padded frame changes only the phase). A
@@ -50,11 +50,11 @@ import time
 
 import pyro
 import torch
-
-import posterior
-from diagnostics.scores import psnr
-from models import GaussianObservation, operators, zoo
 from reporting import interval  # benchmarks/reporting.py (the script's own folder)
+
+from diffpost import posterior
+from diffpost.diagnostics.scores import psnr
+from diffpost.models import GaussianObservation, operators, zoo
 
 SIGMA = 0.05
 #: an image counts as failed when the PSNR of its posterior mean is below this (dB)
@@ -92,7 +92,8 @@ def make_engine(label: str) -> posterior.Engine | None:
 
 
 def orbit(x: torch.Tensor) -> torch.Tensor:
-    """The trivial ambiguities of phase retrieval for ``(S, 1, H, W)`` draws: ``(4, S, 1, H, W)``."""
+    """The trivial ambiguities of phase retrieval for ``(S, 1, H, W)`` draws:
+    ``(4, S, 1, H, W)``."""
     flipped = x.flip(-1, -2)
     return torch.stack([x, -x, flipped, -flipped])
 
@@ -135,7 +136,7 @@ def run_engine(label: str, args) -> tuple[dict | None, list]:
 
     keys = ("mean", "best", "draws", "spread", "misfit", "nfe", "vjp", "wall")
     row, means = {key: [] for key in keys}, []
-    for index, (truth, y) in enumerate(zip(images, measurements)):
+    for index, (truth, y) in enumerate(zip(images, measurements, strict=True)):
         start = time.perf_counter()
         result = posterior.sample(
             model, engine, num_particles=args.samples, seed=args.seed + index,
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--size", type=int, choices=(8, 16), default=8,
-        help="8: models.zoo.digits() on the 8x8 digits; 16: models.zoo.digits16() on 16x16 ones",
+        help="8: zoo.digits() on the 8x8 digits; 16: zoo.digits16() on 16x16 ones",
     )  # fmt: skip
     parser.add_argument(
         "--oversampling", type=float, default=2.0,
@@ -196,8 +197,10 @@ def main() -> None:
     labels = [label.strip() for label in args.engines.split(",")]
     with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
         outcomes = list(pool.map(run_engine, labels, [args] * len(labels)))
-    rows = {label: row for label, (row, _) in zip(labels, outcomes) if row is not None}
-    means = {label: mean for label, (row, mean) in zip(labels, outcomes) if row is not None}
+    rows = {label: row for label, (row, _) in zip(labels, outcomes, strict=True) if row is not None}
+    means = {
+        label: mean for label, (row, mean) in zip(labels, outcomes, strict=True) if row is not None
+    }
     for label, row in rows.items():
         print(f"{label}: mean PSNR {interval(row['mean'])}", flush=True)
         for index, values in enumerate(row["draws"]):
@@ -205,7 +208,7 @@ def main() -> None:
 
     truth_misfit = [
         float((y - operator(x[None])[0]).norm() / math.sqrt(y.numel())) / SIGMA
-        for x, y in zip(images, measurements)
+        for x, y in zip(images, measurements, strict=True)
     ]
     lines = [
         "# Phase retrieval on the shipped digits prior",
@@ -220,18 +223,18 @@ def main() -> None:
         ),
         "",
         (
-            f"Prior `models.zoo.{prior_name}()` (UNet, cosine VP); the first {args.images} held-out "
-            f"{args.size}x{args.size} digits; "
-            f"`y = |F_P x| + {SIGMA} e`, oversampling {args.oversampling:g}. {args.samples} draws per image, each aligned "
-            "to the truth over the 4 trivial ambiguities (sign, 180-degree rotation) before any "
-            "statistic. Mean ± 1.96 sd/sqrt(images). Misfit: `||y - |F_P x||| / sqrt(m)` over sigma "
-            f"(the truth's: {statistics.mean(truth_misfit):.2f}). Spread: per-pixel sd of the aligned "
-            "draws, mean over pixels (images span [-1, 1])."
+            f"Prior `diffpost.models.zoo.{prior_name}()` (UNet, cosine VP); the first "
+            f"{args.images} held-out {args.size}x{args.size} digits; `y = |F_P x| + {SIGMA} e`, "
+            f"oversampling {args.oversampling:g}. {args.samples} draws per image, each aligned to "
+            "the truth over the 4 trivial ambiguities (sign, 180-degree rotation) before any "
+            "statistic. Mean ± 1.96 sd/sqrt(images). Misfit: `||y - |F_P x||| / sqrt(m)` over "
+            f"sigma (the truth's: {statistics.mean(truth_misfit):.2f}). Spread: per-pixel sd of "
+            "the aligned draws, mean over pixels (images span [-1, 1])."
         ),
         "",
         (
-            "| engine | PSNR of mean (dB) | PSNR of best draw (dB) | failed | failed draws | spread "
-            "| misfit | NFE | VJP | wall s / image |"
+            "| engine | PSNR of mean (dB) | PSNR of best draw (dB) | failed | failed draws | "
+            "spread | misfit | NFE | VJP | wall s / image |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -250,7 +253,7 @@ def main() -> None:
         lines.append(f"- {label}: " + ", ".join(f"{value:.1f}" for value in row["mean"]))
     for label, (module, name, kwargs) in ENGINES.items():
         if label in rows:
-            lines.append(f"\n`{label}`: `posterior.engines.{module}.{name}(**{kwargs})`.")
+            lines.append(f"\n`{label}`: `diffpost.posterior.engines.{module}.{name}(**{kwargs})`.")
     if args.figure:
         shown = (
             [int(index) for index in args.figure_images.split(",")]
@@ -272,7 +275,7 @@ def contrasting_images(rows: list[dict], per_side: int = 3) -> list[int]:
     """
     if len(rows) < 2:
         return list(range(min(2 * per_side, len(rows[0]["mean"]))))
-    gaps = [first - second for first, second in zip(rows[0]["mean"], rows[1]["mean"])]
+    gaps = [first - second for first, second in zip(rows[0]["mean"], rows[1]["mean"], strict=True)]
     order = sorted(range(len(gaps)), key=gaps.__getitem__)
     return sorted(set(order[:per_side] + order[-per_side:]))
 

@@ -9,7 +9,8 @@ __all__ = ["interval"]
 
 
 def interval(values: list[float]) -> str:
-    """``"mean ± 1.96 sd / sqrt(n)"`` of ``values`` to two decimals (the mean alone for one value)."""
+    """``"mean ± 1.96 sd / sqrt(n)"`` of ``values`` to two decimals (the mean alone for one
+    value)."""
     if len(values) < 2:
         return f"{values[0]:.2f}"
     half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))

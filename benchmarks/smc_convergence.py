@@ -22,9 +22,9 @@ import time
 
 import torch
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models.problems import gaussian_mixture_benchmark
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models.problems import gaussian_mixture_benchmark
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
     )
     sizes = [int(n) for n in args.particles.split(",")]
     lines = [
-        f"# SMC convergence, recorded {datetime.date.today()}, {platform.machine()} CPU ({os.cpu_count()} cores), "
+        f"# SMC convergence, recorded {datetime.date.today()}, {platform.machine()} CPU "
+        f"({os.cpu_count()} cores), "
         f"torch {torch.__version__}",
         f"# {problem.name}; {args.steps} steps; {args.chains} filters, one draw each; "
         f"noise floor {floor:.3f} (mean of 4 exact pairs)",

@@ -10,13 +10,14 @@ problems (``--problem``):
 - ``gmm``: the d = 800, d_y = 4 Gaussian-mixture benchmark, 1024 particles, float32. The exact
   mixture denoiser is a few matrix products, about as cheap as drawing the step's 800k Gaussian
   proposals, so this is the pessimistic case: it shows the absolute per-step cost of the filter;
-- ``digits16``: the shipped 16x16 UNet prior (``models.zoo.digits16()``), 1024 particles,
+- ``digits16``: the shipped 16x16 UNet prior (``diffpost.models.zoo.digits16()``), 1024 particles,
   inpainting of the bottom half (a ``Mask``) with sigma = 0.05, float32: the cost of the filter
   next to a real network.
 
 Run::
 
-    .venv/bin/python benchmarks/smc_overhead.py --problem gmm --output benchmarks/results/smc_overhead.txt
+    .venv/bin/python benchmarks/smc_overhead.py --problem gmm \
+        --output benchmarks/results/smc_overhead.txt
     .venv/bin/python benchmarks/smc_overhead.py --problem digits16 --steps 20 --repeats 2 \
         --output benchmarks/results/smc_overhead_digits16.txt
 """
@@ -33,10 +34,10 @@ import time
 import pyro
 import torch
 
-import posterior
-from models import GaussianObservation, operators, zoo
-from models.problems import gaussian_mixture_benchmark
-from posterior.problem import Problem
+from diffpost import posterior
+from diffpost.models import GaussianObservation, operators, zoo
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.posterior.problem import Problem
 
 
 @contextlib.contextmanager
@@ -103,8 +104,9 @@ def main() -> None:
         model, model_kwargs, prior = digits16_inpainting()
         description = "digits16 UNet prior, inpainting of the bottom half, sigma 0.05"
     lines = [
-        f"# SMC overhead over the denoiser, recorded {datetime.date.today()}, {platform.machine()} CPU "
-        f"({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}",
+        f"# SMC overhead over the denoiser, recorded {datetime.date.today()}, {platform.machine()} "
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch "
+        f"{torch.__version__}",
         f"# problem: {description}; {args.particles} particles, {args.steps} steps, float32; "
         f"best of {args.repeats} runs",
         f"{'engine':>12} {'NFE':>5} {'VJP':>5} {'wall s':>8} {'denoiser s':>10} {'overhead':>9}",
@@ -129,7 +131,8 @@ def main() -> None:
                 best = (wall, spent[0])
         wall, denoiser = best
         nfe, vjp = result.info["nfe"], result.info["vjp"]
-        line = f"{name:>12} {nfe:>5} {vjp:>5} {wall:>8.3f} {denoiser:>10.3f} {wall / denoiser - 1:>8.1%}"
+        overhead = wall / denoiser - 1
+        line = f"{name:>12} {nfe:>5} {vjp:>5} {wall:>8.3f} {denoiser:>10.3f} {overhead:>8.1%}"
         lines.append(line)
         print(line, flush=True)
     if args.output:

@@ -11,17 +11,26 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from diagnostics.metrics import gaussian_w2, max_sliced_wasserstein, mmd, sliced_wasserstein
-from diagnostics.scores import central_intervals, coverage, crps, psnr, ssim
+from diffpost.diagnostics.metrics import (
+    gaussian_w2,
+    max_sliced_wasserstein,
+    mmd,
+    sliced_wasserstein,
+)
+from diffpost.diagnostics.scores import central_intervals, coverage, crps, psnr, ssim
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diagnostics.calibration import CalibrationStudy, calibration_study, rank_uniformity_test
-    from diagnostics.comparison import compare
-    from diagnostics.convert import load_datatree, save_datatree, to_datatree
-    from diagnostics.calibration_plots import plot_calibration, plot_rank_histograms
-    from diagnostics.plots import plot_image_grid, plot_projection, plot_traces
-    from diagnostics.simulation import prior_predictive
-    from diagnostics.weights import pareto_khat
+    from diffpost.diagnostics.calibration import (
+        CalibrationStudy,
+        calibration_study,
+        rank_uniformity_test,
+    )
+    from diffpost.diagnostics.calibration_plots import plot_calibration, plot_rank_histograms
+    from diffpost.diagnostics.comparison import compare
+    from diffpost.diagnostics.convert import load_datatree, save_datatree, to_datatree
+    from diffpost.diagnostics.plots import plot_image_grid, plot_projection, plot_traces
+    from diffpost.diagnostics.simulation import prior_predictive
+    from diffpost.diagnostics.weights import pareto_khat
 
 __all__ = [
     "to_datatree",
@@ -50,20 +59,20 @@ __all__ = [
 ]
 
 _LAZY = {
-    "to_datatree": "diagnostics.convert",
-    "save_datatree": "diagnostics.convert",
-    "load_datatree": "diagnostics.convert",
-    "pareto_khat": "diagnostics.weights",
-    "calibration_study": "diagnostics.calibration",
-    "CalibrationStudy": "diagnostics.calibration",
-    "prior_predictive": "diagnostics.simulation",
-    "rank_uniformity_test": "diagnostics.calibration",
-    "compare": "diagnostics.comparison",
-    "plot_image_grid": "diagnostics.plots",
-    "plot_traces": "diagnostics.plots",
-    "plot_calibration": "diagnostics.calibration_plots",
-    "plot_rank_histograms": "diagnostics.calibration_plots",
-    "plot_projection": "diagnostics.plots",
+    "to_datatree": "diffpost.diagnostics.convert",
+    "save_datatree": "diffpost.diagnostics.convert",
+    "load_datatree": "diffpost.diagnostics.convert",
+    "pareto_khat": "diffpost.diagnostics.weights",
+    "calibration_study": "diffpost.diagnostics.calibration",
+    "CalibrationStudy": "diffpost.diagnostics.calibration",
+    "prior_predictive": "diffpost.diagnostics.simulation",
+    "rank_uniformity_test": "diffpost.diagnostics.calibration",
+    "compare": "diffpost.diagnostics.comparison",
+    "plot_image_grid": "diffpost.diagnostics.plots",
+    "plot_traces": "diffpost.diagnostics.plots",
+    "plot_calibration": "diffpost.diagnostics.calibration_plots",
+    "plot_rank_histograms": "diffpost.diagnostics.calibration_plots",
+    "plot_projection": "diffpost.diagnostics.plots",
 }
 
 

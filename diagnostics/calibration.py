@@ -61,19 +61,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import posterior
-from diagnostics.simulation import prior_predictive
-from diagnostics.ranks import (
+from diffpost import posterior
+from diffpost.diagnostics.ranks import (
     SUMMARIES,
     Summaries,
     check_summaries,
     rank_uniformity_test,
     ranks_of_truth,
 )
-from diagnostics.scores import central_intervals
-from posterior.driver import _progress_enabled
-from posterior.engines.base import Engine
-from posterior.problem import Problem
+from diffpost.diagnostics.scores import central_intervals
+from diffpost.diagnostics.simulation import prior_predictive
+from diffpost.posterior.driver import _progress_enabled
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "CalibrationStudy",
@@ -192,7 +192,7 @@ class CalibrationStudy:
         import pandas as pd
 
         rows = {"summary": self.summaries, "kind": self.kinds, "p_value": self.p_values.tolist()}
-        for q, values in zip(self.levels.tolist(), self.coverage.tolist()):
+        for q, values in zip(self.levels.tolist(), self.coverage.tolist(), strict=True):
             rows[f"coverage_{q:g}"] = values
         return pd.DataFrame(rows)
 
@@ -238,7 +238,7 @@ def calibration_study(
         num_particles: particles per chain.
         num_chains: chains per trial.
         one_draw_per_chain: use one draw per chain, picked by its weights
-            (:meth:`~posterior.ParticleSet.one_draw_per_chain`; :math:`L` = ``num_chains``)
+            (:meth:`~diffpost.posterior.ParticleSet.one_draw_per_chain`; :math:`L` = ``num_chains``)
             instead of all equal-weight draws (:math:`L` = ``num_chains * num_particles``).
         summaries: a subset of :data:`SUMMARIES`; default all of them, ``"log_likelihood"``
             only when the likelihood is finite (not for noiseless measurements).
@@ -249,7 +249,8 @@ def calibration_study(
             ``min(20, T // 10, L + 1)``, at least 2: about ten expected trials per bin).
         seed: seeds the prior-predictive draws, directions, reference points, tie-breaking and
             the per-trial engine seeds.
-        batch_size: chunk size of the engine's denoiser calls (see :func:`posterior.sample`).
+        batch_size: chunk size of the engine's denoiser calls (see
+            :func:`diffpost.posterior.sample`).
         progress: show a progress bar over trials (off when ``CI`` is set).
         model_args: positional arguments of the model.
         model_kwargs: keyword arguments of the model, without observed values.
@@ -344,7 +345,7 @@ def calibration_study(
         if "log_likelihood" in summaries:
             problem = Problem.from_model(conditioned, *model_args, **model_kwargs)
 
-            def log_likelihood(flat: Tensor) -> Tensor:
+            def log_likelihood(flat: Tensor, problem: Problem = problem) -> Tensor:
                 with torch.no_grad():
                     return problem.log_likelihood(flat.reshape(flat.shape[:1] + event))
 

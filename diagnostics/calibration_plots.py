@@ -1,5 +1,5 @@
 """Plots of calibration studies (matplotlib): coverage curves, p-values and rank histograms of a
-:class:`~diagnostics.calibration.CalibrationStudy`. ArviZ's PIT-ECDF plot works on
+:class:`~diffpost.diagnostics.calibration.CalibrationStudy`. ArviZ's PIT-ECDF plot works on
 :meth:`CalibrationStudy.to_datatree` (``arviz_plots.plot_ecdf_pit``)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from diagnostics.calibration import CalibrationStudy
+from diffpost.diagnostics.calibration import CalibrationStudy
 
 __all__ = ["plot_calibration", "plot_rank_histograms"]
 
@@ -40,7 +40,7 @@ def plot_calibration(study: CalibrationStudy, alpha: float = 0.01) -> Figure:
     p-value (sorted, log scale) and the Bonferroni threshold ``alpha / K``.
 
     Args:
-        study: a :class:`~diagnostics.calibration.CalibrationStudy`.
+        study: a :class:`~diffpost.diagnostics.calibration.CalibrationStudy`.
         alpha: family-wise level of the threshold line.
 
     Returns:
@@ -122,7 +122,7 @@ def plot_rank_histograms(
     99% interval of a bin's count under uniformity (band: binomial quantiles).
 
     Args:
-        study: a :class:`~diagnostics.calibration.CalibrationStudy`.
+        study: a :class:`~diffpost.diagnostics.calibration.CalibrationStudy`.
         max_panels: most panels drawn.
         kinds: only summaries of these kinds (default all).
 
@@ -146,7 +146,7 @@ def plot_rank_histograms(
         nrows, ncols, figsize=(3 * ncols, 2.4 * nrows), squeeze=False, sharey=True
     )
     edges = np.arange(bins + 1)
-    for ax, column in zip(axes.flat, chosen):
+    for ax, column in zip(axes.flat, chosen, strict=False):
         counts = np.bincount((study.ranks[:, column].numpy() * bins) // (draws + 1), minlength=bins)
         ax.fill_between(
             edges, np.r_[low, low[-1]], np.r_[high, high[-1]], step="post", color="0.85"

@@ -9,10 +9,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diagnostics import metrics, scores
-from diagnostics.plots import _channel_mean, _image_shape, _show, _to_display, plot_projection
-from diagnostics.weights import pareto_khat
-from posterior.particles import ParticleSet
+from diffpost.diagnostics import metrics, scores
+from diffpost.diagnostics.plots import (
+    _channel_mean,
+    _image_shape,
+    _show,
+    _to_display,
+    plot_projection,
+)
+from diffpost.diagnostics.weights import pareto_khat
+from diffpost.posterior.particles import ParticleSet
 
 __all__ = ["compare"]
 
@@ -55,8 +61,8 @@ def compare(
     * ``engine``, ``draws`` (equal-weight draws, chains x particles), ``nfe``, ``vjp``,
       ``wall_time`` (from ``info``; NaN when absent);
     * ``ess_fraction``: mean over chains of the final weights' ESS / N; ``pareto_k``: the largest
-      Pareto :math:`\\hat k` of the chains' weights (:func:`diagnostics.pareto_khat`; NaN for
-      uniform weights); ``log_evidence``: log of the mean over chains of the evidence estimates;
+      Pareto :math:`\\hat k` of the chains' weights (:func:`diffpost.diagnostics.pareto_khat`; NaN
+      for uniform weights); ``log_evidence``: log of the mean over chains of the evidence estimates;
     * with ``reference`` (exact posterior samples): ``sw`` (:func:`sliced_wasserstein` between
       ``m`` draws of the result and ``m`` reference draws), ``sw_floor`` (the same between two
       disjoint sets of ``m`` reference draws: the noise floor ``sw`` should be compared with),
@@ -72,7 +78,7 @@ def compare(
     (bottom); otherwise a scatter of coordinates 0 and 1 over the reference draws.
 
     Args:
-        results: name -> :class:`~posterior.ParticleSet` (same problem).
+        results: name -> :class:`~diffpost.posterior.ParticleSet` (same problem).
         truth: the ground truth, ``event``-shaped.
         reference: exact posterior samples ``(M, *event)`` or a ParticleSet of them.
         image_shape: ``(H, W)`` or ``(C, H, W)`` for flat image signals.
@@ -180,7 +186,7 @@ def compare(
         figure, axes = plt.subplots(
             1, len(columns), figsize=(3.5 * len(columns), 3.5), squeeze=False
         )
-        for ax, name in zip(axes[0], columns):
+        for ax, name in zip(axes[0], columns, strict=False):
             plot_projection(
                 draws[name],
                 reference=reference,

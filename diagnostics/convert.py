@@ -1,4 +1,5 @@
-"""Conversion of a :class:`~posterior.particles.ParticleSet` to an ArviZ 1.x ``xarray.DataTree``.
+"""Conversion of a :class:`~diffpost.posterior.particles.ParticleSet` to an ArviZ 1.x
+``xarray.DataTree``.
 
 The tree follows the ArviZ schema with ``sample_dims = ["chain", "draw"]``: chains are independent
 runs of the engine, draws are the particles of one run. ArviZ has no weighted ``summary``, ``ess``
@@ -31,12 +32,11 @@ draw by draw (as ``arviz_stats.loo`` expects).
 Several independent runs of one problem go in one tree along ``chain`` (pass a list of sets), so
 ``arviz_stats.rhat`` compares them. The importance-weight diagnostics work on the raw
 log-weights: ``tree["sample_stats"]["log_weight"].azstats.psislw(dim="draw")`` and
-:func:`diagnostics.pareto_khat`.
+:func:`diffpost.diagnostics.pareto_khat`.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 from collections import Counter
@@ -50,7 +50,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from posterior.particles import ParticleSet
+from diffpost.posterior.particles import ParticleSet
 
 __all__ = ["to_datatree", "save_datatree", "load_datatree", "equal_weight_ancestors"]
 
@@ -76,12 +76,9 @@ _GROUP_ORDER = (
 
 
 def _library_version() -> str:
-    try:
-        return importlib.metadata.version("posterior")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
-        import posterior
+    from diffpost import __version__
 
-        return str(getattr(posterior, "__version__", "unknown"))
+    return __version__
 
 
 def _numpy(value: Tensor | np.ndarray | Any) -> np.ndarray:
@@ -181,7 +178,7 @@ def _name_dims(
                     f"dims[{site!r}] has {len(dims)} names {dims} but site {site!r} has "
                     f"{len(shape)} event dims (event shape {tuple(shape)})"
                 )
-            for dim, size in zip(dims, shape):
+            for dim, size in zip(dims, shape, strict=True):
                 if sizes.get(dim, size) != size:
                     raise ValueError(
                         f"dims[{site!r}] reuses dim {dim!r} with size {size}; another site uses "
@@ -191,9 +188,9 @@ def _name_dims(
             dims = _default_dims(site, len(shape), observed)
             dims = [
                 dim if sizes.get(dim, size) == size else f"{site}_{dim}"
-                for dim, size in zip(dims, shape)
+                for dim, size in zip(dims, shape, strict=True)
             ]
-        for dim, size in zip(dims, shape):
+        for dim, size in zip(dims, shape, strict=True):
             sizes[dim] = size
         names[site] = dims
     return names
@@ -265,7 +262,7 @@ def to_datatree(
         * ``weighted_posterior``: the raw particles ``(chain, draw, *event)``, only when the
           weights are not uniform.
 
-    Root attrs: ``inference_library`` (``"posterior"``), ``inference_library_version``,
+    Root attrs: ``inference_library`` (``"diffpost"``), ``inference_library_version``,
     ``engine``, ``config`` (a JSON string), ``nfe``, ``vjp``, ``wall_time``, ``seed``,
     ``num_particles``, ``num_chains``, ``latent_name``, ``posterior_resampled`` (0/1),
     ``resampling`` and, when known, ``log_evidence`` (log of the mean over chains of the
@@ -281,8 +278,9 @@ def to_datatree(
             defaults; applies to sampled and observed sites (and to ``x_true`` via the latent).
         coords: dim name -> coordinate values (default ``0 .. size - 1``).
         forward: the forward model for ``posterior_predictive``: a
-            :class:`~models.operators.Operator` or any callable ``(n, *event) -> (n, *obs)``
-            (e.g. ``problem.gaussian.operator``); ``None`` (default) adds no such group.
+            :class:`~diffpost.models.operators.Operator` or any callable
+            ``(n, *event) -> (n, *obs)`` (e.g. ``problem.gaussian.operator``); ``None`` (default)
+            adds no such group.
 
     Returns:
         The ``xarray.DataTree``.
@@ -312,7 +310,7 @@ def to_datatree(
         {name: tuple(v.shape[2:]) for name, v in particles.values.items()}, dims, observed=False
     )
 
-    library = {"inference_library": "posterior", "inference_library_version": _library_version()}
+    library = {"inference_library": "diffpost", "inference_library_version": _library_version()}
     data: dict[str, dict[str, np.ndarray]] = {"posterior": posterior}
     group_attrs: dict[str, dict[str, Any]] = {"posterior": dict(library)}
 

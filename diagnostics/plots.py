@@ -5,10 +5,10 @@
 * :func:`plot_traces`: ESS and running log-evidence over the steps of a run;
 * :func:`plot_projection`: two coordinates of posterior draws over reference draws.
 
-ArviZ's own plots work on :func:`diagnostics.to_datatree` trees (``arviz_plots.plot_trace``,
-``plot_ess``, ``plot_ppc_dist`` with ``forward=``). Calibration plots are in
-:mod:`diagnostics.calibration_plots`. Every function returns the matplotlib ``Figure`` and
-draws into a new one (:func:`plot_projection` can also draw into given axes).
+ArviZ's own plots work on :func:`diffpost.diagnostics.to_datatree` trees
+(``arviz_plots.plot_trace``, ``plot_ess``, ``plot_ppc_dist`` with ``forward=``). Calibration plots
+are in :mod:`diffpost.diagnostics.calibration_plots`. Every function returns the matplotlib
+``Figure`` and draws into a new one (:func:`plot_projection` can also draw into given axes).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from diagnostics.scores import central_intervals
-from posterior.particles import ParticleSet
+from diffpost.diagnostics.scores import central_intervals
+from diffpost.posterior.particles import ParticleSet
 
 __all__ = [
     "plot_image_grid",
@@ -111,8 +111,8 @@ def plot_image_grid(
     range.
 
     Args:
-        result: a :class:`~posterior.ParticleSet` (its equal-weight draws of the latent) or a
-            ``(S, *event)`` tensor of samples.
+        result: a :class:`~diffpost.posterior.ParticleSet` (its equal-weight draws of the latent) or
+            a ``(S, *event)`` tensor of samples.
         truth: the ground truth, ``event``-shaped (or any shape with as many entries).
         measurement: an image-shaped view of the measurement: a tensor with as many entries as
             the image (e.g. ``operator.adjoint(y)`` for inpainting), or any ``(h, w)`` /
@@ -173,7 +173,7 @@ def plot_image_grid(
     columns = max(len(panels), num_samples)
     rows = 2 if num_samples else 1
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
-    for ax, (title, image, kind) in zip(axes[0], panels):
+    for ax, (title, image, kind) in zip(axes[0], panels, strict=False):
         if kind == "spread":
             im = ax.imshow(image, cmap="viridis")
             ax.set_title(title, fontsize="small")
@@ -209,7 +209,7 @@ def plot_traces(result: ParticleSet) -> Figure:
     ``result.log_evidence`` of each chain when known).
 
     Args:
-        result: a :class:`~posterior.ParticleSet` of a weighted (SMC) engine.
+        result: a :class:`~diffpost.posterior.ParticleSet` of a weighted (SMC) engine.
 
     Returns:
         The figure, one axes per panel, x-axis ``"step"``.
@@ -225,7 +225,7 @@ def plot_traces(result: ParticleSet) -> Figure:
             f"'log_evidence_increment' statistics (it has {sorted(stats)}): nothing to trace"
         )
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], panels):
+    for ax, name in zip(axes[0], panels, strict=False):
         values = stats[name].detach().cpu().double()
         steps = np.arange(1, values.shape[1] + 1)
         if name == "ess":

@@ -1,6 +1,6 @@
 r"""Rank statistics of simulation-based calibration: the scalar summaries of a study, the rank of
 the truth among posterior draws, and the chi-square test of their uniformity (see
-:mod:`diagnostics.calibration`).
+:mod:`diffpost.diagnostics.calibration`).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def coverage(
 
     For one posterior this is a per-pixel check of the error bars: with a calibrated posterior
     and independent coordinates the fraction is close to the level; the frequentist statement
-    (over many observations) is what :func:`diagnostics.calibration_study` tests.
+    (over many observations) is what :func:`diffpost.diagnostics.calibration_study` tests.
 
     Args:
         samples: ``(S, *event)`` equal-weight posterior draws.
@@ -273,7 +273,10 @@ def coverage(
     samples, truth = _samples_and_truth(samples, truth)
     lower, upper = central_intervals(samples, levels)
     inside = (lower <= truth) & (truth <= upper)  # (Q, d)
-    return {float(level): float(frac) for level, frac in zip(levels, inside.double().mean(1))}
+    return {
+        float(level): float(frac)
+        for level, frac in zip(levels, inside.double().mean(1), strict=True)
+    }
 
 
 def crps(samples: Any, truth: Any, reduction: str = "mean") -> float | Tensor:

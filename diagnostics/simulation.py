@@ -18,7 +18,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from models.priors import DiffusionPrior
+from diffpost.models.priors import DiffusionPrior
 
 __all__ = ["prior_predictive"]
 
@@ -75,11 +75,11 @@ def prior_predictive(
 ) -> tuple[str, Tensor, dict[str, Tensor]]:
     r"""Draw :math:`(x_i, y_i) \sim p(x) p(y \mid x)`, ``i = 1..num_samples``, in one batch.
 
-    The prior site (the model's :class:`~models.priors.DiffusionPrior`) is sampled with
+    The prior site (the model's :class:`~diffpost.models.priors.DiffusionPrior`) is sampled with
     ``sample((num_samples,), generator=...)`` (exact for Gaussian mixtures, the prior's
     reverse sampler for a learned prior); every other unobserved site is then drawn from its
     distribution, which broadcasts over the leading sample dimension (as
-    :meth:`posterior.Problem.log_likelihood` already requires of observations).
+    :meth:`diffpost.posterior.Problem.log_likelihood` already requires of observations).
 
     Args:
         model: the Pyro model, called as ``model(*model_args, **model_kwargs)`` with its

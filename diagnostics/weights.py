@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from posterior.particles import ParticleSet
+from diffpost.posterior.particles import ParticleSet
 
 __all__ = ["pareto_khat"]
 
@@ -32,10 +32,10 @@ def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
 
     Runs ``log_weight.azstats.psislw(dim="draw")`` of ``arviz_stats`` on the raw particles'
     normalised log-weights (``ParticleSet.log_weights``, or ``sample_stats.log_weight`` of a
-    tree from :func:`diagnostics.to_datatree`).
+    tree from :func:`diffpost.diagnostics.to_datatree`).
 
     Args:
-        result: a :class:`~posterior.ParticleSet` or its ``DataTree``.
+        result: a :class:`~diffpost.posterior.ParticleSet` or its ``DataTree``.
 
     Returns:
         ``(chains,)`` float array of :math:`\hat k`; ``-inf`` for a chain whose weights are all

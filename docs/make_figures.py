@@ -14,7 +14,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -27,12 +26,11 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.mixture import GaussianMixture as SkGaussianMixture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import posterior  # noqa: E402
-from diagnostics import plot_image_grid  # noqa: E402
-from models import GaussianMixture, GaussianObservation  # noqa: E402
-from models.operators import Mask  # noqa: E402
+from diffpost import posterior  # noqa: E402
+from diffpost.diagnostics import plot_image_grid  # noqa: E402
+from diffpost.models import GaussianMixture, GaussianObservation  # noqa: E402
+from diffpost.models.operators import Mask  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"
 

@@ -7,9 +7,9 @@ are imported on first use, so that ``import models`` stays fast.
 
 import importlib
 
-from models import denoisers, operators, samplers, schedules
-from models.observations import GaussianObservation
-from models.priors import DiffusionPrior, Gaussian, GaussianMixture
+from diffpost.models import denoisers, operators, samplers, schedules
+from diffpost.models.observations import GaussianObservation
+from diffpost.models.priors import DiffusionPrior, Gaussian, GaussianMixture
 
 _LAZY_MODULES = ("networks", "training", "zoo")
 
@@ -30,5 +30,5 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
-        return importlib.import_module(f"models.{name}")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -5,7 +5,7 @@ The library speaks one language: a denoiser is a callable
 .. math:: D(x_t, t) = \mathbb{E}[x_0 \mid x_t] \qquad\text{(the Tweedie mean)},
 
 with ``x_t`` of shape ``(N, *event)`` and ``t`` a float or a tensor of shape ``()`` or ``(N,)``,
-attached to the :class:`~models.schedules.Schedule` under which ``x_t = alpha(t) x_0 +
+attached to the :class:`~diffpost.models.schedules.Schedule` under which ``x_t = alpha(t) x_0 +
 sigma(t) eps``. The noise prediction, the score and the probability-flow velocity are derived from
 it in exactly one place (:func:`epsilon_from_x0`, :func:`score_from_x0`, :func:`velocity_from_x0`),
 and every adapter converts a network *to* this contract:
@@ -26,7 +26,7 @@ adapter                        the wrapped network predicts
 :func:`from_network` picks the adapter by name, and :class:`ConvertedDenoiser` queries any
 denoiser under another schedule (exactly, through the signal-to-noise ratio). Network adapters
 also say what their network should output (``network_target``), which is what
-:func:`models.training.train` regresses on.
+:func:`diffpost.models.training.train` regresses on.
 
 All formulas follow from :math:`x_t = \alpha x_0 + \sigma \epsilon` and Tweedie's identity
 :math:`\nabla \log p_t(x_t) = (\alpha\, \mathbb{E}[x_0 \mid x_t] - x_t) / \sigma^2`.
@@ -49,7 +49,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from models.schedules import EDM, DiscreteVP, Schedule
+from diffpost.models.schedules import EDM, DiscreteVP, Schedule
 
 __all__ = [
     "Denoiser",
@@ -121,7 +121,8 @@ def score_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Tensor
 
 
 def velocity_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Tensor) -> Tensor:
-    r"""Probability-flow ODE velocity :math:`dx_t/dt = \dot\alpha\, \hat x_0 + \dot\sigma\, \hat\epsilon`.
+    r"""Probability-flow ODE velocity :math:`dx_t/dt = \dot\alpha\, \hat x_0 + \dot\sigma\,
+    \hat\epsilon`.
 
     This is the ODE whose marginals match the diffusion's (Song et al. 2021, eq. 13, written in
     the :math:`(\alpha, \sigma)` parametrisation of Karras et al. 2022, eq. 4).
@@ -169,7 +170,7 @@ class _NetworkDenoiser(Denoiser):
 
     ``time_scale`` multiplies ``t`` before the call, for networks trained on ``t * 1000`` (say).
     Subclasses say what the network predicts through :meth:`network_target`, which is also what
-    :func:`models.training.train` regresses the network on.
+    :func:`diffpost.models.training.train` regresses the network on.
     """
 
     def __init__(self, net: Network, schedule: Schedule, time_scale: float = 1.0):
@@ -221,7 +222,8 @@ class X0Denoiser(_NetworkDenoiser):
 
     An EDM-preconditioned network that already includes its preconditioning (the official
     ``EDMPrecond(x, sigma)``) is an x0 predictor of the noise level :math:`\\sigma`: wrap it as
-    ``X0Denoiser(net, EDM(sigma_max), time_scale=sigma_max)``, since :math:`\\sigma = \\sigma_{\\max} t`.
+    ``X0Denoiser(net, EDM(sigma_max), time_scale=sigma_max)``, since :math:`\\sigma =
+    \\sigma_{\\max} t`.
     """
 
     def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
@@ -288,11 +290,12 @@ class VelocityDenoiser(_NetworkDenoiser):
 
 
 class EDMDenoiser(_NetworkDenoiser):
-    r"""From a raw network :math:`F_\theta` with the preconditioning of Karras et al. (2022, Table 1).
+    r"""From a raw network :math:`F_\theta` with the preconditioning of Karras et al. (2022, Table
+    1).
 
     On the variance-exploding scale :math:`\tilde x = x_t / \alpha` with noise level
     :math:`\tilde\sigma = \sigma / \alpha` (the schedule's noise ratio; :math:`\tilde x = x_t` on
-    :class:`~models.schedules.EDM` and :class:`~models.schedules.VE`):
+    :class:`~diffpost.models.schedules.EDM` and :class:`~diffpost.models.schedules.VE`):
 
     .. math:: D(\tilde x; \tilde\sigma) = c_\text{skip} \tilde x
               + c_\text{out} F_\theta(c_\text{in} \tilde x;\ c_\text{noise}),
@@ -300,15 +303,16 @@ class EDMDenoiser(_NetworkDenoiser):
     :math:`c_\text{skip} = \sigma_d^2 / (\tilde\sigma^2 + \sigma_d^2)`,
     :math:`c_\text{out} = \tilde\sigma \sigma_d / \sqrt{\tilde\sigma^2 + \sigma_d^2}`,
     :math:`c_\text{in} = 1 / \sqrt{\tilde\sigma^2 + \sigma_d^2}`,
-    :math:`c_\text{noise} = \tfrac14 \ln \tilde\sigma`. The network receives ``c_noise * time_scale``
-    as its time input. Training regresses :math:`F_\theta` on :math:`(x_0 - c_\text{skip} \tilde x) /
-    c_\text{out}` with unit weight, which is the paper's loss :math:`\lambda \lVert D - x_0
-    \rVert^2` with :math:`\lambda = 1 / c_\text{out}^2` (their eq. 8 and Table 1).
+    :math:`c_\text{noise} = \tfrac14 \ln \tilde\sigma`. The network receives
+    ``c_noise * time_scale`` as its time input. Training regresses :math:`F_\theta` on :math:`(x_0 -
+    c_\text{skip} \tilde x) / c_\text{out}` with unit weight, which is the paper's loss
+    :math:`\lambda \lVert D - x_0 \rVert^2` with :math:`\lambda = 1 / c_\text{out}^2` (their eq. 8
+    and Table 1).
 
     Args:
         net: the raw network :math:`F_\theta(x, c_\text{noise})`.
-        schedule: the schedule of ``x_t`` (default :class:`~models.schedules.EDM`); any schedule
-            works through its noise ratio.
+        schedule: the schedule of ``x_t`` (default :class:`~diffpost.models.schedules.EDM`); any
+            schedule works through its noise ratio.
         sigma_data: :math:`\sigma_d`, the data's standard deviation (0.5 in the paper).
         time_scale: factor applied to :math:`c_\text{noise}` before calling ``net``.
     """
@@ -361,9 +365,9 @@ class DiscreteDDPMDenoiser(Denoiser):
 
     The network's step ``n`` (diffusers' 0-based convention, noise level
     ``alphas_cumprod[n]``) sits at continuous time :math:`t = (n + 1) / N` of the
-    :class:`~models.schedules.DiscreteVP` schedule, so the library only ever sees continuous
-    ``t``. Off the grid, the nearest step is used and the conversion to :math:`x_0` uses the
-    schedule at the queried ``t`` (exact on the grid, which is where the DDPM/DDIM time grids
+    :class:`~diffpost.models.schedules.DiscreteVP` schedule, so the library only ever sees
+    continuous ``t``. Off the grid, the nearest step is used and the conversion to :math:`x_0` uses
+    the schedule at the queried ``t`` (exact on the grid, which is where the DDPM/DDIM time grids
     fall).
 
     Args:
@@ -533,7 +537,8 @@ class ConvertedDenoiser(Denoiser):
         self.source = denoiser
 
     def source_time(self, t: float | Tensor, like: Tensor) -> Tensor:
-        """The source time ``s`` with the same noise ratio as ``t``; shape of ``t`` (as a tensor)."""
+        """The source time ``s`` with the same noise ratio as ``t``; shape of ``t`` (as a
+        tensor)."""
         t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
         return self.source.schedule.time_of_noise_ratio(self.schedule.noise_ratio(t))
 

@@ -3,7 +3,7 @@ r"""A small UNet for diffusion models on 8x8 to 64x64 images.
 :class:`UNet` maps ``(x_t, t) -> prediction`` with ``x_t`` of shape ``(N, C, H, W)`` and ``t`` of
 shape ``(N,)`` (continuous time in ``[0, 1]``, or any real noise-level input) to a tensor of the
 shape of ``x_t``. What the output means (noise, clean image, v, velocity) is decided by the
-adapter that wraps it (:mod:`models.denoisers`), not by the network.
+adapter that wraps it (:mod:`diffpost.models.denoisers`), not by the network.
 
 Architecture (the DDPM UNet of Ho et al. 2020 with the attention layers removed and one residual
 block per level, which is enough at these resolutions):

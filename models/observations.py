@@ -14,13 +14,14 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
-from models.operators.base import Operator
+from diffpost.models.operators.base import Operator
 
 __all__ = ["GaussianObservation"]
 
 
 class GaussianObservation(TorchDistribution):
-    r""":math:`y = A(x) + \sigma e`, :math:`e \sim \mathcal{N}(0, I)`, event shape ``operator.out_shape``.
+    r""":math:`y = A(x) + \sigma e`, :math:`e \sim \mathcal{N}(0, I)`, event shape
+    ``operator.out_shape``.
 
     ``sigma = 0`` declares a noiseless measurement: sampling returns :math:`A(x)`, and engines
     built for it (Exact, SMCDiff, MCGDiff, DDRM) accept it, while engines that need a finite
@@ -40,7 +41,8 @@ class GaussianObservation(TorchDistribution):
     def __init__(self, operator: Operator, x: Tensor, sigma: float | Tensor, validate_args=None):
         if not isinstance(operator, Operator):
             raise ValueError(
-                f"GaussianObservation needs a models.operators.Operator; got {type(operator).__name__}"
+                "GaussianObservation needs a models.operators.Operator; got "
+                f"{type(operator).__name__}"
             )
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if not torch.isfinite(sigma).all() or (sigma < 0).any():

@@ -1,9 +1,9 @@
 r"""Diffusion priors as Pyro distributions, and the exact Gaussian-mixture oracle.
 
-:class:`DiffusionPrior` wraps a :class:`~models.denoisers.Denoiser` (which carries its schedule) as a
-``pyro.distributions.TorchDistribution``: ``pyro.sample("x", prior)`` declares a latent image whose
-prior is the diffusion model. Its ``sample`` runs an unconditional reverse-diffusion sampler; its
-density is intractable and ``log_prob`` says so.
+:class:`DiffusionPrior` wraps a :class:`~diffpost.models.denoisers.Denoiser` (which carries its
+schedule) as a ``pyro.distributions.TorchDistribution``: ``pyro.sample("x", prior)`` declares a
+latent image whose prior is the diffusion model. Its ``sample`` runs an unconditional
+reverse-diffusion sampler; its density is intractable and ``log_prob`` says so.
 
 :class:`GaussianMixture` (and :class:`Gaussian`, one component) is a DiffusionPrior whose every
 quantity is exact at every ``t``: the diffused marginal
@@ -26,10 +26,10 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
-from models import samplers
-from models.denoisers import Denoiser, broadcast_time
-from models.operators.base import LinearOperator
-from models.schedules import VP, Schedule
+from diffpost.models import samplers
+from diffpost.models.denoisers import Denoiser, broadcast_time
+from diffpost.models.operators.base import LinearOperator
+from diffpost.models.schedules import VP, Schedule
 
 __all__ = ["DiffusionPrior", "GaussianMixture", "Gaussian", "GaussianMixtureDenoiser"]
 
@@ -48,7 +48,7 @@ class DiffusionPrior(TorchDistribution):
             ``schedule``.
         event_shape: the signal's shape, e.g. ``(1, 8, 8)``.
         sampler: unconditional sampler used by :meth:`sample`: ``"ddpm"``, ``"ddim"``,
-            ``"euler"`` or ``"heun"`` (see :mod:`models.samplers`).
+            ``"euler"`` or ``"heun"`` (see :mod:`diffpost.models.samplers`).
         num_steps: its number of steps (default per sampler).
         eta: DDIM stochasticity (``"ddim"`` only).
         batch_shape: Pyro batch shape (plates expand it).
@@ -213,7 +213,8 @@ class GaussianMixtureDenoiser(Denoiser):
         return self.eigenvectors is None
 
     def _scales(self, t: float | Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``alpha, sigma`` as ``(1, 1)`` for a scalar ``t`` or ``(N, 1)`` for per-particle times."""
+        """``alpha, sigma`` as ``(1, 1)`` for a scalar ``t`` or ``(N, 1)`` for per-particle
+        times."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         t = t.reshape(1, 1) if t.dim() == 0 else broadcast_time(t, x)[:, None]
         return self.schedule.alpha(t).to(x), self.schedule.sigma(t).to(x)
@@ -234,7 +235,8 @@ class GaussianMixtureDenoiser(Denoiser):
         return self.log_weights.to(x)[None] + log_normal, alpha * scale / variance
 
     def _full_terms(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``log_joint`` ``(N, K)``, eigenbasis residuals ``(N, K, d)`` and variances ``(N|1, K, d)``."""
+        """``log_joint`` ``(N, K)``, eigenbasis residuals ``(N, K, d)`` and variances
+        ``(N|1, K, d)``."""
         eigenvectors = self.eigenvectors.to(x)
         residual = torch.einsum(
             "kde,nkd->nke", eigenvectors, x[:, None, :] - alpha[..., None] * self.means.to(x)[None]
@@ -276,13 +278,14 @@ class GaussianMixtureDenoiser(Denoiser):
 
 
 class GaussianMixture(DiffusionPrior):
-    r"""Gaussian-mixture prior :math:`\sum_k w_k \mathcal{N}(\mu_k, \Sigma_k)`, exact at every ``t``.
+    r"""Gaussian-mixture prior :math:`\sum_k w_k \mathcal{N}(\mu_k, \Sigma_k)`, exact at every
+    ``t``.
 
     Args:
         weights: ``(K,)`` non-negative, summing to one.
         means: ``(K, d)``.
         covariances: ``(K, d, d)`` symmetric positive definite.
-        schedule: the diffusion's noise schedule (default :class:`~models.schedules.VP`).
+        schedule: the diffusion's noise schedule (default :class:`~diffpost.models.schedules.VP`).
         event_shape: the signal's shape (default ``(d,)``), e.g. ``(1, 8, 8)`` for ``d = 64``.
         sampler: sampler used by :meth:`sample_reverse` (``sample`` itself is exact).
         num_steps: its number of steps.
@@ -316,7 +319,8 @@ class GaussianMixture(DiffusionPrior):
         event_shape = torch.Size((d,) if event_shape is None else event_shape)
         if math.prod(event_shape) != d:
             raise ValueError(
-                f"event_shape {tuple(event_shape)} has {math.prod(event_shape)} entries; the means have d={d}"
+                f"event_shape {tuple(event_shape)} has {math.prod(event_shape)} entries; the means "
+                f"have d={d}"
             )
         eigenvalues, eigenvectors = _decompose(covariances, allow_singular)
         denoiser = GaussianMixtureDenoiser(
@@ -382,7 +386,8 @@ class GaussianMixture(DiffusionPrior):
         return self.marginal_log_prob(value, 0.0)
 
     def marginal_log_prob(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        """Exact :math:`\\log p_t(x_t)` of the diffused marginal, ``(*batch, *event) -> (*batch)``."""
+        """Exact :math:`\\log p_t(x_t)` of the diffused marginal,
+        ``(*batch, *event) -> (*batch)``."""
         batch = x_t.shape[: x_t.dim() - len(self.event_shape)]
         flat = x_t.reshape((-1,) + tuple(self.event_shape))
         t = torch.as_tensor(t, dtype=flat.dtype, device=flat.device)
@@ -408,7 +413,8 @@ class GaussianMixture(DiffusionPrior):
         y = torch.as_tensor(y, dtype=dtype, device=self.means.device)
         if tuple(y.shape) != tuple(operator.out_shape):
             raise ValueError(
-                f"y has shape {tuple(y.shape)}; the operator's output shape is {tuple(operator.out_shape)}"
+                f"y has shape {tuple(y.shape)}; the operator's output shape is "
+                f"{tuple(operator.out_shape)}"
             )
         matrix = operator.matrix(dtype=dtype, device=self.means.device)  # (m, d)
         m = matrix.shape[0]
@@ -416,7 +422,8 @@ class GaussianMixture(DiffusionPrior):
         noise_var = noise_var.flatten().expand(m) if noise_var.numel() == 1 else noise_var.flatten()
         if noise_var.shape != (m,):
             raise ValueError(
-                f"sigma must be a scalar or have {m} entries; got {tuple(torch.as_tensor(sigma).shape)}"
+                f"sigma must be a scalar or have {m} entries; got "
+                f"{tuple(torch.as_tensor(sigma).shape)}"
             )
         gains = self.covariances @ matrix.T  # (K, d, m): Sigma_k A^T
         predictive = matrix @ gains + torch.diag_embed(noise_var)  # (K, m, m): G_k
@@ -425,13 +432,15 @@ class GaussianMixture(DiffusionPrior):
         if bool((info != 0).any()):
             raise ValueError(
                 "the predictive covariance A Sigma_k A^T + sigma^2 I is singular (a noiseless "
-                "observation of a direction the prior does not spread over); the posterior is undefined"
+                "observation of a direction the prior does not spread over); the posterior is "
+                "undefined"
             )
         residual = y.flatten()[None, :] - self.means @ matrix.T  # (K, m)
         return matrix, gains, cholesky, residual
 
     def log_evidence(self, operator: LinearOperator, y: Tensor, sigma: float | Tensor) -> Tensor:
-        r"""Exact :math:`\log p(y) = \log \sum_k w_k \mathcal{N}(y; A\mu_k, A\Sigma_k A^\top + \sigma^2 I)`, 0-d."""
+        r"""Exact :math:`\log p(y) = \log \sum_k w_k \mathcal{N}(y; A\mu_k, A\Sigma_k A^\top +
+        \sigma^2 I)`, 0-d."""
         _, _, cholesky, residual = self._observation_terms(operator, y, sigma)
         return torch.logsumexp(self.weights.log() + _gaussian_log_density(residual, cholesky), 0)
 
@@ -498,7 +507,8 @@ class Gaussian(GaussianMixture):
 
 
 def _gaussian_log_density(residual: Tensor, cholesky: Tensor) -> Tensor:
-    """``log N(r; 0, L L^T)`` for ``residual`` ``(K, m)`` and ``cholesky`` ``(K, m, m)``, -> ``(K,)``."""
+    """``log N(r; 0, L L^T)`` for ``residual`` ``(K, m)`` and ``cholesky`` ``(K, m, m)``, ->
+    ``(K,)``."""
     whitened = torch.linalg.solve_triangular(cholesky, residual[..., None], upper=False)[..., 0]
     log_det = 2 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     m = residual.shape[-1]
@@ -516,7 +526,8 @@ def _validate_mixture(weights: Tensor, means: Tensor, covariances: Tensor) -> No
     d = means.shape[1]
     if covariances.shape != (k, d, d):
         raise ValueError(
-            f"covariances must have shape (K, d, d) = ({k}, {d}, {d}); got {tuple(covariances.shape)}"
+            f"covariances must have shape (K, d, d) = ({k}, {d}, {d}); got "
+            f"{tuple(covariances.shape)}"
         )
     for name, value in (("weights", weights), ("means", means), ("covariances", covariances)):
         if not torch.isfinite(value).all():

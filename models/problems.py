@@ -31,11 +31,11 @@ import pyro
 import torch
 from torch import Tensor
 
-from models.observations import GaussianObservation
-from models.operators.base import Operator
-from models.operators.basic import Matrix
-from models.priors import DiffusionPrior, GaussianMixture
-from models.schedules import DiscreteVP
+from diffpost.models.observations import GaussianObservation
+from diffpost.models.operators.base import Operator
+from diffpost.models.operators.basic import Matrix
+from diffpost.models.priors import DiffusionPrior, GaussianMixture
+from diffpost.models.schedules import DiscreteVP
 
 __all__ = ["InverseProblem", "gaussian_mixture_benchmark", "mcgdiff_schedule"]
 
@@ -46,7 +46,9 @@ class InverseProblem:
 
     Use ``problem.model`` as the Pyro model and ``problem.model_kwargs`` as its data::
 
-        posterior.sample(problem.model, engine, num_particles=..., model_kwargs=problem.model_kwargs)
+        posterior.sample(
+            problem.model, engine, num_particles=..., model_kwargs=problem.model_kwargs
+        )
 
     Attributes:
         prior: the diffusion prior of the latent ``"x"``.
@@ -104,8 +106,8 @@ def gaussian_mixture_benchmark(
         device: device of all tensors.
 
     Returns:
-        An :class:`InverseProblem` with a :class:`~models.priors.GaussianMixture` prior, a
-        :class:`~models.operators.Matrix` operator, ``sigma``, ``y`` and ``x_true``.
+        An :class:`InverseProblem` with a :class:`~diffpost.models.priors.GaussianMixture` prior, a
+        :class:`~diffpost.models.operators.Matrix` operator, ``sigma``, ``y`` and ``x_true``.
     """
     if not isinstance(dim, int) or dim < 2 or dim % 2:
         raise ValueError(f"dim must be an even integer >= 2; got {dim!r}")

@@ -1,14 +1,15 @@
 r"""Unconditional reverse-diffusion samplers over a decreasing time grid.
 
 Each sampler walks consecutive pairs ``(t, s)`` of a grid from
-:func:`models.schedules.time_grid` (``t > s``, the last ``s = 0``) and reads like its paper:
+:func:`diffpost.models.schedules.time_grid` (``t > s``, the last ``s = 0``) and reads like its
+paper:
 
 - :func:`ddim_step` — DDIM (Song et al. 2021, eq. 12) in the :math:`(\alpha, \sigma)` form:
   :math:`x_s = \alpha_s \hat x_0 + \sqrt{\sigma_s^2 - c^2}\, \hat\epsilon + c\, z` with
   :math:`c = \eta\, \sigma_s \sqrt{1 - \alpha_{t|s}^2 \sigma_s^2 / \sigma_t^2}`,
-  :math:`\alpha_{t|s} = \alpha_t / \alpha_s`. With :math:`\eta = 1`, ``c`` is the standard deviation of
-  the forward-process posterior :math:`q(x_s \mid x_t, x_0)` and the step is DDPM's ancestral step
-  (Ho et al. 2020, eq. 7; Kingma et al. 2021, eq. 28); :math:`\eta = 0` is deterministic DDIM.
+  :math:`\alpha_{t|s} = \alpha_t / \alpha_s`. With :math:`\eta = 1`, ``c`` is the standard deviation
+  of the forward-process posterior :math:`q(x_s \mid x_t, x_0)` and the step is DDPM's ancestral
+  step (Ho et al. 2020, eq. 7; Kingma et al. 2021, eq. 28); :math:`\eta = 0` is deterministic DDIM.
 - :func:`euler_step` and :func:`heun_step` — the probability-flow ODE
   :math:`dx/dt = \dot\alpha \hat x_0 + \dot\sigma \hat\epsilon` with Euler or Heun's method
   (Karras et al. 2022, Algorithm 1: no correction on the final step to :math:`t = 0`).
@@ -27,8 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.denoisers import Denoiser, epsilon_from_x0, velocity_from_x0
-from models.schedules import Schedule, time_grid
+from diffpost.models.denoisers import Denoiser, epsilon_from_x0, velocity_from_x0
+from diffpost.models.schedules import Schedule, time_grid
 
 __all__ = [
     "SAMPLERS",
@@ -59,8 +60,9 @@ def initial_noise(
     dtype: torch.dtype = torch.float32,
     device=None,
 ) -> Tensor:
-    r"""Draw :math:`x_{t_{\max}} \sim \mathcal{N}(0, (\alpha^2 + \sigma^2) I)` (VP: N(0, I); VE and EDM:
-    :math:`N(0, \sigma_{\max}^2 I)`), the reference law of the noised data at unit data scale."""
+    r"""Draw :math:`x_{t_{\max}} \sim \mathcal{N}(0, (\alpha^2 + \sigma^2) I)` (VP: N(0, I); VE and
+    EDM: :math:`N(0, \sigma_{\max}^2 I)`), the reference law of the noised data at unit data
+        scale."""
     t = torch.tensor(t_max, dtype=torch.float64)
     scale = float(torch.sqrt(schedule.alpha(t) ** 2 + schedule.sigma(t) ** 2))
     return scale * torch.randn(shape, generator=generator, dtype=dtype, device=device)
@@ -193,7 +195,7 @@ def sample(
     x = initial_noise(
         denoiser.schedule, shape, generator, t_max=float(grid[0]), dtype=dtype, device=device
     )
-    for step, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+    for step, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
         t, s = t.to(device=x.device), s.to(device=x.device)
         if sampler in ("ddpm", "ddim"):
             x = ddim_step(denoiser, x, t, s, generator, eta)

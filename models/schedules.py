@@ -119,7 +119,8 @@ class Schedule(ABC):
 
 
 class _VariancePreserving(Schedule):
-    r"""Shared part of the VP schedules: :math:`\sigma = \sqrt{1 - \alpha^2}` from :math:`\log\alpha`.
+    r"""Shared part of the VP schedules: :math:`\sigma = \sqrt{1 - \alpha^2}` from
+    :math:`\log\alpha`.
 
     Subclasses implement ``log_alpha(t)`` and ``_log_alpha_derivative(t)``.
     """
@@ -163,7 +164,8 @@ class VP(_VariancePreserving):
     :math:`f(t) = \cos^2\!\big(\tfrac{\pi}{2}\,\tfrac{t\,\tau + s}{1 + s}\big)` with ``s = 0.008``.
     At ``t = 1`` the exact schedule has :math:`\alpha = 0` (infinite noise), which the discrete
     schedule avoids by clipping :math:`\beta_T` to 0.999; we truncate instead at the last
-    unclipped discrete step, :math:`\tau = 0.999`, so :math:`\bar\alpha(1) \approx 2.4 \cdot 10^{-6}`.
+    unclipped discrete step, :math:`\tau = 0.999`, so :math:`\bar\alpha(1) \approx 2.4 \cdot
+    10^{-6}`.
 
     Args:
         kind: ``"linear"`` or ``"cosine"``.
@@ -250,7 +252,8 @@ class DiscreteVP(_VariancePreserving):
     def linear(
         cls, num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
     ) -> DiscreteVP:
-        """The DDPM schedule of Ho et al.: linear betas, :math:`\\bar\\alpha_n = \\prod (1 - \\beta)`."""
+        """The DDPM schedule of Ho et al.: linear betas, :math:`\\bar\\alpha_n = \\prod (1 -
+        \\beta)`."""
         betas = ddpm_linear_betas(num_train_steps, beta_start, beta_end)
         return cls(torch.cumprod(1.0 - betas, 0))
 

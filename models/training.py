@@ -1,14 +1,15 @@
 r"""Training diffusion priors: denoising score matching with EMA weights and resumable checkpoints.
 
-:func:`train` fits the network inside any network adapter of :mod:`models.denoisers`
-(:class:`~models.denoisers.EpsilonDenoiser`, :class:`~models.denoisers.VDenoiser`,
-:class:`~models.denoisers.X0Denoiser`, :class:`~models.denoisers.ScoreDenoiser`,
-:class:`~models.denoisers.VelocityDenoiser`, :class:`~models.denoisers.EDMDenoiser`,
-:class:`~models.denoisers.DiscreteDDPMDenoiser`) to a data tensor, under the adapter's schedule.
-One step draws a batch :math:`x_0` from the data (uniformly, with replacement), times
-:math:`t \sim \mathcal U[t_{\min}, 1]` (on a :class:`~models.schedules.DiscreteVP` schedule: the
-grid :math:`t = n/N`, :math:`n \sim \mathcal U\{1..N\}`), noise :math:`\epsilon \sim \mathcal N(0,
-I)`, and minimises
+:func:`train` fits the network inside any network adapter of :mod:`diffpost.models.denoisers`
+(:class:`~diffpost.models.denoisers.EpsilonDenoiser`, :class:`~diffpost.models.denoisers.VDenoiser`,
+:class:`~diffpost.models.denoisers.X0Denoiser`, :class:`~diffpost.models.denoisers.ScoreDenoiser`,
+:class:`~diffpost.models.denoisers.VelocityDenoiser`,
+:class:`~diffpost.models.denoisers.EDMDenoiser`,
+:class:`~diffpost.models.denoisers.DiscreteDDPMDenoiser`) to a data tensor, under the adapter's
+schedule. One step draws a batch :math:`x_0` from the data (uniformly, with replacement), times
+:math:`t \sim \mathcal U[t_{\min}, 1]` (on a :class:`~diffpost.models.schedules.DiscreteVP`
+schedule: the grid :math:`t = n/N`, :math:`n \sim \mathcal U\{1..N\}`), noise :math:`\epsilon \sim
+    \mathcal N(0, I)`, and minimises
 
 .. math:: \mathcal L(\theta) = \mathbb E\, \lambda(t)\,
           \lVert F_\theta(x_t, t) - F^\star(x_0, \epsilon, t) \rVert^2 / d,
@@ -34,8 +35,8 @@ losing a step. A resumed run is bitwise identical to an uninterrupted one on the
 (unless the interrupt lands inside the few milliseconds of the optimiser's parameter update,
 which may then be half applied).
 
-:func:`fit_gaussian_mixture` fits the exact prior :class:`~models.priors.GaussianMixture` to data
-by expectation-maximisation.
+:func:`fit_gaussian_mixture` fits the exact prior :class:`~diffpost.models.priors.GaussianMixture`
+to data by expectation-maximisation.
 
 References:
     Vincent. A Connection Between Score Matching and Denoising Autoencoders. Neural Computation,
@@ -58,9 +59,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.denoisers import Denoiser
-from models.priors import GaussianMixture
-from models.schedules import DiscreteVP, Schedule
+from diffpost.models.denoisers import Denoiser
+from diffpost.models.priors import GaussianMixture
+from diffpost.models.schedules import DiscreteVP, Schedule
 
 __all__ = ["TrainingResult", "train", "fit_gaussian_mixture"]
 
@@ -106,7 +107,8 @@ def _validate(denoiser, data, num_steps, batch_size, learning_rate, warmup_steps
 
 
 def _sample_times(schedule: Schedule, n: int, t_min: float, generator, like: Tensor) -> Tensor:
-    """Training times, shape ``(n,)``: the grid of a discrete schedule, else uniform on [t_min, 1]."""
+    """Training times, shape ``(n,)``: the grid of a discrete schedule, else uniform on [t_min,
+    1]."""
     if isinstance(schedule, DiscreteVP):
         steps = torch.randint(
             1, schedule.num_train_steps + 1, (n,), generator=generator, device=like.device
@@ -269,9 +271,9 @@ def train(
             scheduler.step()
             decay = min(ema_decay, (1.0 + step) / (10.0 + step))
             with torch.no_grad():
-                for average, current in zip(ema.parameters(), denoiser.parameters()):
+                for average, current in zip(ema.parameters(), denoiser.parameters(), strict=True):
                     average.lerp_(current, 1.0 - decay)
-                for average, current in zip(ema.buffers(), denoiser.buffers()):
+                for average, current in zip(ema.buffers(), denoiser.buffers(), strict=True):
                     average.copy_(current)
             losses[step] = loss.detach().double()
             step += 1
@@ -319,8 +321,8 @@ def fit_gaussian_mixture(
         seed: seed of the initialisation.
 
     Returns:
-        A :class:`~models.priors.GaussianMixture` with ``event_shape = data.shape[1:]``, in the
-        data's dtype and device.
+        A :class:`~diffpost.models.priors.GaussianMixture` with ``event_shape = data.shape[1:]``, in
+        the data's dtype and device.
     """
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise ValueError(f"components must be a positive integer; got {components!r}")

@@ -8,8 +8,8 @@ Example::
     tree = result.to_datatree()
 """
 
-from posterior.driver import sample
-from posterior.engines import (
+from diffpost.posterior.driver import sample
+from diffpost.posterior.engines import (
     DAPS,
     DCDP,
     DDRM,
@@ -31,8 +31,8 @@ from posterior.engines import (
     ScoreALD,
     SMCDiff,
 )
-from posterior.particles import ParticleSet
-from posterior.problem import Problem
+from diffpost.posterior.particles import ParticleSet
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "sample",
@@ -59,4 +59,3 @@ __all__ = [
     "REDDiff",
     "RSLD",
 ]
-__version__ = "0.1.0"

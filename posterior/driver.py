@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from posterior.engines.base import Engine, EngineFailed
-from posterior.particles import ParticleSet
-from posterior.problem import NonFiniteParticles, Problem
+from diffpost.posterior.engines.base import Engine, EngineFailed
+from diffpost.posterior.particles import ParticleSet
+from diffpost.posterior.problem import NonFiniteParticles, Problem
 
 __all__ = ["sample"]
 
@@ -68,7 +68,7 @@ def sample(
     """Run an inference engine on the inverse problem declared by a Pyro model.
 
     Args:
-        model: a Pyro model with one :class:`~models.priors.DiffusionPrior` latent site and
+        model: a Pyro model with one :class:`~diffpost.models.priors.DiffusionPrior` latent site and
             observed sites.
         engine: an engine instance, e.g. ``posterior.Exact()``.
         num_particles: particles per chain (``draws``).
@@ -83,8 +83,8 @@ def sample(
         model_kwargs: keyword arguments of the model (the observations, e.g. ``{"y": y}``).
 
     Returns:
-        A :class:`~posterior.particles.ParticleSet` with values ``(num_chains, num_particles,
-        *event)`` under the prior site's name.
+        A :class:`~diffpost.posterior.particles.ParticleSet` with values
+        ``(num_chains, num_particles, *event)`` under the prior site's name.
 
     Raises:
         ValueError: a misdeclared model, bad arguments, or an engine that cannot handle the

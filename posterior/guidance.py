@@ -7,7 +7,8 @@ The explicit-approximation engines (DPS, ΠGDM, MMPS, ...) replace the intractab
 
 - the gradient of a per-particle objective of :math:`\hat x_0` (DPS: the residual norm
   :math:`\lVert y - \mathbb{E}[y \mid \hat x_0] \rVert`), one vector-Jacobian product (VJP) at each
-  step: :meth:`posterior.Problem.denoise_with_vjp`, used by :func:`denoise_with_residual_gradient`;
+  step: :meth:`diffpost.posterior.Problem.denoise_with_vjp`, used by
+      :func:`denoise_with_residual_gradient`;
 - :math:`J^\top w` for cotangents ``w`` computed from :math:`\hat x_0`, possibly several at the same
   :math:`x_t` (MMPS solves a linear system whose matrix holds :math:`J`):
   :func:`denoise_with_jacobian`, which runs the denoiser once per chunk of ``batch_size``
@@ -15,7 +16,7 @@ The explicit-approximation engines (DPS, ΠGDM, MMPS, ...) replace the intractab
   it, so a large batch never holds all its activations at once.
 
 Every call counts one NFE in ``problem.nfe`` and its VJPs in ``problem.vjp`` (one VJP is one
-backward pass over all particles), as :meth:`~posterior.Problem.denoise_with_vjp` does.
+backward pass over all particles), as :meth:`~diffpost.posterior.Problem.denoise_with_vjp` does.
 
 **Tweedie covariance.** Differentiating Tweedie's formula :math:`\alpha_t D = x_t + \sigma_t^2
 \nabla \log p_t(x_t)` once more gives the second moment (Efron 2011; Meng et al. 2021;
@@ -51,8 +52,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.schedules import Schedule
-from posterior.problem import Problem
+from diffpost.models.schedules import Schedule
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "VJP",
@@ -99,8 +100,8 @@ def prior_variance(problem: Problem) -> float:
 def observation_residual(problem: Problem, x0: Tensor) -> Tensor:
     r"""The data residual :math:`y - \mathbb{E}[y \mid x_0]` of every observed site, ``(n, m)``.
 
-    For a :class:`~models.observations.GaussianObservation` it is :math:`y - A(x_0)`; for any
-    other observed distribution (e.g. ``Poisson(rate(x)).to_event(1)``) the distribution's
+    For a :class:`~diffpost.models.observations.GaussianObservation` it is :math:`y - A(x_0)`; for
+    any other observed distribution (e.g. ``Poisson(rate(x)).to_event(1)``) the distribution's
     ``mean`` at :math:`x_0` is subtracted. Sites are flattened and concatenated in model order.
     Differentiable in ``x0``.
 
@@ -201,7 +202,7 @@ def denoise_with_jacobian(
         outputs.append((result,) if single else tuple(result))
     problem.nfe += 1
     problem.vjp += most_calls
-    merged = tuple(torch.cat(parts) for parts in zip(*outputs))
+    merged = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
     return merged[0] if single else merged
 
 

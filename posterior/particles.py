@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posterior.resampling import ess as _ess
-from posterior.resampling import systematic
+from diffpost.posterior.resampling import ess as _ess
+from diffpost.posterior.resampling import systematic
 
 __all__ = ["ParticleSet"]
 
@@ -39,8 +39,8 @@ class ParticleSet:
         info: engine name and configuration, ``num_particles``, ``num_chains``, ``nfe``,
             ``vjp``, ``wall_time``, ``seed``, ``latent_name``, ``event_dims``.
         fitted: what the engine fitted besides the particles, name -> object (e.g. the
-            normalizing flow of :class:`~posterior.FlowVI`, which draws more samples); kept in
-            memory only (not saved, not moved by :meth:`to`, dropped by :meth:`concat`).
+            normalizing flow of :class:`~diffpost.posterior.FlowVI`, which draws more samples); kept
+            in memory only (not saved, not moved by :meth:`to`, dropped by :meth:`concat`).
     """
 
     values: dict[str, Tensor]
@@ -55,7 +55,8 @@ class ParticleSet:
     def __post_init__(self):
         if self.log_weights.dim() != 2:
             raise ValueError(
-                f"ParticleSet.log_weights must be (chains, draws); got {tuple(self.log_weights.shape)}"
+                "ParticleSet.log_weights must be (chains, draws); got "
+                f"{tuple(self.log_weights.shape)}"
             )
         for name, value in self.values.items():
             if value.shape[:2] != self.log_weights.shape:
@@ -143,7 +144,8 @@ class ParticleSet:
         the run's seed), so the call is deterministic.
 
         Args:
-            group_by_chain: keep ``(chains, draws, *event)``; otherwise ``(chains * draws, *event)``.
+            group_by_chain: keep ``(chains, draws, *event)``; otherwise
+                ``(chains * draws, *event)``.
             seed: seed of the resampling generator.
 
         Returns:
@@ -166,8 +168,8 @@ class ParticleSet:
         """One particle per chain, drawn by its weight: ``chains`` independent posterior draws.
 
         The particles of one SMC chain share ancestors; comparing sample sets fairly (e.g. with
-        :func:`diagnostics.sliced_wasserstein`) needs independent draws, hence many chains and one
-        draw from each.
+        :func:`diffpost.diagnostics.sliced_wasserstein`) needs independent draws, hence many chains
+        and one draw from each.
 
         Args:
             seed: seed of the draw (default: the run's seed; see :meth:`_generator`).
@@ -182,8 +184,8 @@ class ParticleSet:
 
     def to_datatree(self, **kwargs):
         """This set as an ``xarray.DataTree`` in the ArviZ 1.x layout (see
-        :func:`diagnostics.to_datatree` for the arguments)."""
-        from diagnostics.convert import to_datatree
+        :func:`diffpost.diagnostics.to_datatree` for the arguments)."""
+        from diffpost.diagnostics.convert import to_datatree
 
         return to_datatree(self, **kwargs)
 
@@ -268,4 +270,5 @@ class ParticleSet:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.values.items())
         engine = self.info.get("engine", "?")
-        return f"ParticleSet(engine={engine}, chains={self.num_chains}, draws={self.num_draws}, {shapes})"
+        sizes = f"chains={self.num_chains}, draws={self.num_draws}"
+        return f"ParticleSet(engine={engine}, {sizes}, {shapes})"

@@ -1,9 +1,10 @@
 """Read an inverse problem out of a Pyro model.
 
 :meth:`Problem.from_model` traces the model once, *without* running the diffusion prior's sampler,
-finds exactly one :class:`~models.priors.DiffusionPrior` latent site and the observed sites, and
-offers what engines need: the prior and its denoiser (chunked and counted), ``log p(y | x)`` for a
-batch of particles and its gradient, and the linear-Gaussian structure when the model has it.
+finds exactly one :class:`~diffpost.models.priors.DiffusionPrior` latent site and the observed
+sites, and offers what engines need: the prior and its denoiser (chunked and counted),
+``log p(y | x)`` for a batch of particles and its gradient, and the linear-Gaussian structure when
+the model has it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from models.observations import GaussianObservation
-from models.operators.base import LinearOperator, Operator
-from models.operators.basic import Mask
-from models.priors import DiffusionPrior, GaussianMixture
+from diffpost.models.observations import GaussianObservation
+from diffpost.models.operators.base import LinearOperator, Operator
+from diffpost.models.operators.basic import Mask
+from diffpost.models.priors import DiffusionPrior, GaussianMixture
 
 __all__ = ["Problem", "GaussianStructure", "CAPABILITIES", "NonFiniteParticles"]
 
@@ -42,8 +43,8 @@ class NonFiniteParticles(ArithmeticError):
     """Particles with NaN or infinite entries were passed to the likelihood.
 
     Raised before they reach the model's distributions (whose argument validation would
-    otherwise fail with an unrelated message); :func:`posterior.sample` turns it into
-    :class:`~posterior.engines.base.EngineFailed` with the step.
+    otherwise fail with an unrelated message); :func:`diffpost.posterior.sample` turns it into
+    :class:`~diffpost.posterior.engines.base.EngineFailed` with the step.
     """
 
 
@@ -69,7 +70,8 @@ class GaussianStructure:
 
 
 class _LatentValue(Messenger):
-    """Give the prior's site a value (a placeholder or the particles) without running its sampler."""
+    """Give the prior's site a value (a placeholder or the particles) without running its
+    sampler."""
 
     def __init__(self, value_fn: Callable[[str, DiffusionPrior], Tensor]):
         super().__init__()
@@ -89,7 +91,7 @@ class Problem:
 
     Build it with :meth:`from_model`. Attributes:
         latent_name: the prior site's name.
-        prior: the :class:`~models.priors.DiffusionPrior`.
+        prior: the :class:`~diffpost.models.priors.DiffusionPrior`.
         observed: observed site name -> observed value.
         gaussian: the :class:`GaussianStructure`, or ``None``.
         batch_size: chunk size of denoiser and likelihood calls (``None``: one chunk).
@@ -150,13 +152,15 @@ class Problem:
         if len(priors) > 1:
             names = ", ".join(repr(s["name"]) for s in priors)
             raise ValueError(
-                f"the model has {len(priors)} DiffusionPrior sites ({names}); exactly one is supported"
+                f"the model has {len(priors)} DiffusionPrior sites ({names}); exactly one is "
+                "supported"
             )
         prior_site = priors[0]
         prior: DiffusionPrior = prior_site["fn"]
         if prior.batch_shape:
             raise ValueError(
-                f"the prior at site {prior_site['name']!r} has batch shape {tuple(prior.batch_shape)}; "
+                f"the prior at site {prior_site['name']!r} has batch shape "
+                f"{tuple(prior.batch_shape)}; "
                 "declare one signal (engines add the particle dimension themselves)"
             )
         observed, likelihood_sites = {}, []
@@ -186,8 +190,8 @@ class Problem:
                 raise ValueError(f"observed site {name!r} contains NaN or inf")
             if value.device != prior.device:
                 raise ValueError(
-                    f"observed site {name!r} is on {value.device} but the prior is on {prior.device}; "
-                    "move the observation to the prior's device"
+                    f"observed site {name!r} is on {value.device} but the prior is on "
+                    f"{prior.device}; move the observation to the prior's device"
                 )
             observed[name] = value
         gaussian = None
@@ -248,7 +252,8 @@ class Problem:
         """A short description of the observed sites, for error messages."""
         if self.gaussian is not None:
             operator = type(self.gaussian.operator).__name__
-            return f"GaussianObservation({operator}, sigma={self._sigma_text()}) at site {self.gaussian.site!r}"
+            sigma = self._sigma_text()
+            return f"GaussianObservation({operator}, sigma={sigma}) at site {self.gaussian.site!r}"
         parts = []
         for name in self.likelihood_sites:
             fn, event_dims = self._trace_fn(name), 0
@@ -277,7 +282,8 @@ class Problem:
         if missing:
             needs = "; ".join(CAPABILITIES[c] for c in missing)
             raise ValueError(
-                f"{type(engine).__name__} needs {needs}; the model has {self.describe_observation()} "
+                f"{type(engine).__name__} needs {needs}; the model has "
+                f"{self.describe_observation()} "
                 f"and a {type(self.prior).__name__} prior at site {self.latent_name!r}"
             )
 
@@ -318,13 +324,15 @@ class Problem:
                 raise ValueError(
                     f"observed site {name!r}: log_prob has shape {tuple(log_prob.shape)} for "
                     f"{x.shape[0]} particles; the model must broadcast over a leading particle "
-                    "dimension (declare the observation with .to_event(k), no plate over measurements)"
+                    "dimension (declare the observation with .to_event(k), no plate over "
+                    "measurements)"
                 )
             total = total + log_prob * site["scale"]
         return total
 
     def log_likelihood(self, x: Tensor) -> Tensor:
-        r""":math:`\\log p(y \\mid x)` summed over observed sites, ``(N, *event) -> (N,)`` (chunked).
+        r""":math:`\\log p(y \\mid x)` summed over observed sites, ``(N, *event) -> (N,)``
+        (chunked).
 
         Raises:
             ValueError: the observation is noiseless (degenerate density).
@@ -355,7 +363,8 @@ class Problem:
 
     # ------------------------------------------------------------------ denoiser
     def denoise(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        """Tweedie mean ``(N, *event) -> (N, *event)``, chunked by ``batch_size``, counted as one NFE.
+        """Tweedie mean ``(N, *event) -> (N, *event)``, chunked by ``batch_size``, counted as one
+        NFE.
 
         Args:
             x_t: noisy particles.
@@ -400,7 +409,8 @@ class Problem:
                 value = objective(x0)
                 if value.shape != (part.shape[0],):
                     raise ValueError(
-                        f"the objective must return one value per particle; got {tuple(value.shape)}"
+                        "the objective must return one value per particle; got "
+                        f"{tuple(value.shape)}"
                     )
                 (grad,) = torch.autograd.grad(value.sum(), part)
             estimates.append(x0.detach())
@@ -409,6 +419,7 @@ class Problem:
 
     def __repr__(self) -> str:
         return (
-            f"Problem(latent={self.latent_name!r}: {type(self.prior).__name__}{tuple(self.event_shape)}, "
+            f"Problem(latent={self.latent_name!r}: "
+            f"{type(self.prior).__name__}{tuple(self.event_shape)}, "
             f"observation={self.describe_observation()})"
         )

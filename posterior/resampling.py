@@ -36,8 +36,8 @@ def normalize_log_weights(log_weights: Tensor) -> Tensor:
 def ess(log_weights: Tensor) -> Tensor:
     r"""Effective sample size :math:`1 / \sum_i W_i^2` per chain, ``(chains, N) -> (chains,)``.
 
-    Computed in log space, :math:`\exp(2\,\mathrm{lse}(\ell) - \mathrm{lse}(2\ell))`, so unnormalised
-    log-weights are fine.
+    Computed in log space, :math:`\exp(2\,\mathrm{lse}(\ell) - \mathrm{lse}(2\ell))`, so
+    unnormalised log-weights are fine.
     """
     return torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
 

@@ -2,8 +2,8 @@
 
 import pyro
 
-from models import GaussianObservation
-from models.schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule
+from diffpost.models import GaussianObservation
+from diffpost.models.schedules import EDM, VE, VP, DiscreteVP, RectifiedFlow, Schedule
 
 
 def gaussian_model(prior, operator, sigma):

@@ -2,8 +2,8 @@ r"""Tests for the adapters added for learned priors: schedule conversion, EDM pr
 training targets, the adapter factory and diffusers models.
 
 Exact references: a Gaussian mixture has an exact Tweedie denoiser under every schedule
-(:class:`models.priors.GaussianMixtureDenoiser`), so a denoiser built for one schedule and queried
-under another through :class:`ConvertedDenoiser` must return the target schedule's exact x0
+(:class:`diffpost.models.priors.GaussianMixtureDenoiser`), so a denoiser built for one schedule and
+queried under another through :class:`ConvertedDenoiser` must return the target schedule's exact x0
 estimate. float64 throughout where a closed form is compared.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import all_schedules
 
-from models.denoisers import (
+from diffpost.models.denoisers import (
     ADAPTERS,
     ConvertedDenoiser,
     DiscreteDDPMDenoiser,
@@ -21,9 +21,9 @@ from models.denoisers import (
     VDenoiser,
     from_network,
 )
-from models.networks import UNet
-from models.priors import GaussianMixture
-from models.schedules import EDM, VP, DiscreteVP
+from diffpost.models.networks import UNet
+from diffpost.models.priors import GaussianMixture
+from diffpost.models.schedules import EDM, VP, DiscreteVP
 
 F64 = torch.float64
 SCHEDULES = all_schedules()
@@ -175,7 +175,7 @@ def tiny_unet():
 def test_diffusers_denoiser_matches_diffusers_x0(prediction):
     """x0 at step n equals the scheduler's own ``pred_original_sample`` (clipping off)."""
     diffusers = pytest.importorskip("diffusers")
-    from models.denoisers import DiffusersDenoiser
+    from diffpost.models.denoisers import DiffusersDenoiser
 
     unet = tiny_unet()
     scheduler = diffusers.DDPMScheduler(
@@ -200,7 +200,7 @@ def test_diffusers_denoiser_matches_diffusers_x0(prediction):
 
 def test_diffusers_from_pretrained_local_folder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from models.denoisers import DiffusersDenoiser
+    from diffpost.models.denoisers import DiffusersDenoiser
 
     unet = tiny_unet()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=200, prediction_type="v_prediction")
@@ -227,8 +227,8 @@ def test_diffusers_prior_samples_and_validation():
     pytest.importorskip("diffusers")
     import diffusers
 
-    from models import DiffusionPrior
-    from models.denoisers import DiffusersDenoiser
+    from diffpost.models import DiffusionPrior
+    from diffpost.models.denoisers import DiffusersDenoiser
 
     denoiser = DiffusersDenoiser(tiny_unet(), diffusers.DDPMScheduler())
     prior = DiffusionPrior(denoiser, (1, 8, 8), sampler="ddim", num_steps=3)

@@ -18,11 +18,16 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import CalibrationStudy, calibration_study, prior_predictive, rank_uniformity_test
-from models import GaussianMixture, GaussianObservation
-from models.operators import Mask, Matrix
-from posterior.engines.exact import Exact, ExactState
+from diffpost import posterior
+from diffpost.diagnostics import (
+    CalibrationStudy,
+    calibration_study,
+    prior_predictive,
+    rank_uniformity_test,
+)
+from diffpost.models import GaussianMixture, GaussianObservation
+from diffpost.models.operators import Mask, Matrix
+from diffpost.posterior.engines.exact import Exact, ExactState
 
 TRIALS, DRAWS = 100, 49  # 10 bins of 5 ranks each (L + 1 = 50)
 

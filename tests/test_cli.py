@@ -1,57 +1,84 @@
-"""The main job: ``posterior demo`` runs end to end and writes its results."""
+"""The main job: ``diffpost demo`` runs end to end and writes its results.
 
+The demo runs in-process at small sizes (``--num-steps``); one run goes through the installed
+console script in a subprocess, as a user would start it.
+"""
+
+import importlib.metadata
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-import diagnostics
+import pytest
+
+import diffpost
+from diffpost import diagnostics
+from diffpost.cli import main
+
+SMALL = ["--num-steps", "3", "--num-draws", "8", "--particles-per-filter", "4", "--quiet"]
 
 
-def test_demo_writes_datatrees_figures_and_summary(tmp_path):
+def test_demo_writes_datatrees_figures_and_summary(tmp_path, capsys):
     output = tmp_path / "demo"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "posterior",
-            "demo",
-            "--output",
-            str(output),
-            "--engines",
-            "mcgdiff,dps",
-            "--num-draws",
-            "8",
-            "--particles-per-filter",
-            "4",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    for name in ("mcgdiff.nc", "dps.nc", "mcgdiff.png", "dps.png", "compare.png", "summary.txt"):
-        assert (output / name).stat().st_size > 0
+    assert main(["demo", "--output", str(output), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    for name in ("mcgdiff", "dps", "daps"):
+        assert (output / f"{name}.nc").stat().st_size > 0
+        assert (output / f"{name}.png").stat().st_size > 0
+    assert (output / "compare.png").stat().st_size > 0
     smc = diagnostics.load_datatree(output / "mcgdiff.nc")
     assert smc["posterior"]["x"].shape == (8, 4, 1, 8, 8)  # 8 filters of 4 particles
     assert "x" in smc["constant_data"]  # the truth, under the latent's name
+    assert smc.attrs["inference_library"] == "diffpost"
     dps = diagnostics.load_datatree(output / "dps.nc")
     assert dps["posterior"]["x"].shape == (4, 2, 1, 8, 8)  # 4 chains of 8 // 4 draws
+    assert dps["sample_stats"].sizes["step"] == 3  # --num-steps reached the engine
     summary = (output / "summary.txt").read_text()
-    assert "MCGDiff" in summary and "DPS" in summary and "psnr" in summary
-    assert summary.strip() in completed.stdout
+    assert all(name in summary for name in ("MCGDiff", "DPS", "DAPS", "psnr", "coverage"))
+    assert summary.strip() in printed
+
+
+def test_console_script_runs_the_demo_end_to_end(tmp_path):
+    """The installed ``diffpost`` command, in a subprocess started outside the repository."""
+    script = shutil.which("diffpost", path=str(Path(sys.executable).parent))
+    assert script is not None, "the diffpost console script is not installed beside python"
+    completed = subprocess.run(
+        [script, "demo", "--engines", "mcgdiff", "--output", "out", *SMALL],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "out" / "mcgdiff.nc").stat().st_size > 0
+    assert "MCGDiff" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_version_is_written_once():
+    assert diffpost.__version__ == importlib.metadata.version("diffpost")
+    completed = subprocess.run(
+        [sys.executable, "-m", "diffpost", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert completed.stdout.strip() == f"diffpost {diffpost.__version__}"
 
 
 def test_demo_refuses_an_unknown_engine(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, "-m", "posterior", "demo", "--engines", "nope", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert completed.returncode != 0 and "unknown engine" in completed.stderr
+    with pytest.raises(SystemExit, match="unknown engine"):
+        main(["demo", "--engines", "nope", "--output", str(tmp_path)])
 
 
-def test_unknown_command_fails_with_usage():
-    completed = subprocess.run(
-        [sys.executable, "-m", "posterior", "bogus"], capture_output=True, text=True
-    )
-    assert completed.returncode == 2 and "usage" in completed.stderr
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bogus"], "invalid choice"),
+        (["demo", "--num-steps", "0"], "--num-steps: must be a positive integer"),
+        (["demo", "--num-draws", "-2"], "--num-draws: must be a positive integer"),
+    ],
+)
+def test_bad_command_lines_fail_with_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: diffpost" in error and message in error

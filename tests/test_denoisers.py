@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import all_schedules
 
-from models.denoisers import (
+from diffpost.models.denoisers import (
     DiscreteDDPMDenoiser,
     EpsilonDenoiser,
     ScoreDenoiser,
@@ -31,7 +31,7 @@ from models.denoisers import (
     X0Denoiser,
     broadcast_time,
 )
-from models.schedules import VP, ddpm_linear_betas
+from diffpost.models.schedules import VP, ddpm_linear_betas
 
 F64 = torch.float64
 EVENT = (2, 2)
@@ -215,7 +215,7 @@ def test_probability_flow_moves_marginal(name):
         mean, variance = marginal_mean_and_variance(schedule, t)
         mean_velocity = denoiser.velocity(mean.unsqueeze(0), t)[0]
         jacobian = torch.autograd.functional.jacobian(
-            lambda x: denoiser.velocity(x.unsqueeze(0), t)[0], mean.clone()
+            lambda x, t=t: denoiser.velocity(x.unsqueeze(0), t)[0], mean.clone()
         ).reshape(4, 4)
         assert (jacobian - torch.diag(jacobian.diagonal())).abs().max() < 1e-12
         slope = jacobian.diagonal().reshape(EVENT)

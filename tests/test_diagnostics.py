@@ -12,8 +12,8 @@ import pytest
 import torch
 import xarray as xr
 
-import diagnostics
-from diagnostics import (
+from diffpost import diagnostics
+from diffpost.diagnostics import (
     gaussian_w2,
     load_datatree,
     max_sliced_wasserstein,
@@ -21,8 +21,8 @@ from diagnostics import (
     sliced_wasserstein,
     to_datatree,
 )
-from posterior.engines.common import uniform_log_weights
-from posterior.particles import ParticleSet
+from diffpost.posterior.engines.common import uniform_log_weights
+from diffpost.posterior.particles import ParticleSet
 
 arviz_stats = pytest.importorskip("arviz_stats")
 
@@ -87,7 +87,7 @@ def test_groups_dims_shapes_and_values():
     np.testing.assert_array_equal(tree["posterior"]["draw"].values, np.arange(DRAWS))
     np.testing.assert_array_equal(tree["posterior"]["row"].values, np.arange(4))
     assert tree["posterior"].attrs["sample_dims"] == ["chain", "draw"]
-    assert tree["posterior"].attrs["inference_library"] == "posterior"
+    assert tree["posterior"].attrs["inference_library"] == "diffpost"
 
     stats = tree["sample_stats"]
     assert stats.sizes["step"] == STEPS
@@ -110,7 +110,7 @@ def test_groups_dims_shapes_and_values():
     np.testing.assert_array_equal(log_lik.values, particles.log_likelihood.numpy())
 
     attrs = tree.attrs
-    assert attrs["inference_library"] == "posterior"
+    assert attrs["inference_library"] == "diffpost"
     assert isinstance(attrs["inference_library_version"], str)
     assert attrs["engine"] == "SMCDiff"
     assert json.loads(attrs["config"]) == CONFIG
@@ -319,13 +319,13 @@ def test_cuda_set_converts_like_the_cpu_one():
     )
 
 
-def test_import_diagnostics_is_light():
+def test_import_diagnostics_is_light(tmp_path):
     code = (
-        "import sys, diagnostics; "
+        "import sys; from diffpost import diagnostics; "
         "assert 'arviz_base' not in sys.modules and 'xarray' not in sys.modules, 'heavy'; "
         "diagnostics.to_datatree; assert 'arviz_base' in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,8 +488,8 @@ def _gaussian_problem():
     """x ~ N(0, diag(1, 4)) in 2 dims, y = x[0] + x[1] + 0.5 e."""
     from helpers import gaussian_model
 
-    from models import Gaussian
-    from models.operators import Matrix
+    from diffpost.models import Gaussian
+    from diffpost.models.operators import Matrix
 
     prior = Gaussian(
         torch.zeros(2, dtype=torch.float64), torch.diag(torch.tensor([1.0, 4.0])).double()
@@ -499,7 +499,7 @@ def _gaussian_problem():
 
 
 def _exact_run(y: float, seed: int, chains: int = 2, draws: int = 500):
-    import posterior
+    from diffpost import posterior
 
     _, _, model = _gaussian_problem()
     return posterior.sample(
@@ -599,9 +599,9 @@ def test_one_draw_per_chain_of_exact_runs_is_unbiased():
     # within 4 standard errors of the exact mean (measured z -0.56 and -0.56).
     from helpers import gaussian_model
 
-    import posterior
-    from models import GaussianMixture
-    from models.operators import Matrix
+    from diffpost import posterior
+    from diffpost.models import GaussianMixture
+    from diffpost.models.operators import Matrix
 
     dtype = torch.float64
     prior = GaussianMixture(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diagnostics import central_intervals, coverage, crps, mmd, psnr, ssim
+from diffpost.diagnostics import central_intervals, coverage, crps, mmd, psnr, ssim
 
 DTYPE = torch.float64
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, GaussianObservation, operators
-from models.operators import LinearOperator
-from posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, GaussianObservation, operators
+from diffpost.models.operators import LinearOperator
+from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
 
 DTYPE = torch.float64
 
@@ -102,7 +102,8 @@ def test_ddrm_eta_c_defaults_to_eta_and_acts_on_the_less_noisy_coordinates():
 @pytest.mark.parametrize(
     "engine, variance_band",
     [
-        # variance ratios (per coordinate, seeds 0 and 1): 0.72 0.64 / 0.69 0.64 (DDRM under-disperses)
+        # variance ratios (per coordinate, seeds 0 and 1): 0.72 0.64 / 0.69 0.64 (DDRM
+        # under-disperses)
         (DDRM(), (0.55, 0.85)),
         # 4.17 0.97 / 4.16 0.95: on the sharp observed direction the normalised step does not
         # shrink with the residual (14x with scale = 1); only the mean is asserted

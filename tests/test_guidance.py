@@ -2,7 +2,8 @@
 residual, and their chunking and counting.
 
 Closed forms: for a Gaussian prior :math:`\\mathcal{N}(\\mu, \\Sigma)` the denoiser is affine in
-:math:`x_t` and :math:`\\operatorname{Cov}[x_0 \\mid x_t] = (\\Sigma^{-1} + (\\alpha_t^2 / \\sigma_t^2) I)^{-1}`.
+:math:`x_t` and :math:`\\operatorname{Cov}[x_0 \\mid x_t] = (\\Sigma^{-1} + (\\alpha_t^2 /
+\\sigma_t^2) I)^{-1}`.
 """
 
 import pyro
@@ -12,12 +13,18 @@ import torch
 from helpers import gaussian_model
 from torch import nn
 
-import posterior
-from models import DiffusionPrior, Gaussian, GaussianMixture, GaussianObservation, operators
-from models.denoisers import X0Denoiser
-from models.schedules import VP
-from posterior.engines.explicit import DPS, MMPS, PiGDM
-from posterior.guidance import (
+from diffpost import posterior
+from diffpost.models import (
+    DiffusionPrior,
+    Gaussian,
+    GaussianMixture,
+    GaussianObservation,
+    operators,
+)
+from diffpost.models.denoisers import X0Denoiser
+from diffpost.models.schedules import VP
+from diffpost.posterior.engines.explicit import DPS, MMPS, PiGDM
+from diffpost.posterior.guidance import (
     denoise_with_cotangent,
     denoise_with_jacobian,
     denoise_with_residual_gradient,

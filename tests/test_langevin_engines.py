@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers import all_schedules, gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianObservation, operators
-from models.problems import gaussian_mixture_benchmark
-from models.schedules import VE
-from posterior.engines.langevin import DAPS, DCDP, ScoreALD
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianObservation, operators
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.models.schedules import VE
+from diffpost.posterior.engines.langevin import DAPS, DCDP, ScoreALD
 
 DTYPE = torch.float64
 
@@ -373,7 +373,10 @@ def test_a_diverging_run_raises_engine_failed_with_the_step():
         (lambda: ScoreALD(noise_min=300.0), "noise_min < noise_max"),
         (lambda: ScoreALD(likelihood="exact"), "likelihood"),
         (lambda: DCDP(purification_start=1.5), "purification_start"),
-        (lambda: DCDP(consistency_steps=True), "DCDP: consistency_steps must be a positive integer"),
+        (
+            lambda: DCDP(consistency_steps=True),
+            "DCDP: consistency_steps must be a positive integer",
+        ),
         (lambda: DCDP(purification_end=0.9), "purification_end"),
         (lambda: DCDP(consistency_steps=0), "consistency_steps"),
         (lambda: DCDP(proximal_weight=-1.0), "proximal_weight"),

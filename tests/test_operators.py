@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import operators as ops
+from diffpost.models import operators as ops
 
 DOUBLE = torch.float64
 

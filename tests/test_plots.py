@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import gaussian_model  # noqa: E402
 
-import posterior  # noqa: E402
-from diagnostics import (  # noqa: E402
+from diffpost import posterior  # noqa: E402
+from diffpost.diagnostics import (  # noqa: E402
     calibration_study,
     compare,
     plot_calibration,
@@ -26,10 +26,10 @@ from diagnostics import (  # noqa: E402
     plot_rank_histograms,
     plot_traces,
 )
-from models import Gaussian, GaussianMixture  # noqa: E402
-from models.operators import Mask, Matrix  # noqa: E402
-from posterior.engines.exact import ExactState  # noqa: E402
-from posterior.particles import ParticleSet  # noqa: E402
+from diffpost.models import Gaussian, GaussianMixture  # noqa: E402
+from diffpost.models.operators import Mask, Matrix  # noqa: E402
+from diffpost.posterior.engines.exact import ExactState  # noqa: E402
+from diffpost.posterior.particles import ParticleSet  # noqa: E402
 
 DTYPE = torch.float64
 
@@ -251,7 +251,7 @@ def test_rank_histograms(tmp_path, study):
     figure = plot_rank_histograms(study, max_panels=4)
     assert len(figure.axes) == 4
     worst = sorted(range(len(study.summaries)), key=lambda k: float(study.p_values[k]))[:4]
-    for ax, column in zip(figure.axes, worst):
+    for ax, column in zip(figure.axes, worst, strict=False):
         assert ax.get_title().startswith(study.summaries[column] + " (p = ")
         assert len(ax.patches) == study.num_bins  # one bar per bin
         heights = [bar.get_height() for bar in ax.patches]
@@ -355,7 +355,7 @@ def test_compare_images(tmp_path):
 
 def test_arviz_plots_run_on_the_tree_of_a_run(tmp_path):
     arviz_plots = pytest.importorskip("arviz_plots")
-    from diagnostics import to_datatree
+    from diffpost.diagnostics import to_datatree
 
     prior, operator, x_true, y, model = image_problem()
     tree = to_datatree(run(model, y), forward=operator, x_true=x_true)

@@ -7,14 +7,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, GaussianObservation, operators
-from models.denoisers import EpsilonDenoiser
-from models.priors import DiffusionPrior
-from models.problems import gaussian_mixture_benchmark
-from models.schedules import VP
-from posterior.engines.base import Engine
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, GaussianObservation, operators
+from diffpost.models.denoisers import EpsilonDenoiser
+from diffpost.models.priors import DiffusionPrior
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.models.schedules import VP
+from diffpost.posterior.engines.base import Engine
 
 DTYPE = torch.float64
 
@@ -130,7 +130,8 @@ def test_denoise_with_vjp_matches_the_gaussian_jacobian():
     x0, grad = problem.denoise_with_vjp(x_t, t, lambda x0: x0 @ direction)
     schedule = prior.schedule
     alpha, sigma = float(schedule.alpha(torch.tensor(t))), float(schedule.sigma(torch.tensor(t)))
-    # Gaussian prior N(mu, 2 I): E[x0 | x_t] is affine with Jacobian alpha 2 / (alpha^2 2 + sigma^2) I
+    # Gaussian prior N(mu, 2 I): E[x0 | x_t] is affine with Jacobian alpha 2 / (alpha^2 2 + sigma^2)
+    # I
     jacobian = alpha * 2.0 / (alpha**2 * 2.0 + sigma**2)
     torch.testing.assert_close(grad, jacobian * direction.expand(7, 3))
     torch.testing.assert_close(x0, prior.denoise(x_t, t))
@@ -247,14 +248,17 @@ def test_exact_engine_is_at_the_noise_floor_on_the_benchmark():
 
 def test_particle_set_shapes_info_and_determinism():
     model, prior, operator, y = _gaussian_problem()
-    run = lambda seed: posterior.sample(
-        model,
-        posterior.Exact(),
-        num_particles=50,
-        num_chains=3,  # noqa: E731
-        seed=seed,
-        model_kwargs={"y": y},
-    )
+
+    def run(seed):
+        return posterior.sample(
+            model,
+            posterior.Exact(),
+            num_particles=50,
+            num_chains=3,
+            seed=seed,
+            model_kwargs={"y": y},
+        )
+
     first, second, other = run(7), run(7), run(8)
     assert first.values["x"].shape == (3, 50, 3) and first.values["x"].dtype == DTYPE
     assert torch.equal(first.values["x"], second.values["x"])
@@ -324,7 +328,7 @@ class _Drift(Engine):
     """A toy engine whose particles blow up at step 3 (to test the driver's loop and its checks)."""
 
     def init(self, problem, num_chains, num_particles, generator):
-        from posterior.engines.exact import ExactState
+        from diffpost.posterior.engines.exact import ExactState
 
         particles = torch.zeros(
             (num_chains * num_particles,) + tuple(problem.event_shape), dtype=problem.dtype

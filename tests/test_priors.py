@@ -6,11 +6,11 @@ import pyro
 import pytest
 import torch
 
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, operators
-from models.denoisers import EpsilonDenoiser
-from models.priors import DiffusionPrior
-from models.schedules import VE, VP, RectifiedFlow
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, operators
+from diffpost.models.denoisers import EpsilonDenoiser
+from diffpost.models.priors import DiffusionPrior
+from diffpost.models.schedules import VE, VP, RectifiedFlow
 
 DTYPE = torch.float64
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.problems import gaussian_mixture_benchmark, mcgdiff_schedule
+from diffpost.models.problems import gaussian_mixture_benchmark, mcgdiff_schedule
 
 
 def test_benchmark_prior_and_measurement_follow_the_specification():

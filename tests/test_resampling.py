@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from posterior.engines.smc.core import resample, reweight
-from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
+from diffpost.posterior.engines.smc.core import resample, reweight
+from diffpost.posterior.resampling import RESAMPLERS, ess, normalize_log_weights
 
 SCHEMES = sorted(RESAMPLERS)
 

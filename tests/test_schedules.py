@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import all_schedules
 
-from models.schedules import (
+from diffpost.models.schedules import (
     EDM,
     VE,
     VP,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, operators
-from models.problems import gaussian_mixture_benchmark
-from posterior.engines.smc import MCGDiff
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, operators
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.posterior.engines.smc import MCGDiff
 
 DTYPE = torch.float64
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, operators
-from models.operators.nonlinear import PhaseRetrieval
-from models.problems import gaussian_mixture_benchmark
-from models.schedules import VP
-from posterior.engines.common import sampling_grid
-from posterior.engines.smc.fps import FPS
-from posterior.engines.smc.smcdiff import SMCDiff
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, operators
+from diffpost.models.operators.nonlinear import PhaseRetrieval
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.models.schedules import VP
+from diffpost.posterior.engines.common import sampling_grid
+from diffpost.posterior.engines.smc.fps import FPS
+from diffpost.posterior.engines.smc.smcdiff import SMCDiff
 
 DTYPE = torch.float64
 
@@ -180,10 +180,11 @@ def _gaussian_problem(sigma):
 
 
 def _ddim_c_variance_factor(schedule, num_steps, c, v):
-    """Variance of the DDIM(c) chain with the exact Tweedie denoiser of N(0, v), over v (from N(0, 1))."""
+    """Variance of the DDIM(c) chain with the exact Tweedie denoiser of N(0, v), over v (from N(0,
+    1))."""
     grid = sampling_grid(schedule, num_steps)
     variance = 1.0
-    for t, s in zip(grid[:-1], grid[1:]):
+    for t, s in zip(grid[:-1], grid[1:], strict=True):
         a_t, s_t, a_s, s_s = (
             schedule.alpha(t),
             schedule.sigma(t),

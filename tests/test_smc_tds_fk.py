@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import Gaussian, GaussianMixture, operators
-from posterior.engines.smc.fk_steering import FKSteering
-from posterior.engines.smc.tds import TDS
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import Gaussian, GaussianMixture, operators
+from diffpost.posterior.engines.smc.fk_steering import FKSteering
+from diffpost.posterior.engines.smc.tds import TDS
 
 DTYPE = torch.float64
 
@@ -59,10 +59,12 @@ def test_tds_log_evidence_and_moments_match_the_gaussian_closed_form():
         progress=False,
     )
     exact = prior.posterior(operator, y, 1.0)
-    # measured: pooled log-evidence error -0.004, chain-to-chain sd 0.18 (pooled SE ~0.06); 0.2 ~ 3 SE
+    # measured: pooled log-evidence error -0.004, chain-to-chain sd 0.18 (pooled SE ~0.06); 0.2 ~ 3
+    # SE
     assert abs(_pooled_log_evidence(result) - float(prior.log_evidence(operator, y, 1.0))) < 0.2
     mean, var = _weighted_moments(result)
-    # measured: mean error 0.014 (max over coordinates); posterior sd ~0.7 over 4000 weighted particles
+    # measured: mean error 0.014 (max over coordinates); posterior sd ~0.7 over 4000 weighted
+    # particles
     torch.testing.assert_close(mean, exact.means[0], atol=0.08, rtol=0)
     # measured ratios 0.87, 0.90: the 200-step DDPM model alone gives 0.96, the rest is the
     # finite-N under-dispersion of 500-particle filters; an algorithmic error would be far outside
@@ -203,7 +205,7 @@ def test_defaults_follow_the_papers():
 
 
 def test_inflated_twist_keeps_tds_near_the_posterior_where_the_plain_twist_diverges():
-    from models.problems import gaussian_mixture_benchmark
+    from diffpost.models.problems import gaussian_mixture_benchmark
 
     problem = gaussian_mixture_benchmark(8, 2, seed=1)
     exact = problem.exact_posterior()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import Gaussian
-from models.denoisers import EDMDenoiser, EpsilonDenoiser, VDenoiser, VelocityDenoiser
-from models.schedules import EDM, VP, RectifiedFlow
-from models.training import fit_gaussian_mixture, train
+from diffpost.models import Gaussian
+from diffpost.models.denoisers import EDMDenoiser, EpsilonDenoiser, VDenoiser, VelocityDenoiser
+from diffpost.models.schedules import EDM, VP, RectifiedFlow
+from diffpost.models.training import fit_gaussian_mixture, train
 
 MEAN = torch.tensor([1.0, -0.5, 0.3, 2.0])
 SCALES = torch.tensor([0.5, 1.0, 0.2, 0.8])
@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_without_losing_steps(tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 16
     resumed = run(path)
     for a, b in ((straight.denoiser, resumed.denoiser), (straight.last, resumed.last)):
-        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(x, y), name
     assert torch.equal(straight.losses, resumed.losses)
     # resuming a finished run trains no further and returns the same weights
@@ -145,7 +145,7 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path):
 
 def test_ema_decay_zero_is_the_last_iterate():
     result = run(None, num_steps=5, ema_decay=0.0)
-    for x, y in zip(result.denoiser.parameters(), result.last.parameters()):
+    for x, y in zip(result.denoiser.parameters(), result.last.parameters(), strict=True):
         assert torch.equal(x, y)
 
 

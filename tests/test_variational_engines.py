@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import gaussian_model
 
-import posterior
-from diagnostics import sliced_wasserstein
-from models import DiffusionPrior, Gaussian, GaussianMixture, operators
-from models.problems import gaussian_mixture_benchmark
-from models.schedules import VP
-from posterior.engines.variational import (
+from diffpost import posterior
+from diffpost.diagnostics import sliced_wasserstein
+from diffpost.models import DiffusionPrior, Gaussian, GaussianMixture, operators
+from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.models.schedules import VP
+from diffpost.posterior.engines.variational import (
     RSLD,
     FlowVI,
     REDDiff,
@@ -119,7 +119,8 @@ def test_diffusion_elbo_is_a_lower_bound_that_tracks_the_exact_density():
     )  # not above on average
     x_grad = x.clone().requires_grad_(True)
     (score,) = torch.autograd.grad(prior.log_prob(x_grad).sum(), x_grad)
-    # measured over three seeds: averaged gradient within 0.11 .. 0.28 of the exact score (|score| <= 5.1)
+    # measured over three seeds: averaged gradient within 0.11 .. 0.28 of the exact score (|score|
+    # <= 5.1)
     torch.testing.assert_close(gradient, score, atol=0.45, rtol=0.05)
     assert problem.nfe == 1 and problem.vjp == 1  # the draws of every point go through one call
 

@@ -1,5 +1,5 @@
-r"""Real-valued views of the unitary 2-D DFT, shared by :class:`~models.operators.Fourier` and
-the circular :class:`~models.operators.Blur`.
+r"""Real-valued views of the unitary 2-D DFT, shared by :class:`~diffpost.models.operators.Fourier`
+and the circular :class:`~diffpost.models.operators.Blur`.
 
 The spectrum :math:`X = F x` (``torch.fft.fft2(x, norm="ortho")``) of a real ``H x W`` image is
 stored here *interleaved*: flat index ``2 k`` holds :math:`\operatorname{Re} X_k` and ``2 k + 1``

@@ -5,7 +5,7 @@ Averaging ``n`` entries is the row :math:`\mathbf{1}^\top / n` of norm :math:`1/
 group contributes one singular value :math:`1/\sqrt{n}` with right singular vector
 :math:`\mathbf{1}/\sqrt{n}` and ``n - 1`` null directions. The SVD is therefore block diagonal:
 ``U = I`` on the measurements, and ``V`` applies one ``n x n`` orthogonal matrix per group (see
-:func:`~models.operators._common.mean_basis`), never a dense ``d x d`` matrix.
+:func:`~diffpost.models.operators._common.mean_basis`), never a dense ``d x d`` matrix.
 
 References:
     Kawar, Elad, Ermon, Song. Denoising Diffusion Restoration Models. NeurIPS 2022.
@@ -20,8 +20,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor
 
-from models.operators._common import Constants, image_shape, mean_basis
-from models.operators.base import SVD, LinearOperator
+from diffpost.models.operators._common import Constants, image_shape, mean_basis
+from diffpost.models.operators.base import SVD, LinearOperator
 
 __all__ = ["Downsample", "Colorization"]
 

@@ -78,12 +78,14 @@ class Operator(ABC):
     __call__ = forward
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(in_shape={tuple(self.in_shape)}, out_shape={tuple(self.out_shape)})"
+        shapes = f"in_shape={tuple(self.in_shape)}, out_shape={tuple(self.out_shape)}"
+        return f"{type(self).__name__}({shapes})"
 
 
 @dataclass(frozen=True)
 class SVD:
-    r"""A singular value decomposition :math:`A = U \operatorname{diag}(s) V^\top` given by functions.
+    r"""A singular value decomposition :math:`A = U \operatorname{diag}(s) V^\top` given by
+    functions.
 
     Attributes:
         singular_values: ``s``, shape ``(r,)``, ``r = min(m, d)``, non-negative.
@@ -160,8 +162,8 @@ class LinearOperator(Operator):
         From the SVD when there is one; otherwise by power iteration on :math:`A^\top A` in
         float64 from a fixed random start (at most 100 forward and adjoint calls, stopping at a
         relative change below 1e-7), which approaches the norm from below (measured on a
-        16x16 :class:`~models.operators.Radon` with 20 angles: 17.524861 against 17.524861 from
-        the dense matrix).
+        16x16 :class:`~diffpost.models.operators.Radon` with 20 angles: 17.524861 against 17.524861
+        from the dense matrix).
         """
         cached = getattr(self, "_spectral_norm", None)
         if cached is not None:
@@ -183,11 +185,13 @@ class LinearOperator(Operator):
         return estimate
 
     def pinv(self, y: Tensor, *, tol: float = 1e-6, max_iterations: int = 200) -> Tensor:
-        r"""Moore–Penrose pseudo-inverse :math:`A^+ y`: ``(*batch, *out_shape) -> (*batch, *in_shape)``.
+        r"""Moore–Penrose pseudo-inverse :math:`A^+ y`:
+        ``(*batch, *out_shape) -> (*batch, *in_shape)``.
 
         With an SVD: :math:`V [s^{-1} \odot (U^\top y)_{1:r}, 0]`, singular values below
         ``tol * max(s)`` treated as zero. Without one: conjugate gradient on
-        :math:`A^\top A x = A^\top y` started at zero (which converges to the minimum-norm solution).
+        :math:`A^\top A x = A^\top y` started at zero (which converges to the minimum-norm
+        solution).
         """
         decomposition = self.svd()
 
@@ -265,8 +269,8 @@ def check_adjoint(
     device=None,
     generator: torch.Generator | None = None,
 ) -> float:
-    r"""Largest relative adjointness error :math:`|\langle Ax, y\rangle - \langle x, A^\top y\rangle|
-    / (\|Ax\| \|y\|)` over random ``x, y``.
+    r"""Largest relative adjointness error :math:`|\langle Ax, y\rangle - \langle x, A^\top
+    y\rangle| / (\|Ax\| \|y\|)` over random ``x, y``.
 
     Args:
         operator: the linear operator to check.

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from models.operators.base import SVD, LinearOperator
+from diffpost.models.operators.base import SVD, LinearOperator
 
 __all__ = ["Identity", "Matrix", "Mask"]
 

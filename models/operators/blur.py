@@ -8,8 +8,8 @@ r"""Deblurring: :class:`Blur`, a convolution with a known kernel, in two flavour
   :math:`V_H^\top X V_W`, :math:`U_H^\top Y U_W`.
 * A 2-D kernel means *circular* convolution through the FFT. The operator is diagonal in the
   complex Fourier basis with eigenvalues :math:`K_k`; in the real orthonormal Fourier basis
-  (:mod:`~models.operators._spectral`) that gives the exact SVD :math:`s = |K_k|`, ``V`` the real
-  Fourier basis and :math:`U = \Phi V` with :math:`\Phi` the all-pass filter of phase
+  (:mod:`~diffpost.models.operators._spectral`) that gives the exact SVD :math:`s = |K_k|`, ``V``
+  the real Fourier basis and :math:`U = \Phi V` with :math:`\Phi` the all-pass filter of phase
   :math:`K_k / |K_k|`. The pseudo-inverse is a closed-form spectral (optionally Wiener) filter.
 
 Both act on every channel of ``(C, H, W)`` images independently; the coordinates of the SVD are
@@ -28,15 +28,15 @@ import math
 import torch
 from torch import Tensor
 
-from models.operators._common import Constants, image_shape, sort_descending
-from models.operators._spectral import (
+from diffpost.models.operators._common import Constants, image_shape, sort_descending
+from diffpost.models.operators._spectral import (
     circular_filter,
     hermitian_response,
     real_fourier_basis,
     spectral_gather,
     spectral_scatter,
 )
-from models.operators.base import SVD, LinearOperator
+from diffpost.models.operators.base import SVD, LinearOperator
 
 __all__ = ["Blur", "SeparableBlur", "CircularBlur", "gaussian_kernel", "uniform_kernel"]
 

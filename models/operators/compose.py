@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models.operators.base import LinearOperator, Operator
+from diffpost.models.operators.base import LinearOperator, Operator
 
 __all__ = ["Compose", "LinearCompose"]
 
@@ -13,7 +13,7 @@ class Compose(Operator):
     r"""The composition :math:`x \mapsto \mathrm{outer}(\mathrm{inner}(x))`.
 
     ``(*batch, *inner.in_shape) -> (*batch, *outer.out_shape)``. When both operators are linear
-    the result is a :class:`~models.operators.LinearOperator` (an instance of the subclass
+    the result is a :class:`~diffpost.models.operators.LinearOperator` (an instance of the subclass
     :class:`LinearCompose`) with adjoint ``inner.adjoint(outer.adjoint(y))``, no structured SVD,
     and the conjugate-gradient pseudo-inverse.
 

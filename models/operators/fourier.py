@@ -3,7 +3,7 @@ r"""Accelerated MRI: :class:`Fourier`, the unitary 2-D FFT of a real image, then
 The measurement of frequency ``k`` is the pair
 :math:`(\operatorname{Re} X_k, \operatorname{Im} X_k)` of :math:`X = F x`
 (``torch.fft.fft2(x, norm="ortho")``), so the operator is linear over the reals. Its exact SVD
-follows from the real orthonormal Fourier basis (:mod:`~models.operators._spectral`), which
+follows from the real orthonormal Fourier basis (:mod:`~diffpost.models.operators._spectral`), which
 pairs ``k`` with ``-k`` since :math:`X_{-k} = \overline{X_k}` for a real image:
 
 * a self-conjugate frequency (``k = -k``: the DC term and the Nyquist ones) has a real coefficient;
@@ -34,14 +34,14 @@ import math
 import torch
 from torch import Tensor
 
-from models.operators._common import Constants, image_shape
-from models.operators._spectral import (
+from diffpost.models.operators._common import Constants, image_shape
+from diffpost.models.operators._spectral import (
     conjugate_frequencies,
     real_fourier_basis,
     spectral_gather,
     spectral_scatter,
 )
-from models.operators.base import SVD, LinearOperator
+from diffpost.models.operators.base import SVD, LinearOperator
 
 __all__ = ["Fourier"]
 

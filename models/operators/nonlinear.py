@@ -1,8 +1,8 @@
 r"""Non-linear forward models: :class:`PhaseRetrieval` (Fourier magnitudes) and :class:`Saturation`
 (a sensor's soft clipping of another operator's output).
 
-They are plain :class:`~models.operators.Operator` objects: differentiable, without adjoint or
-SVD, for the engines that only need :math:`\log p(y \mid x)` and its gradient.
+They are plain :class:`~diffpost.models.operators.Operator` objects: differentiable, without adjoint
+or SVD, for the engines that only need :math:`\log p(y \mid x)` and its gradient.
 
 References:
     Fienup. Phase retrieval algorithms: a comparison. Applied Optics 21(15), 1982.
@@ -19,8 +19,8 @@ import math
 import torch
 from torch import Tensor
 
-from models.operators._common import image_shape
-from models.operators.base import Operator
+from diffpost.models.operators._common import image_shape
+from diffpost.models.operators.base import Operator
 
 __all__ = ["PhaseRetrieval", "Saturation"]
 
@@ -69,7 +69,7 @@ class Saturation(Operator):
     limited dynamic range. ``(*batch, *inner.in_shape) -> (*batch, *inner.out_shape)``.
 
     Args:
-        inner: the operator ``A`` (typically linear, e.g. :class:`~models.operators.Blur`).
+        inner: the operator ``A`` (typically linear, e.g. :class:`~diffpost.models.operators.Blur`).
         level: the saturation level :math:`\ell > 0`.
 
     Raises:

@@ -5,7 +5,7 @@ rotation, interpolation and sum are one fixed linear map, so they are precompute
 matrix with the bilinear weights (the samples :func:`torch.nn.functional.grid_sample` would use with
 ``align_corners=False`` and zero padding); the forward is a sparse product and the adjoint the
 product with the stored transpose, the exact transpose of the discrete forward. There is no
-structured SVD; :meth:`~models.operators.LinearOperator.pinv` uses conjugate gradient.
+structured SVD; :meth:`~diffpost.models.operators.LinearOperator.pinv` uses conjugate gradient.
 
 References:
     Kak, Slaney. Principles of Computerized Tomographic Imaging. IEEE Press, 1988.
@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from models.operators._common import Constants, image_shape
-from models.operators.base import LinearOperator
+from diffpost.models.operators._common import Constants, image_shape
+from diffpost.models.operators.base import LinearOperator
 
 __all__ = ["Radon"]
 

@@ -2,7 +2,8 @@ r"""Shipped small priors and data, usable offline.
 
 - :func:`digits` — a UNet diffusion prior on the 8x8 digits (event shape ``(1, 8, 8)``);
 - :func:`digits16` — a larger UNet on the same digits upsampled to 16x16 (``(1, 16, 16)``);
-- :func:`digits_gmm` — an exact :class:`~models.priors.GaussianMixture` fitted to the 8x8 digits;
+- :func:`digits_gmm` — an exact :class:`~diffpost.models.priors.GaussianMixture` fitted to the 8x8
+  digits;
 - :func:`digits_data` — the digits themselves (training split or the held-out split that no
   shipped prior has seen), as images in ``[-1, 1]`` with their labels.
 
@@ -13,8 +14,8 @@ https://doi.org/10.24432/C50P49, licensed CC BY 4.0), as bundled with scikit-lea
 (:func:`upsample`).
 
 Every network prior predicts :math:`v = \alpha\epsilon - \sigma x_0` (Salimans & Ho 2022) under
-the cosine VP schedule (:class:`~models.schedules.VP` ``("cosine")``, Nichol & Dhariwal 2021).
-v-prediction was chosen over the more common eps-prediction because its Tweedie mean
+the cosine VP schedule (:class:`~diffpost.models.schedules.VP` ``("cosine")``, Nichol & Dhariwal
+2021). v-prediction was chosen over the more common eps-prediction because its Tweedie mean
 :math:`\hat x_0 = \alpha x_t - \sigma \hat v` stays well conditioned at every ``t``, whereas
 :math:`\hat x_0 = (x_t - \sigma\hat\epsilon)/\alpha` multiplies the network's error by
 :math:`1/\alpha \approx 600` near ``t = 1``; guidance engines read :math:`\hat x_0` at every noise
@@ -38,10 +39,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from models.denoisers import VDenoiser
-from models.networks import UNet
-from models.priors import DiffusionPrior, GaussianMixture
-from models.schedules import VP
+from diffpost.models.denoisers import VDenoiser
+from diffpost.models.networks import UNet
+from diffpost.models.priors import DiffusionPrior, GaussianMixture
+from diffpost.models.schedules import VP
 
 __all__ = ["digits", "digits16", "digits_gmm", "digits_data", "upsample", "load_prior"]
 
@@ -53,7 +54,7 @@ def upsample(images: Tensor) -> Tensor:
     return F.interpolate(images, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.load(HERE / "digits.npz") as archive:
         return archive["images"], archive["labels"], archive["heldout"]
@@ -95,12 +96,13 @@ def load_prior(
     device=None,
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionPrior:
-    """A :class:`~models.priors.DiffusionPrior` from a weight file written by ``train_digits.py``.
+    """A :class:`~diffpost.models.priors.DiffusionPrior` from a weight file written by
+    ``train_digits.py``.
 
     Args:
         path: the ``.pt`` file (network configuration, schedule, prediction, event shape and
             float16 EMA weights).
-        sampler: the prior's unconditional sampler (:mod:`models.samplers`).
+        sampler: the prior's unconditional sampler (:mod:`diffpost.models.samplers`).
         num_steps: its number of steps (default per sampler).
         device: where to put the network.
         dtype: dtype of the network (the stored float16 weights are upcast).
@@ -122,7 +124,7 @@ def digits(
 ) -> DiffusionPrior:
     """The UNet diffusion prior on 8x8 digits, event shape ``(1, 8, 8)``, values in ``[-1, 1]``.
 
-    A 154k-parameter :class:`~models.networks.UNet` (``base_channels=16``, three levels)
+    A 154k-parameter :class:`~diffpost.models.networks.UNet` (``base_channels=16``, three levels)
     predicting v under the cosine VP schedule; see ``QUALITY.md`` for its measured quality.
     Arguments as :func:`load_prior`.
     """
@@ -136,8 +138,8 @@ def digits16(
 ) -> DiffusionPrior:
     """The UNet diffusion prior on the digits upsampled to 16x16, event shape ``(1, 16, 16)``.
 
-    A 225k-parameter :class:`~models.networks.UNet` (``base_channels=16``, four levels: 16, 8,
-    4 and 2 pixels) predicting v under the cosine VP schedule, trained on :func:`upsample` of
+    A 225k-parameter :class:`~diffpost.models.networks.UNet` (``base_channels=16``, four levels: 16,
+    8, 4 and 2 pixels) predicting v under the cosine VP schedule, trained on :func:`upsample` of
     the training digits; see ``QUALITY.md``. Arguments as :func:`load_prior`.
     """
     return load_prior(
@@ -149,7 +151,7 @@ def digits16(
 SHIPPED_COMPONENTS = (10, 20)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gmm_parameters(components: int) -> tuple[Tensor, Tensor, Tensor]:
     if components in SHIPPED_COMPONENTS:
         saved = torch.load(HERE / "digits_gmm.pt", map_location="cpu", weights_only=True)
@@ -160,7 +162,7 @@ def _gmm_parameters(components: int) -> tuple[Tensor, Tensor, Tensor]:
         covariances[:, rows, cols] = fitted["covariances"].double()
         covariances[:, cols, rows] = fitted["covariances"].double()
         return fitted["weights"].double(), fitted["means"].double(), covariances
-    from models.training import fit_gaussian_mixture
+    from diffpost.models.training import fit_gaussian_mixture
 
     images, _ = digits_data("train", dtype=torch.float64)
     mixture = fit_gaussian_mixture(images, components, seed=0)
@@ -172,7 +174,7 @@ def digits_gmm(
 ) -> GaussianMixture:
     """An exact Gaussian-mixture prior fitted to the 8x8 training digits, event shape ``(1, 8, 8)``.
 
-    Full covariances fitted by EM (:func:`models.training.fit_gaussian_mixture`, covariance
+    Full covariances fitted by EM (:func:`diffpost.models.training.fit_gaussian_mixture`, covariance
     regularisation 1e-2, seed 0) under the cosine VP schedule, like the network priors. Its
     samples look like noisy digits; its denoiser, score and posterior for a linear Gaussian
     observation are exact, so every engine can be compared to an exact posterior on

@@ -10,7 +10,7 @@ returns a state (a ``NamedTuple``) with at least
 
 and ``step(problem, state, generator) -> (state, info)`` advances it by one iteration, with
 ``info`` a dict of per-step statistics (tensors of shape ``(num_chains,)`` or scalars). The driver
-(:func:`posterior.sample`) owns the loop, the progress bar, callbacks and the statistics.
+(:func:`diffpost.posterior.sample`) owns the loop, the progress bar, callbacks and the statistics.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["Engine", "EngineFailed"]
 
@@ -49,7 +49,8 @@ class Engine:
 
     Attributes:
         num_steps: number of iterations the driver runs after ``init``.
-        requires: capabilities the problem must offer (see :data:`posterior.problem.CAPABILITIES`).
+        requires: capabilities the problem must offer (see
+            :data:`diffpost.posterior.problem.CAPABILITIES`).
     """
 
     num_steps: int = 0

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from models.samplers import initial_noise
-from models.schedules import DiscreteVP, Schedule, time_grid
-from posterior.problem import Problem
+from diffpost.models.samplers import initial_noise
+from diffpost.models.schedules import DiscreteVP, Schedule, time_grid
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "check_positive",
@@ -25,8 +25,8 @@ __all__ = [
 def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
     """The DDIM sub-sequence grid the SMC papers sample on, float64 ``(num_steps + 1,)``.
 
-    A :class:`~models.schedules.DiscreteVP` uses its own number of training steps; continuous
-    schedules use 1000, as the DDPM networks the papers load.
+    A :class:`~diffpost.models.schedules.DiscreteVP` uses its own number of training steps;
+    continuous schedules use 1000, as the DDPM networks the papers load.
     """
     train_steps = schedule.num_train_steps if isinstance(schedule, DiscreteVP) else 1000
     return time_grid(
@@ -71,7 +71,8 @@ def check_positive(engine: str, **values: float) -> None:
 
 
 def check_unit_interval(engine: str, **values: float) -> None:
-    """Raise ``ValueError`` naming the engine and the field when a value is not a number in [0, 1]."""
+    """Raise ``ValueError`` naming the engine and the field when a value is not a number in [0,
+    1]."""
     for name, value in values.items():
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise ValueError(f"{engine}: {name} must lie in [0, 1]; got {value!r}")

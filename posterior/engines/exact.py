@@ -9,8 +9,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from posterior.engines.base import Engine
-from posterior.problem import Problem
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.problem import Problem
 
 __all__ = ["Exact", "ExactState"]
 
@@ -23,13 +23,15 @@ class ExactState(NamedTuple):
 
 @dataclass(frozen=True)
 class Exact(Engine):
-    r"""Exact posterior sampling for a :class:`~models.priors.GaussianMixture` (or Gaussian) prior
-    and a linear Gaussian observation :math:`y = A x + \sigma e`, ``sigma = 0`` included.
+    r"""Exact posterior sampling for a :class:`~diffpost.models.priors.GaussianMixture` (or
+    Gaussian) prior and a linear Gaussian observation :math:`y = A x + \sigma e`, ``sigma = 0``
+    included.
 
-    The posterior is the Gaussian mixture of :meth:`models.priors.GaussianMixture.posterior`
-    (Kalman form); every chain holds independent exact draws, uniformly weighted, and the
-    log-evidence is the closed form :math:`\log p(y)` (no estimation error). ``init`` draws
-    everything, so ``num_steps`` is 0 (any other value is refused).
+    The posterior is the Gaussian mixture of
+    :meth:`diffpost.models.priors.GaussianMixture.posterior` (Kalman form); every chain holds
+    independent exact draws, uniformly weighted, and the log-evidence is the closed form :math:`\log
+    p(y)` (no estimation error). ``init`` draws everything, so ``num_steps`` is 0 (any other value
+    is refused).
 
     References:
         Cardoso, Janati, Le Corff, Moulines. Monte Carlo guided Diffusion for Bayesian linear

@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from models.operators.base import SVD
-from posterior.engines.base import Engine
-from posterior.engines.common import initial_particles, uniform_log_weights
-from posterior.problem import Problem
+from diffpost.models.operators.base import SVD
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.common import initial_particles, uniform_log_weights
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "ExplicitEngine",
@@ -118,7 +118,7 @@ class SpectralObservation(NamedTuple):
     r"""The observation in the SVD basis, every vector over the ``d`` signal coordinates.
 
     Attributes:
-        svd: the operator's :class:`~models.operators.SVD`.
+        svd: the operator's :class:`~diffpost.models.operators.SVD`.
         singular_values: ``(d,)``, zero on unobserved coordinates (and beyond the rank).
         observed: ``(d,)`` boolean, :math:`s_i > 0`.
         rotated_y: ``(d,)``, :math:`(U^\top y)_i` on the first ``min(m, d)`` coordinates, 0 after.

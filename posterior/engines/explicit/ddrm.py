@@ -29,7 +29,7 @@ is the same formulas: every observed coordinate stays "noisier than :math:`y`" a
 
 Defaults (official code and paper): ``eta = 0.85`` (the code's :math:`\eta_A = \eta_C`),
 ``eta_b = 1``, 20 steps (20 NFEs, no VJP) on the DDIM sub-sequence
-(:func:`~posterior.engines.common.sampling_grid`). The official scripts double the user's
+(:func:`~diffpost.posterior.engines.common.sampling_grid`). The official scripts double the user's
 :math:`\sigma_y` because their images are rescaled to :math:`[-1, 1]`; here the model's
 :math:`\sigma_y` is used as declared (declare it on the scale of the prior's data).
 
@@ -40,11 +40,12 @@ paper's DDRM column 5.88, 5.20, 2.51, 5.64, 7.07, 7.81; every difference is with
 95% interval of the two sets of 20 problems (the largest, +1.54 at (80, 1), against 1.59). With
 SW_2 (``--metric sw2``) the gap looked larger (6.13, 8.21, 3.85, 8.48, 7.77, 9.03 over 3 seeds),
 because W_2 weighs the stray mass DDRM leaves on wrong modes far more than W_1. ``eta_c = 1`` (the
-paper's runs) gives 7.19 at (80, 1), the same. On a 2-D Gaussian posterior DDRM under-disperses (variance ratios
-0.64–0.72); with a noiseless mask the free coordinates carry the bias of the "replacement" method.
+paper's runs) gives 7.19 at (80, 1), the same. On a 2-D Gaussian posterior DDRM under-disperses
+(variance ratios 0.64–0.72); with a noiseless mask the free coordinates carry the bias of the
+"replacement" method.
 
-Requires a :class:`~models.observations.GaussianObservation` with a linear operator that has an
-SVD and a single noise level.
+Requires a :class:`~diffpost.models.observations.GaussianObservation` with a linear operator that
+has an SVD and a single noise level.
 
 References:
     Kawar, Elad, Ermon, Song. Denoising Diffusion Restoration Models. NeurIPS 2022.
@@ -60,9 +61,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from posterior.engines.common import check_unit_interval, sampling_grid
-from posterior.engines.explicit.common import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.posterior.engines.common import check_unit_interval, sampling_grid
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     SpectralObservation,
@@ -71,7 +72,7 @@ from posterior.engines.explicit.common import (
     initial_state,
     spectral_observation,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["DDRM"]
 

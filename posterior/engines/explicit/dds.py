@@ -19,7 +19,7 @@ the stochasticity: a fraction :math:`\eta` of the next noise level is fresh nois
 form), not DDIM's :math:`\eta`. The last step returns :math:`\hat x_0'`.
 
 Defaults (official ``main.py`` and scripts): 50 steps on the DDIM sub-sequence
-(:func:`~posterior.engines.common.sampling_grid`, the code's ``range(0, 1000, skip)``),
+(:func:`~diffpost.posterior.engines.common.sampling_grid`, the code's ``range(0, 1000, skip)``),
 :math:`\eta = 0.85`, :math:`M = 5` (``CG_iter``), :math:`\gamma = 1` (``gamma``). The official
 :math:`\gamma` ignores :math:`\sigma_y`; ``gamma`` is a fixed weight on the scale of the data,
 and with :math:`\gamma = 1` repeated at every step the draws collapse onto the data (on a 2-D
@@ -27,16 +27,16 @@ mixture with :math:`\sigma_y = 0.5`: variance 0.0008 against 0.2–0.37).
 
 ``gamma = None`` (not the paper's) weighs the data by :math:`r_t^2 / \sigma_y^2` per measurement,
 with :math:`r_t^2 = \tau^2 \rho_t^2 / (\tau^2 + \rho_t^2)` and :math:`\tau^2` the prior's variance
-(1 when it exposes none; :func:`posterior.guidance.tweedie_variance`): the refined estimate is then
-the mean of :math:`x_0` given :math:`x_t` and :math:`y` when :math:`p(x_0 \mid x_t) \approx
+(1 when it exposes none; :func:`diffpost.posterior.guidance.tweedie_variance`): the refined estimate
+is then the mean of :math:`x_0` given :math:`x_t` and :math:`y` when :math:`p(x_0 \mid x_t) \approx
 \mathcal{N}(\hat x_0, r_t^2 I)` (reached exactly when ``cg_iterations`` is large). Measured on the
 Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20 --seeds 3
---draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2, cells (d, d_y) =
-(8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``gamma = 1`` 7.83, 9.58, 7.85, 8.81, 8.14, 10.12; ``gamma
-= None`` 5.60, 7.72, 2.59, 8.13, 7.47, 8.35.
+--draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2,
+cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``gamma = 1`` 7.83, 9.58, 7.85, 8.81,
+8.14, 10.12; ``gamma = None`` 5.60, 7.72, 2.59, 8.13, 7.47, 8.35.
 
-Requires a :class:`~models.observations.GaussianObservation` with a linear operator (:math:`A` and
-:math:`A^\top`; no SVD, no VJP).
+Requires a :class:`~diffpost.models.observations.GaussianObservation` with a linear operator
+(:math:`A` and :math:`A^\top`; no SVD, no VJP).
 
 References:
     Chung, Lee, Ye. Decomposed Diffusion Sampler for Accelerating Large-Scale Inverse Problems.
@@ -53,10 +53,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import conjugate_gradient
-from posterior.engines.common import check_positive_integers, check_unit_interval, sampling_grid
-from posterior.engines.explicit.common import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import conjugate_gradient
+from diffpost.posterior.engines.common import (
+    check_positive_integers,
+    check_unit_interval,
+    sampling_grid,
+)
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
@@ -64,8 +68,8 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.guidance import prior_variance, residual_norm, tweedie_variance
-from posterior.problem import Problem
+from diffpost.posterior.guidance import prior_variance, residual_norm, tweedie_variance
+from diffpost.posterior.problem import Problem
 
 __all__ = ["DDS"]
 

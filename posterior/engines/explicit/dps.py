@@ -23,8 +23,8 @@ particles keep being kicked by about ``scale``: on a 2-D Gaussian posterior the 
 the observed direction comes out 4x (``scale = 0.5``) to 14x (``scale = 1``) too large.
 
 **Any likelihood.** The residual is :math:`y - \mathbb{E}[y \mid \hat x_0]` at every observed
-site (:func:`posterior.guidance.observation_residual`): :math:`y - A(\hat x_0)` for a
-:class:`~models.observations.GaussianObservation` with any differentiable operator (phase
+site (:func:`diffpost.posterior.guidance.observation_residual`): :math:`y - A(\hat x_0)` for a
+:class:`~diffpost.models.observations.GaussianObservation` with any differentiable operator (phase
 retrieval, ...), and :math:`y - \text{rate}(\hat x_0)` for e.g. ``Poisson(rate(x)).to_event(1)``.
 The paper's Poisson variant weights the residual by :math:`1 / (2 y_j)` (a normal approximation;
 the official code divides the norm by :math:`|y|`, which is infinite for a zero count); we keep
@@ -33,15 +33,15 @@ The step is scale-dependent: the norm is in the units of ``y``, so ``scale`` is 
 
 No clipping of :math:`\hat x_0` to :math:`[-1, 1]` (the official pixel-range clipping): the
 library's signals have no fixed range. Cost: one NFE and one VJP per step; the default 1000 steps
-on the DDPM grid (:func:`~posterior.engines.common.sampling_grid`) are the paper's.
+on the DDPM grid (:func:`~diffpost.posterior.engines.common.sampling_grid`) are the paper's.
 
 **Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
---steps 20 --seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds
-0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``scale = 0.5``: 3.12, 6.71, 2.33,
-5.03, 4.39, 3.65; ``scale = 1``: 3.05, 5.86, 2.88, 7.15, 5.21, 6.81 (the paper's DPS column: 4.86,
-5.79, 3.48, 4.98, 5.10, 4.28). With the paper's own estimator (SW_1 over 100 directions, 2000
-draws, 20 problems per cell; ``benchmarks/results/gmm.md``) the default gives 2.84, 2.36, 1.89,
-3.08, 2.50, 2.35: below the paper's DPS column in every cell.
+--steps 20 --seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior,
+mean over seeds 0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``scale = 0.5``:
+3.12, 6.71, 2.33, 5.03, 4.39, 3.65; ``scale = 1``: 3.05, 5.86, 2.88, 7.15, 5.21, 6.81 (the paper's
+DPS column: 4.86, 5.79, 3.48, 4.98, 5.10, 4.28). With the paper's own estimator (SW_1 over 100
+directions, 2000 draws, 20 problems per cell; ``benchmarks/results/gmm.md``) the default gives 2.84,
+2.36, 1.89, 3.08, 2.50, 2.35: below the paper's DPS column in every cell.
 
 References: Chung, Kim, Mccann, Klasky, Ye. Diffusion Posterior Sampling for General Noisy Inverse
 Problems. ICLR 2023. arXiv:2209.14687. Official code:
@@ -55,10 +55,10 @@ from dataclasses import dataclass
 
 import torch
 
-from models.denoisers import epsilon_from_x0
-from models.samplers import ddim_coefficients
-from posterior.engines.common import sampling_grid
-from posterior.engines.explicit.common import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import sampling_grid
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
@@ -66,8 +66,8 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.guidance import denoise_with_residual_gradient
-from posterior.problem import Problem
+from diffpost.posterior.guidance import denoise_with_residual_gradient
+from diffpost.posterior.problem import Problem
 
 __all__ = ["DPS"]
 

@@ -3,7 +3,7 @@ r"""MMPS: moment-matching posterior sampling (Rozet, Andry, Lanusse, Louppe; Neu
 MMPS replaces the denoiser by a *posterior denoiser* built from the first two moments of
 :math:`p(x_0 \mid x_t)`: with Tweedie's mean :math:`\hat x_0 = D(x_t)` and covariance
 :math:`\Sigma_t = (\sigma_t^2 / \alpha_t)\, J`, :math:`J = \partial D / \partial x_t`
-(:mod:`posterior.guidance`), the Gaussian approximation
+(:mod:`diffpost.posterior.guidance`), the Gaussian approximation
 :math:`p(x_0 \mid x_t) \approx \mathcal{N}(\hat x_0, \Sigma_t)` and :math:`y = A x_0 + \sigma_y e`
 give (official ``PosteriorDenoiser``)
 
@@ -17,26 +17,26 @@ product through the denoiser (:math:`J` is symmetric for an exact denoiser), wit
 ``cg_iterations`` iterations (relative tolerance :math:`10^{-3}`, the official ``rtol``); the
 last product :math:`\Sigma_t A^\top v` is one more VJP. The denoiser runs once per step and its
 graph is kept per chunk of ``batch_size`` particles while the solve runs
-(:func:`posterior.guidance.denoise_with_jacobian`). Then the sampler steps with :math:`D_y` in place
-of the denoiser: :math:`x_s = a\, D_y + b\, \hat\epsilon(D_y) + c\, z`
-(:func:`models.samplers.ddim_coefficients`; the official code's ``DDPM`` sampler is ``eta = 1``).
-Per-measurement noise levels enter :math:`\sigma_y^2 I` as a diagonal. The noiseless case is allowed
-(:math:`A \Sigma_t A^\top` is positive definite for ``t > 0`` when the prior spreads over the
-observed directions).
+(:func:`diffpost.posterior.guidance.denoise_with_jacobian`). Then the sampler steps with :math:`D_y`
+in place of the denoiser: :math:`x_s = a\, D_y + b\, \hat\epsilon(D_y) + c\, z`
+(:func:`diffpost.models.samplers.ddim_coefficients`; the official code's ``DDPM`` sampler is
+``eta = 1``). Per-measurement noise levels enter :math:`\sigma_y^2 I` as a diagonal. The noiseless
+case is allowed (:math:`A \Sigma_t A^\top` is positive definite for ``t > 0`` when the prior spreads
+over the observed directions).
 
 Defaults (official code, francois-rozet/diffusion-priors): ``cg_iterations = 1`` (``maxiter``),
 DDPM (``eta = 1``) with 64 steps (``DDPM.__call__``'s ``steps``), here on the DDIM sub-sequence
-(:func:`~posterior.engines.common.sampling_grid`) rather than the code's uniform grid in VE time.
-The paper's image benchmark (mmps-benchmark) uses DDIM with 10 to 1000 steps and 1 or 5
+(:func:`~diffpost.posterior.engines.common.sampling_grid`) rather than the code's uniform grid in VE
+time. The paper's image benchmark (mmps-benchmark) uses DDIM with 10 to 1000 steps and 1 or 5
 iterations. Cost per step: one NFE and ``cg_iterations + 1`` VJPs.
 
 **Measured** on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4
---steps 20 --seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds
-0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``cg_iterations = 1`` 3.23, 6.50,
-2.31, 4.86, 5.45, 2.64; ``cg_iterations = 5`` 3.23, 1.90, 0.43, 4.86, 4.40, 1.80 (at 4 extra VJPs
-per step).
+--steps 20 --seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior,
+mean over seeds 0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``cg_iterations = 1``
+3.23, 6.50, 2.31, 4.86, 5.45, 2.64; ``cg_iterations = 5`` 3.23, 1.90, 0.43, 4.86, 4.40, 1.80 (at 4
+extra VJPs per step).
 
-Requires a :class:`~models.observations.GaussianObservation` with a linear operator (no SVD
+Requires a :class:`~diffpost.models.observations.GaussianObservation` with a linear operator (no SVD
 needed). The official code linearises a non-linear operator at :math:`\hat x_0`; that extension is
 not implemented.
 
@@ -55,11 +55,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import conjugate_gradient
-from models.samplers import ddim_coefficients
-from posterior.engines.common import check_positive_integers, check_unit_interval, sampling_grid
-from posterior.engines.explicit.common import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import conjugate_gradient
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import (
+    check_positive_integers,
+    check_unit_interval,
+    sampling_grid,
+)
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
@@ -67,8 +71,13 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.guidance import VJP, denoise_with_jacobian, residual_norm, tweedie_covariance_scale
-from posterior.problem import Problem
+from diffpost.posterior.guidance import (
+    VJP,
+    denoise_with_jacobian,
+    residual_norm,
+    tweedie_covariance_scale,
+)
+from diffpost.posterior.problem import Problem
 
 __all__ = ["MMPS"]
 

@@ -16,11 +16,12 @@ invertible, :math:`r_t^2 A^\top (r_t^2 A A^\top)^{-1} = A^+`: the noiseless pseu
 the paper.
 
 **Variance** :math:`r_t^2 = \tau^2 \rho_t^2 / (\tau^2 + \rho_t^2)`, :math:`\rho_t = \sigma_t /
-\alpha_t` (:func:`posterior.guidance.tweedie_variance`): the exact :math:`\operatorname{Var}[x_0
-\mid x_t]` of a Gaussian prior :math:`\mathcal{N}(\mu, \tau^2 I)`. The paper assumes unit-variance
-data (:math:`r_t^2 = \rho_t^2 / (1 + \rho_t^2) = 1 - \bar\alpha_t` under VP); ``data_variance =
-None`` (default) takes :math:`\tau^2` from the prior when it exposes its variance (Gaussian
-mixtures) and falls back to the paper's 1 otherwise (images scaled to unit range).
+\alpha_t` (:func:`diffpost.posterior.guidance.tweedie_variance`): the exact
+:math:`\operatorname{Var}[x_0 \mid x_t]` of a Gaussian prior :math:`\mathcal{N}(\mu, \tau^2 I)`. The
+paper assumes unit-variance data (:math:`r_t^2 = \rho_t^2 / (1 + \rho_t^2) = 1 - \bar\alpha_t` under
+VP); ``data_variance = None`` (default) takes :math:`\tau^2` from the prior when it exposes its
+variance (Gaussian mixtures) and falls back to the paper's 1 otherwise (images scaled to unit
+range).
 
 **Update** (the official implementation, ``algos/pgdm.py`` of NVlabs/RED-diff with its default
 ``awd = True``): one DDIM step with the *unguided* :math:`\hat x_0` and
@@ -28,7 +29,7 @@ mixtures) and falls back to the paper's 1 otherwise (images scaled to unit range
 
 .. math:: x_s = a\, \big(\hat x_0 + w\, \alpha_t\, r_t^2\, g\big) + b\, \hat\epsilon + c\, z
 
-(:func:`models.samplers.ddim_coefficients`; the code's :math:`\sqrt{\bar\alpha_{t-1}}
+(:func:`diffpost.models.samplers.ddim_coefficients`; the code's :math:`\sqrt{\bar\alpha_{t-1}}
 \sqrt{\bar\alpha_t}\, w\, J^\top A^+ (y - A\hat x_0)` in its noiseless form, and the same
 :math:`\sqrt{\bar\alpha_s \bar\alpha_t}\, r_t^2 J^\top A^\top v` in the noisy form of the
 mmps-benchmark re-implementation). The chain starts from the measurement:
@@ -42,9 +43,9 @@ gives :math:`\hat x_0' = \hat x_0 + w\, (\sigma_t^2 / \alpha_t)\, g` and :math:`
 :math:`\alpha_t r_t^2` is :math:`\alpha_t^2` times the score's :math:`\sigma_t^2 / \alpha_t` in the
 Tweedie estimate: the paper's update under-weights the data at high noise. Measured on the
 Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20 --seeds 3
---draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2, cells (d, d_y) =
-(8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``"paper"`` 6.07, 8.98, 4.36, 8.30, 7.97, 8.62;
-``"score"`` 4.07, 7.69, 2.64, 6.06, 5.71, 5.05. On a 2-D Gaussian posterior (100 steps) the
+--draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2,
+cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): ``"paper"`` 6.07, 8.98, 4.36, 8.30, 7.97,
+8.62; ``"score"`` 4.07, 7.69, 2.64, 6.06, 5.71, 5.05. On a 2-D Gaussian posterior (100 steps) the
 variance ratio along the observed direction is 0.62 (``"paper"``) and 0.86 (``"score"``; the
 100-step sampler alone gives 0.93).
 
@@ -71,11 +72,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import LinearOperator, conjugate_gradient
-from models.samplers import ddim_coefficients
-from posterior.engines.common import check_unit_interval, sampling_grid
-from posterior.engines.explicit.common import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import LinearOperator, conjugate_gradient
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import check_unit_interval, sampling_grid
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
@@ -83,13 +84,13 @@ from posterior.engines.explicit.common import (
     gaussian_noise,
     initial_state,
 )
-from posterior.guidance import (
+from diffpost.posterior.guidance import (
     denoise_with_cotangent,
     prior_variance,
     residual_norm,
     tweedie_variance,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["PiGDM"]
 

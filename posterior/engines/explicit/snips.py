@@ -28,7 +28,7 @@ last iterate at the smallest level (no final denoising, as in the official code)
 
 Levels: ``num_steps`` noise ratios spaced geometrically from ``sigma_max`` to ``sigma_min``, clipped
 to the schedule's range, read at the times where the schedule has them
-(:meth:`~models.schedules.Schedule.time_of_noise_ratio`). One driver iteration runs the
+(:meth:`~diffpost.models.schedules.Schedule.time_of_noise_ratio`). One driver iteration runs the
 ``steps_per_level`` Langevin steps of one level (as many NFEs, no VJP). The chain starts from
 :math:`\mathcal{N}(0, \rho_1^2 I)`, the law of the first level for data much smaller than
 :math:`\rho_1` (the official code starts from uniform noise on the image range).
@@ -41,14 +41,14 @@ values below :math:`10^{-10}` times the largest are treated as zero.
 The step size is tied to the number of levels: with the default ``step_lr`` each step moves a
 particle by 3.3% of its distance to :math:`\hat x_0`, so a few levels do not equilibrate. Measured
 on the Gaussian-mixture benchmark (``benchmarks/gmm.py --dims 8,80 --obs-dims 1,2,4 --steps 20
---seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over seeds 0-2, cells (d,
-d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): with 20 levels (100 NFEs) 24.3, 25.0, 24.1, 24.1,
-23.2, 25.4 (the prior's distance is 7–18); with the default 500 levels at d = 8: 5.47, 7.13, 1.68.
-On a 2-D mixture, 100 levels with ``step_lr = 3.3e-5`` reach the noise floor
+--seeds 3 --draws 300 --metric sw2``; sliced Wasserstein SW_2 to the exact posterior, mean over
+seeds 0-2, cells (d, d_y) = (8,1) (8,2) (8,4) (80,1) (80,2) (80,4)): with 20 levels (100 NFEs) 24.3,
+25.0, 24.1, 24.1, 23.2, 25.4 (the prior's distance is 7–18); with the default 500 levels at d = 8:
+5.47, 7.13, 1.68. On a 2-D mixture, 100 levels with ``step_lr = 3.3e-5`` reach the noise floor
 (``tests/test_explicit_engines.py``).
 
-Requires a :class:`~models.observations.GaussianObservation` with a linear operator that has an
-SVD and a single noise level.
+Requires a :class:`~diffpost.models.observations.GaussianObservation` with a linear operator that
+has an SVD and a single noise level.
 
 References:
     Kawar, Vaksman, Elad. SNIPS: Solving Noisy Inverse Problems Stochastically. NeurIPS 2021.
@@ -67,8 +67,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from posterior.engines.common import check_positive_integers
-from posterior.engines.explicit.common import (
+from diffpost.posterior.engines.common import check_positive_integers
+from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     SpectralObservation,
@@ -77,7 +77,7 @@ from posterior.engines.explicit.common import (
     initial_state,
     spectral_observation,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["SNIPS"]
 
@@ -129,8 +129,7 @@ class SNIPS(ExplicitEngine):
         if not low < high:
             raise ValueError(
                 f"SNIPS: the schedule's noise ratios [{float(ends[0]):.3g}, {float(ends[1]):.3g}] "
-                "do not "
-                f"meet [sigma_min, sigma_max] = [{self.sigma_min}, {self.sigma_max}]"
+                f"do not meet [sigma_min, sigma_max] = [{self.sigma_min}, {self.sigma_max}]"
             )
         ratios = torch.logspace(
             math.log10(high), math.log10(low), self.num_steps, dtype=torch.float64

@@ -8,8 +8,8 @@ They need :math:`\\nabla_x \\log p(y \\mid x)` but no vector-Jacobian product th
 so they work with any differentiable likelihood (non-linear operators, Poisson, ...).
 """
 
-from posterior.engines.langevin.daps import DAPS
-from posterior.engines.langevin.dcdp import DCDP
-from posterior.engines.langevin.score_ald import ScoreALD
+from diffpost.posterior.engines.langevin.daps import DAPS
+from diffpost.posterior.engines.langevin.dcdp import DCDP
+from diffpost.posterior.engines.langevin.score_ald import ScoreALD
 
 __all__ = ["DAPS", "DCDP", "ScoreALD"]

@@ -3,8 +3,8 @@ r"""What the decoupled / Langevin engines (Score-ALD, DAPS, DCDP) share.
 All three walk a decreasing list of *noise levels* rather than a diffusion's own kernel. A level is
 a noise ratio :math:`\beta = \sigma(t) / \alpha(t)` (the noise of the equivalent variance-exploding
 process :math:`x_t / \alpha(t) = x_0 + \beta\, \epsilon`), so that the same engine runs on every
-:class:`~models.schedules.Schedule`: :func:`noise_levels` spaces the levels as the papers do
-(geometric for NCSN-style annealing, Karras' :math:`\rho`-polynomial for EDM-style annealing),
+:class:`~diffpost.models.schedules.Schedule`: :func:`noise_levels` spaces the levels as the papers
+do (geometric for NCSN-style annealing, Karras' :math:`\rho`-polynomial for EDM-style annealing),
 clamped to the ratios the schedule can reach, and maps them to times.
 
 References:
@@ -21,12 +21,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import LinearOperator
-from models.samplers import ddim_coefficients
-from models.schedules import Schedule
-from posterior.engines.common import uniform_log_weights
-from posterior.problem import GaussianStructure, Problem
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import LinearOperator
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.models.schedules import Schedule
+from diffpost.posterior.engines.common import uniform_log_weights
+from diffpost.posterior.problem import GaussianStructure, Problem
 
 __all__ = [
     "AnnealingState",
@@ -71,8 +71,8 @@ def spaced_ratios(high: Tensor, low: float, num: int, rho: float | None) -> Tens
     r"""``num`` noise ratios from ``high`` down to ``low``, ``(*high.shape, num)``.
 
     ``rho = None`` spaces them geometrically (NCSN, Song & Ermon 2019); a number spaces them as
-    Karras et al. (2022, eq. 5): :math:`(h^{1/\rho} + \tfrac{i}{n-1} (l^{1/\rho} - h^{1/\rho}))^\rho`.
-    With ``num = 1`` the only ratio is ``high``.
+    Karras et al. (2022, eq. 5): :math:`(h^{1/\rho} + \tfrac{i}{n-1} (l^{1/\rho} -
+    h^{1/\rho}))^\rho`. With ``num = 1`` the only ratio is ``high``.
     """
     fraction = torch.linspace(0, 1, num, dtype=torch.float64, device=high.device)
     high = high.to(torch.float64)[..., None]
@@ -104,7 +104,8 @@ def noise_levels(
     if not high > low:
         raise ValueError(
             f"{engine}: the noise range [{noise_min:g}, {noise_max:g}] does not meet the range "
-            f"[{float(ends[0]):.4g}, {float(ends[1]):.4g}] of noise ratios sigma/alpha of {schedule!r}"
+            f"[{float(ends[0]):.4g}, {float(ends[1]):.4g}] of noise ratios sigma/alpha of "
+            f"{schedule!r}"
         )
     ratios = spaced_ratios(torch.tensor(high, dtype=torch.float64), low, num, rho)
     return ratios, schedule.time_of_noise_ratio(ratios)
@@ -127,11 +128,12 @@ def langevin_move(
 
 def operator_gain(problem: Problem) -> float:
     r""":math:`\lVert A \rVert_2^2` of a linear GaussianObservation's operator
-    (:meth:`~models.operators.base.LinearOperator.norm`), 1 otherwise.
+    (:meth:`~diffpost.models.operators.base.LinearOperator.norm`), 1 otherwise.
 
     A Gaussian data term of variance :math:`v` has largest curvature :math:`\lVert A
     \rVert^2 / v`; step sizes are set against it. Non-linear operators are taken as 1-Lipschitz
-    (as :class:`~models.operators.PhaseRetrieval` is), other likelihoods as of unit curvature.
+    (as :class:`~diffpost.models.operators.PhaseRetrieval` is), other likelihoods as of unit
+    curvature.
     """
     gaussian = problem.gaussian
     if gaussian is not None and isinstance(gaussian.operator, LinearOperator):
@@ -154,7 +156,8 @@ def inverse_data_curvature(problem: Problem, variance: float | None = None) -> f
 
 
 def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Tensor) -> Tensor:
-    r""":math:`\nabla_x \big[-\tfrac12 \sum_j (y_j - A(x)_j)^2 / v_j\big] = J_A(x)^\top ((y - A(x)) / v)`.
+    r""":math:`\nabla_x \big[-\tfrac12 \sum_j (y_j - A(x)_j)^2 / v_j\big] = J_A(x)^\top ((y - A(x))
+    / v)`.
 
     The gradient of a Gaussian data term whose variance ``v`` is not (only) the observation's own,
     e.g. Score-ALD's annealed :math:`\sigma_y^2 + \gamma_t^2` or DAPS' :math:`\tau^2`. For a linear
@@ -188,7 +191,7 @@ def deterministic_ddim(problem: Problem, x_t: Tensor, grid: Tensor) -> Tensor:
     sampler), written for any schedule (Song, Meng, Ermon 2021, eq. 12; Karras et al. 2022).
 
     Args:
-        problem: the problem, whose counted :meth:`~posterior.Problem.denoise` is used.
+        problem: the problem, whose counted :meth:`~diffpost.posterior.Problem.denoise` is used.
         x_t: ``(n, *event)`` at time ``grid[0]``.
         grid: float64 ``(K + 1,)``, decreasing.
 
@@ -197,7 +200,7 @@ def deterministic_ddim(problem: Problem, x_t: Tensor, grid: Tensor) -> Tensor:
     """
     schedule = problem.prior.schedule
     x = x_t
-    for t, s in zip(grid[:-1], grid[1:]):
+    for t, s in zip(grid[:-1], grid[1:], strict=True):
         x0 = problem.denoise(x, t)
         a, b, _ = (v.to(x) for v in ddim_coefficients(schedule, t, s, 0.0))
         x = a * x0 + b * epsilon_from_x0(schedule, x, x0, t)
@@ -205,7 +208,8 @@ def deterministic_ddim(problem: Problem, x_t: Tensor, grid: Tensor) -> Tensor:
 
 
 def noised(schedule: Schedule, x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
-    r"""A draw of the forward kernel :math:`x_t = \alpha(t) x_0 + \sigma(t) \epsilon`, ``x0``'s shape."""
+    r"""A draw of the forward kernel :math:`x_t = \alpha(t) x_0 + \sigma(t) \epsilon`, ``x0``'s
+    shape."""
     alpha, sigma = (v.to(x0) for v in schedule(t))
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     return alpha * x0 + sigma * noise

@@ -1,22 +1,25 @@
-r"""DAPS: decoupled annealing posterior sampling (Zhang, Chu, Berner, Meng, Anandkumar, Song; CVPR 2025).
+r"""DAPS: decoupled annealing posterior sampling (Zhang, Chu, Berner, Meng, Anandkumar, Song; CVPR
+2025).
 
 DAPS anneals a sample of :math:`x_0` rather than a diffusion trajectory. At each noise level
-:math:`\beta_i` (a noise ratio :math:`\sigma/\alpha`, see :mod:`~posterior.engines.langevin.common`)
-it holds :math:`x_{t_i} = \alpha_i (x_0^{(i-1)} + \beta_i \epsilon)` and does three things
-(paper, Alg. 1; official ``sampler.py:DAPS.sample``):
+:math:`\beta_i` (a noise ratio :math:`\sigma/\alpha`, see
+:mod:`~diffpost.posterior.engines.langevin.common`) it holds :math:`x_{t_i} = \alpha_i (x_0^{(i-1)}
++ \beta_i \epsilon)` and does three things (paper, Alg. 1; official ``sampler.py:DAPS.sample``):
 
 1. **Unconditional denoising** by the probability-flow ODE, from :math:`t_i` to 0 in ``ode_steps``
    Euler steps (no measurement, no gradient through the denoiser):
    :math:`\hat x_0 = \mathrm{ODE}(x_{t_i})`;
 2. **Langevin on** :math:`x_0` for ``langevin_steps`` steps, targeting the decoupled posterior
    :math:`p(x_0 \mid x_{t_i}, y) \propto \mathcal{N}(x_0; \hat x_0, r_i^2 I)\, p(y \mid x_0)`
-   with :math:`r_i = \beta_i` (the official ``prior_solver='gaussian'``), started at :math:`\hat x_0`:
+   with :math:`r_i = \beta_i` (the official ``prior_solver='gaussian'``), started at :math:`\hat
+   x_0`:
 
-   .. math:: x \leftarrow x + \eta_i \Big(\nabla_x \log p(y \mid x) + \frac{\hat x_0 - x}{r_i^2}\Big)
+   .. math:: x \leftarrow x + \eta_i \Big(\nabla_x \log p(y \mid x) + \frac{\hat x_0 -
+   x}{r_i^2}\Big)
              + \sqrt{2 \eta_i}\, \xi;
 
-3. **Re-noising** to the next level, :math:`x_{t_{i+1}} = \alpha_{i+1} (x_0^{(i)} + \beta_{i+1} \epsilon)`
-   (plain :math:`x_0^{(i)}` after the last level).
+3. **Re-noising** to the next level, :math:`x_{t_{i+1}} = \alpha_{i+1} (x_0^{(i)} + \beta_{i+1}
+   \epsilon)` (plain :math:`x_0^{(i)}` after the last level).
 
 The Langevin target needs only :math:`\nabla_x \log p(y \mid x)`, so any differentiable
 likelihood works (Gaussian with a non-linear operator such as phase retrieval, Poisson, ...), and no
@@ -29,9 +32,9 @@ vector-Jacobian product through the denoiser is ever taken: a run costs
 the EDM ODE: the legacy branch's grid, 4 :math:`\rho = 7` intervals from :math:`\beta_i` down to
 ``ode_noise_min = 0.01`` and a last step to 0, so that :math:`\hat x_0` is a denoiser output (the
 main branch stops at 0.01). An Euler step of the EDM ODE in the variable :math:`x_t / \alpha` is
-a deterministic DDIM step in :math:`x_t` (:func:`models.samplers.ddim_coefficients`, ``eta = 0``),
-which is how it is computed here on any schedule. The step size decays linearly over the levels,
-:math:`\eta_i = \eta_0 (1 + \tfrac{i}{N}(\delta - 1))` with ``step_size_min_ratio``
+a deterministic DDIM step in :math:`x_t` (:func:`diffpost.models.samplers.ddim_coefficients`,
+``eta = 0``), which is how it is computed here on any schedule. The step size decays linearly over
+the levels, :math:`\eta_i = \eta_0 (1 + \tfrac{i}{N}(\delta - 1))` with ``step_size_min_ratio``
 :math:`\delta = 0.01`; ``langevin_steps = 100``.
 
 **Step size relative to the target's curvature.** The official :math:`\eta_0 = 10^{-4}`
@@ -49,10 +52,10 @@ fraction of the inverse curvature of the Langevin target,
 with :math:`v` the data term's variance (:math:`\tau^2`, or the smallest :math:`\sigma_y^2` of the
 model's GaussianObservation; 1 for other observation models, whose curvature is unknown) and
 :math:`\lVert A \rVert` the spectral norm of a linear operator (1 for non-linear ones, taken as
-1-Lipschitz; without it a 6x6 :class:`~models.operators.Radon` of norm 6.7 diverged). With
+1-Lipschitz; without it a 6x6 :class:`~diffpost.models.operators.Radon` of norm 6.7 diverged). With
 :math:`\tau = 0.01` and :math:`r_i \ge 0.1` this is the official :math:`\eta_i` within 1% for
-``step_size = 1`` (0.5 for phase retrieval), and it keeps :math:`\eta_i` below the stability limit of
-the prior term when the data term is weak (measured: a step size proportional to
+``step_size = 1`` (0.5 for phase retrieval), and it keeps :math:`\eta_i` below the stability limit
+of the prior term when the data term is weak (measured: a step size proportional to
 :math:`\sigma_y^2` alone, without the decay, diverges on a 2-D Gaussian problem at the small levels,
 where :math:`1/r_i^2` dominates).
 
@@ -60,10 +63,10 @@ where :math:`1/r_i^2` dominates).
 x_0)`, so that DAPS targets the posterior the model declares. The official configs instead use a
 Gaussian data term of standard deviation :math:`\tau = 0.01` whatever the true :math:`\sigma_y`
 (0.05 in their benchmarks), i.e. they over-weight the data; ``data_std = tau`` reproduces that for
-a :class:`~models.observations.GaussianObservation`. The two branches of the official code differ
-by a factor of 2 in that term: the legacy branch (and the paper's Gaussian likelihood) uses
-:math:`\lVert A(x) - y\rVert^2 / (2\tau^2)`, the main branch :math:`\lVert A(x) - y\rVert^2 / \tau^2`
-(its ``score_fn`` drops the 1/2). We use the legacy/paper form, which is the Gaussian
+a :class:`~diffpost.models.observations.GaussianObservation`. The two branches of the official code
+differ by a factor of 2 in that term: the legacy branch (and the paper's Gaussian likelihood) uses
+:math:`\lVert A(x) - y\rVert^2 / (2\tau^2)`, the main branch :math:`\lVert A(x) - y\rVert^2 /
+\tau^2` (its ``score_fn`` drops the 1/2). We use the legacy/paper form, which is the Gaussian
 log-likelihood of standard deviation :math:`\tau`, so that ``data_std = sigma_y`` is the model's
 likelihood exactly.
 
@@ -81,7 +84,7 @@ weights of a multimodal posterior, which nothing in DAPS corrects (it does not r
 Not implemented: the official alternatives to Langevin (Metropolis–Hastings ``mc_algo='mh'``,
 damped HMC ``'hmc'``), the other prior solvers (``'exact'``, ``'score-t'``, ``'score-min'``) and
 latent DAPS. The official code returns zeros when a chain turns NaN; here the driver raises
-:class:`~posterior.EngineFailed` with the level instead.
+:class:`~diffpost.posterior.EngineFailed` with the level instead.
 
 References:
     Zhang, Chu, Berner, Meng, Anandkumar, Song. Improving Diffusion Inverse Problem Solving with
@@ -100,9 +103,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from posterior.engines.base import Engine
-from posterior.engines.common import check_positive, check_positive_integers, initial_particles
-from posterior.engines.langevin.common import (
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.common import (
+    check_positive,
+    check_positive_integers,
+    initial_particles,
+)
+from diffpost.posterior.engines.langevin.common import (
     AnnealingState,
     deterministic_ddim,
     gaussian_data_gradient,
@@ -112,7 +119,7 @@ from posterior.engines.langevin.common import (
     noised,
     spaced_ratios,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["DAPS"]
 

@@ -35,9 +35,9 @@ hand-tuned SGD by solvers that need no learning rate:
 - a linear operator with Gaussian noise: the normal equations
   :math:`(A^\top \Sigma_y^{-1} A + \lambda I)\, \delta = A^\top \Sigma_y^{-1}(y - A x^{(k-1)})`,
   :math:`x_{\mathrm{dc}} = x^{(k-1)} + \delta`, by conjugate gradients from :math:`\delta = 0`
-  (:func:`models.operators.base.conjugate_gradient`, at most ``consistency_steps`` iterations);
-  with :math:`\lambda = 0` this converges to the point of the least-squares set nearest to
-  :math:`x^{(k-1)}`;
+  (:func:`diffpost.models.operators.base.conjugate_gradient`, at most ``consistency_steps``
+  iterations); with :math:`\lambda = 0` this converges to the point of the least-squares set nearest
+  to :math:`x^{(k-1)}`;
 - any other likelihood (non-linear operator, Poisson, ...): ``consistency_steps`` steps of
   gradient descent with a per-particle backtracking (Armijo) step size, started at
   :math:`1 / (1 / v + \lambda)` with :math:`v` the smallest noise variance (1 for non-Gaussian
@@ -68,17 +68,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.operators.base import LinearOperator, conjugate_gradient
-from models.schedules import time_grid
-from posterior.engines.base import Engine
-from posterior.engines.common import check_positive_integers
-from posterior.engines.langevin.common import (
+from diffpost.models.operators.base import LinearOperator, conjugate_gradient
+from diffpost.models.schedules import time_grid
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.common import check_positive_integers
+from diffpost.posterior.engines.langevin.common import (
     AnnealingState,
     deterministic_ddim,
     inverse_data_curvature,
     noised,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["DCDP"]
 
@@ -126,7 +126,8 @@ class DCDP(Engine):
         )
         if not (math.isfinite(self.proximal_weight) and self.proximal_weight >= 0):
             raise ValueError(
-                f"DCDP: proximal_weight must be finite and non-negative; got {self.proximal_weight!r}"
+                "DCDP: proximal_weight must be finite and non-negative; got "
+                f"{self.proximal_weight!r}"
             )
         if not (
             0 <= self.purification_end <= self.purification_start <= 1
@@ -165,7 +166,8 @@ class DCDP(Engine):
         return state._replace(particles=particles, step=state.step + 1), info
 
     def _consistency(self, problem: Problem, anchor: Tensor) -> Tensor:
-        """:math:`\\arg\\min_x -\\log p(y \\mid x) + \\lambda \\lVert x - \\text{anchor} \\rVert^2 / 2`."""
+        """:math:`\\arg\\min_x -\\log p(y \\mid x) + \\lambda \\lVert x - \\text{anchor} \\rVert^2 /
+        2`."""
         gaussian = problem.gaussian
         if gaussian is not None and isinstance(gaussian.operator, LinearOperator):
             operator = gaussian.operator
@@ -181,7 +183,8 @@ class DCDP(Engine):
         return self._backtracking_descent(problem, anchor)
 
     def _backtracking_descent(self, problem: Problem, anchor: Tensor) -> Tensor:
-        """Gradient descent with a per-particle Armijo step (halved on failure, doubled on success)."""
+        """Gradient descent with a per-particle Armijo step (halved on failure, doubled on
+        success)."""
         weight = self.proximal_weight
 
         def objective(x: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ kept in that variable and end at :math:`x_0 + \beta_L z` (no final denoising, as
 **Two data terms** (``likelihood``):
 
 - ``"paper"`` (default): the annealed Gaussian term above; needs a
-  :class:`~models.observations.GaussianObservation` (any operator).
+  :class:`~diffpost.models.observations.GaussianObservation` (any operator).
 - ``"norm_matched"``: the official code's (``main.py:LangevinOptimizer._sample``): the likelihood
   gradient :math:`g = \nabla_x \log p(y \mid x)` is rescaled to ``norm_ratio`` times the norm of
   the prior score, :math:`g \leftarrow g\, \lVert s_\theta \rVert / \lVert g \rVert \cdot
@@ -48,9 +48,9 @@ high level the prior term has curvature :math:`\approx 1/\beta^2` and the anneal
 :math:`\lVert A \rVert^2 / (\sigma_y^2 + \beta^2) \approx \lVert A \rVert^2 / \beta^2`, and
 unadjusted Langevin is stable only for :math:`\text{step\_size}\,(1 + \lVert A \rVert^2) < 2`.
 The step is therefore divided by :math:`\max(1, \lVert A \rVert^2)` (the operator's spectral
-norm, :meth:`~models.operators.base.LinearOperator.norm`; non-linear operators count as
+norm, :meth:`~diffpost.models.operators.base.LinearOperator.norm`; non-linear operators count as
 1-Lipschitz), which keeps that product below 1 for any operator (without it a 6x6
-:class:`~models.operators.Radon` of norm 6.7 diverged at level 39;
+:class:`~diffpost.models.operators.Radon` of norm 6.7 diverged at level 39;
 ``tests/test_langevin_engines.py``). We default to 0.5, one Newton step on the summed curvature
 :math:`2/\beta^2` of an operator of unit norm (measured on that problem with the default 1155
 levels, 1000 draws: variance ratios 0.94 and 0.96 with a Monte Carlo sd of 0.045, means within
@@ -84,16 +84,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from posterior.engines.base import Engine
-from posterior.engines.common import check_positive, check_positive_integers, initial_particles
-from posterior.engines.langevin.common import (
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.common import (
+    check_positive,
+    check_positive_integers,
+    initial_particles,
+)
+from diffpost.posterior.engines.langevin.common import (
     AnnealingState,
     gaussian_data_gradient,
     langevin_move,
     noise_levels,
     operator_gain,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["ScoreALD"]
 
@@ -184,7 +188,8 @@ class ScoreALD(Engine):
         return state._replace(particles=x, step=state.step + 1), info
 
     def _gain(self, problem: Problem) -> float:
-        """The step's divisor: :math:`\\max(1, \\lVert A \\rVert^2)` for the paper's term, else 1."""
+        """The step's divisor: :math:`\\max(1, \\lVert A \\rVert^2)` for the paper's term, else
+        1."""
         return max(1.0, operator_gain(problem)) if self.likelihood == "paper" else 1.0
 
     def _data_gradient(

@@ -1,9 +1,10 @@
-"""Sequential Monte Carlo engines on one Feynman–Kac core (:mod:`posterior.engines.smc.core`)."""
+"""Sequential Monte Carlo engines on one Feynman–Kac core
+(:mod:`diffpost.posterior.engines.smc.core`)."""
 
-from posterior.engines.smc.fk_steering import FKSteering
-from posterior.engines.smc.fps import FPS
-from posterior.engines.smc.mcgdiff import MCGDiff
-from posterior.engines.smc.smcdiff import SMCDiff
-from posterior.engines.smc.tds import TDS
+from diffpost.posterior.engines.smc.fk_steering import FKSteering
+from diffpost.posterior.engines.smc.fps import FPS
+from diffpost.posterior.engines.smc.mcgdiff import MCGDiff
+from diffpost.posterior.engines.smc.smcdiff import SMCDiff
+from diffpost.posterior.engines.smc.tds import TDS
 
 __all__ = ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from models.operators.base import SVD
-from posterior.engines.base import Engine
-from posterior.resampling import RESAMPLERS, ess, normalize_log_weights
+from diffpost.models.operators.base import SVD
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.resampling import RESAMPLERS, ess, normalize_log_weights
 
 __all__ = [
     "SMCEngine",
@@ -111,7 +111,8 @@ def propose_with_head(
         mean: kernel mean :math:`\mu`, ``(n, *event)``.
         kernel_std: kernel standard deviation :math:`\kappa` (0-d).
         mean_head: :math:`V_{:, :k}^\top \mu`, ``(n, k)``.
-        head_mean, head_std: the leading coordinates' law, ``(n, k)`` and ``(k,)`` (or broadcastable).
+        head_mean, head_std: the leading coordinates' law, ``(n, k)`` and ``(k,)`` (or
+        broadcastable).
         generator: random stream.
 
     Returns:

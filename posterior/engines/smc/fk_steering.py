@@ -5,12 +5,12 @@ Target :math:`p_\theta(x_0) \exp(\lambda\, r(x_0)) / Z` with the reward
 :math:`\lambda = 1` (the default here) is the posterior and :math:`Z = p(y)`. The likelihood is
 used as a black box: no gradient, so any observation with a finite log-density works.
 
-A reverse-time particle filter over the DDIM grid (:func:`~posterior.engines.common.sampling_grid`)
-with the *base* kernel as proposal, :math:`x_s \sim p_\theta(x_s \mid x_t)` (DDIM, ``eta = 1``:
-DDPM), and potentials built from the intermediate reward
-:math:`r_k = \lambda\, r(\hat x_0(x_{t_k}))` (Tweedie's estimate from ``problem.denoise``; the
-official code passes ``pred_original_sample``), :math:`k = 0` at :math:`x_T`. With
-:math:`\log G_k` the log-potential applied at step ``k``:
+A reverse-time particle filter over the DDIM grid
+(:func:`~diffpost.posterior.engines.common.sampling_grid`) with the *base* kernel as proposal,
+:math:`x_s \sim p_\theta(x_s \mid x_t)` (DDIM, ``eta = 1``: DDPM), and potentials built from the
+intermediate reward :math:`r_k = \lambda\, r(\hat x_0(x_{t_k}))` (Tweedie's estimate from
+``problem.denoise``; the official code passes ``pred_original_sample``), :math:`k = 0` at
+:math:`x_T`. With :math:`\log G_k` the log-potential applied at step ``k``:
 
 - ``"difference"`` (default): :math:`\log G_k = r_k - r_{k-1}` (:math:`\log G_0 = r_0`); the
   product telescopes;
@@ -23,8 +23,8 @@ reward of the clean sample divided by the product of the potentials applied so f
 ancestry, kept per particle), so the weighted particles target the model's tilted law exactly
 whatever the potential, and the log-evidence :math:`\sum_k \log \sum_i W_i G_i` is an unbiased
 estimate of :math:`\log Z` under the model (with ``"difference"`` and :math:`\lambda = 1` this is
-TDS with the base proposal, :mod:`posterior.engines.smc.tds`). One denoiser call per step, cached
-for the next kernel; the last step needs none: ``K`` steps cost ``K`` NFEs and no VJP.
+TDS with the base proposal, :mod:`diffpost.posterior.engines.smc.tds`). One denoiser call per step,
+cached for the next kernel; the last step needs none: ``K`` steps cost ``K`` NFEs and no VJP.
 
 **Weights are accumulated** between resampling events (``log_weights += log G`` at every step).
 The official ``FKD.resample`` computes the potential at every step but uses it only at scheduled
@@ -65,10 +65,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.samplers import ddim_coefficients
-from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
-from posterior.engines.smc.core import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
@@ -77,7 +77,7 @@ from posterior.engines.smc.core import (
     reweight,
     step_times,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["FKSteering", "POTENTIALS"]
 
@@ -87,7 +87,8 @@ POTENTIALS = ("difference", "max", "sum", "immediate")
 
 @dataclass(frozen=True)
 class FKSteering(SMCEngine):
-    """FK steering with a likelihood reward (see the module docstring for the algorithm and choices).
+    """FK steering with a likelihood reward (see the module docstring for the algorithm and
+    choices).
 
     Attributes:
         num_steps: DDIM steps (official: 100).
@@ -132,7 +133,8 @@ class FKSteering(SMCEngine):
             or self.resample_every < 1
         ):
             raise ValueError(
-                f"FKSteering: resample_every must be a positive integer; got {self.resample_every!r}"
+                "FKSteering: resample_every must be a positive integer; got "
+                f"{self.resample_every!r}"
             )
         check_resampling("FKSteering", self.resampling, self.ess_threshold)
 
@@ -140,7 +142,8 @@ class FKSteering(SMCEngine):
     def _log_potential(
         self, reward: Tensor, previous: Tensor | None, running: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """``(log G, running statistic)`` of a step with intermediate rewards ``reward`` ``(n,)``."""
+        """``(log G, running statistic)`` of a step with intermediate rewards ``reward``
+        ``(n,)``."""
         if self.potential == "max":
             running = reward if running is None else torch.maximum(running, reward)
             return running, running
@@ -170,7 +173,8 @@ class FKSteering(SMCEngine):
         schedule = problem.prior.schedule
         t, s, last = step_times(state)
 
-        # 1. resample at scheduled steps (threshold 0 never resamples; the ESS is recorded at every step)
+        # 1. resample at scheduled steps (threshold 0 never resamples; the ESS is recorded at every
+        # step)
         threshold = self.ess_threshold if state.step % self.resample_every == 0 else 0.0
         indices, log_weights, ess, resampled = resample(
             state.log_weights, self.resampling, threshold, generator

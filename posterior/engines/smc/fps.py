@@ -6,7 +6,8 @@ r"""FPS-SMC: filtering posterior sampling with a diffused measurement path (Dou 
 :math:`p(y_t \mid x_t) = \mathcal{N}(A x_t, \alpha_t^2 \sigma_y^2 I)`. FPS then runs a particle
 filter on the state-space model
 
-.. math:: p(x_{t_K} \mid y_{t_K}) \prod_k p_\theta(x_{t_{k-1}} \mid x_{t_k})\, p(y_{t_{k-1}} \mid x_{t_{k-1}})
+.. math:: p(x_{t_K} \mid y_{t_K}) \prod_k p_\theta(x_{t_{k-1}} \mid x_{t_k})\, p(y_{t_{k-1}} \mid
+x_{t_{k-1}})
 
 for one sampled measurement path per chain (shared by its particles):
 
@@ -24,21 +25,21 @@ for one sampled measurement path per chain (shared by its particles):
    :math:`v = c\,\sigma_s^2`, :math:`\mu = \alpha_s \hat x_0 + \sqrt{1 - c}\, \sigma_s \hat\epsilon`
    (code: ``posterior_variance = (1 - abar_prev) * c_rate``).
 3. **Weight** (depends on the parent only): the predictive
-   :math:`p(y_s \mid x_t) = \mathcal{N}(y_s;\ A\mu,\ v A A^\top + \alpha_s^2 \sigma_y^2 I)`, diagonal in
-   the ``U`` basis: variances :math:`v s_j^2 + \alpha_s^2 \sigma_y^2`.
+   :math:`p(y_s \mid x_t) = \mathcal{N}(y_s;\ A\mu,\ v A A^\top + \alpha_s^2 \sigma_y^2 I)`,
+   diagonal in the ``U`` basis: variances :math:`v s_j^2 + \alpha_s^2 \sigma_y^2`.
 4. **Resample** (multinomial at every step, as the code) **before** proposing: a fully adapted
    auxiliary filter, so that duplicated parents get independent children (the code resamples the
    proposed children with the same weights, which has the same target and more duplicates).
 5. **Exact conjugate proposal** :math:`\propto \mathcal{N}(x; \mu, v I)\, \mathcal{N}(y_s; A x,
    \alpha_s^2 \sigma_y^2 I)`, diagonal in the ``V`` basis: per coordinate
    :math:`\operatorname{var} = 1 / (1/v + s_j^2 / (\alpha_s^2 \sigma_y^2))`,
-   :math:`\operatorname{mean} = \operatorname{var}\,(z_j / v + s_j (U^\top y_s)_j / (\alpha_s^2 \sigma_y^2))`
-   with :math:`z = V^\top \mu` (computed in gain form, so that :math:`v = 0` and :math:`s_j = 0`
-   are exact); free coordinates follow the kernel.
+   :math:`\operatorname{mean} = \operatorname{var}\,(z_j / v + s_j (U^\top y_s)_j / (\alpha_s^2
+   \sigma_y^2))` with :math:`z = V^\top \mu` (computed in gain form, so that :math:`v = 0` and
+   :math:`s_j = 0` are exact); free coordinates follow the kernel.
 
 **Initialisation.** :math:`x_{t_K} \sim p(x \mid y_{t_K}) \propto \mathcal{N}(x; 0, (\alpha^2 +
-\sigma^2) I)\, \mathcal{N}(y_{t_K}; A x, \alpha_{t_K}^2 \sigma_y^2 I)` (Gaussian, via the SVD), uniform
-weights.
+\sigma^2) I)\, \mathcal{N}(y_{t_K}; A x, \alpha_{t_K}^2 \sigma_y^2 I)` (Gaussian, via the SVD),
+uniform weights.
 
 **Last step.** For VP schedules :math:`\sigma_0 = 0`, so :math:`v = 0`: the kernel is the point
 mass at :math:`\hat x_0(x_{t_1})`, the proposal adds no conditioning and no noise (the code's
@@ -48,10 +49,10 @@ output is equally weighted). No special case is needed: the gain form handles :m
 
 **Not asymptotically exact.** Conditioning on one sampled path defines a state-space model whose
 :math:`x_0`-marginal is not :math:`p(x_0 \mid y)` in general (the path's :math:`y_t` share one
-measurement noise :math:`n`, which the model treats as independent per step; ICLR 2024 public review,
-reviewer 4). FPS-SMC is exact only in the idealised case where the backward model is the exact
-reversal of the forward process and the path is drawn jointly with the state; treat it as a good
-approximation whose error does not vanish with more particles. For the same reason the filter's
+measurement noise :math:`n`, which the model treats as independent per step; ICLR 2024 public
+review, reviewer 4). FPS-SMC is exact only in the idealised case where the backward model is the
+exact reversal of the forward process and the path is drawn jointly with the state; treat it as a
+good approximation whose error does not vanish with more particles. For the same reason the filter's
 normalising constant is the evidence of that auxiliary model, not an estimate of :math:`p(y)`:
 ``log_evidence`` is ``None`` (the per-step ``log_evidence_increment`` statistics are kept as a
 weight diagnostic).
@@ -60,18 +61,18 @@ weight diagnostic).
 :math:`\alpha_s^2 \sigma_y^2` in both the proposal and the weight (the code uses
 :math:`\bar\alpha_{t+1}` in the proposal and :math:`\bar\alpha_t` in the weight, an off-by-one); the
 path starts at :math:`\alpha_{t_K} y + \sigma_{t_K} A\epsilon` (the code drops
-:math:`\sqrt{\bar\alpha_N} y`, harmless for VP with :math:`\bar\alpha_N \approx 0`, wrong for VE); the
-init mean has its :math:`1/(\alpha^2 \sigma_y^2)` factor (missing in the code); the last weight is
-kept; all particles and chains are batched. A single noise level is required (``U`` need not
+:math:`\sqrt{\bar\alpha_N} y`, harmless for VP with :math:`\bar\alpha_N \approx 0`, wrong for VE);
+the init mean has its :math:`1/(\alpha^2 \sigma_y^2)` factor (missing in the code); the last weight
+is kept; all particles and chains are batched. A single noise level is required (``U`` need not
 diagonalise per-measurement noise).
 
 Defaults: ``c_rate = 0.95`` (official README command and argparse default; the paper tunes it per
 task, 0.15-0.95); ``num_steps = 100`` on the DDIM sub-sequence grid of
-:func:`~posterior.engines.common.sampling_grid`, **not** the code's 1000 (``timestep_respacing:
-1000``): one denoiser call per step makes 1000 steps ten times slower for little change with an exact
-proposal, and 100 matches the library's other SMC engines (pass ``num_steps=1000`` for the paper's
-setting); multinomial resampling at every step (code); the README runs 5 particles
-(``--particle_size=5``; ``num_particles`` is the driver's argument).
+:func:`~diffpost.posterior.engines.common.sampling_grid`, **not** the code's 1000
+(``timestep_respacing: 1000``): one denoiser call per step makes 1000 steps ten times slower for
+little change with an exact proposal, and 100 matches the library's other SMC engines (pass
+``num_steps=1000`` for the paper's setting); multinomial resampling at every step (code); the README
+runs 5 particles (``--particle_size=5``; ``num_particles`` is the driver's argument).
 
 References:
     Dou, Song. Diffusion Posterior Sampling for Linear Inverse Problem Solving: A Filtering
@@ -87,10 +88,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.samplers import initial_noise
-from posterior.engines.common import sampling_grid, uniform_log_weights
-from posterior.engines.smc.core import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.samplers import initial_noise
+from diffpost.posterior.engines.common import sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     advance,
@@ -100,7 +101,7 @@ from posterior.engines.smc.core import (
     resample,
     reweight,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["FPS"]
 
@@ -108,7 +109,8 @@ __all__ = ["FPS"]
 def _condition(
     mean: Tensor, variance: Tensor, observed: Tensor, s: Tensor, noise_var: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""Gaussian :math:`\mathcal{N}(z; m, v)` times :math:`\mathcal{N}(o; s z, \rho)`, per coordinate.
+    r"""Gaussian :math:`\mathcal{N}(z; m, v)` times :math:`\mathcal{N}(o; s z, \rho)`, per
+    coordinate.
 
     Gain form, exact for ``v = 0`` (no update) and ``s = 0`` (no information): returns the
     posterior mean :math:`m + g (o - s m)` and variance :math:`v (1 - g s)` with
@@ -163,7 +165,8 @@ class FPS(SMCEngine):
         num_chains: int,
         generator: torch.Generator,
     ) -> Tensor:
-        """The bridge ``U^T y_t`` at every grid time, ``(chains, K + 1, m)``; ``path[:, -1] = U^T y``."""
+        """The bridge ``U^T y_t`` at every grid time, ``(chains, K + 1, m)``;
+        ``path[:, -1] = U^T y``."""
         m, r = rotated_y.shape[0], s.shape[0]
         c = self.c_rate
 

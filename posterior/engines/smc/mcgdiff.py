@@ -10,15 +10,15 @@ observed coordinates (:math:`s_i > 0`). The filter runs the diffusion's DDIM ker
 and one step from ``t`` to ``s`` does (paper, Algorithm 1):
 
 1. weight each parent (fully adapted auxiliary filter):
-   :math:`\log G = \sum_i \log\mathcal{N}(\alpha_s \tilde y_i; m_i, c^2 + v_{s,i}) - \sum_i \log g_t(z_t)_i`
-   (the second sum is dropped at the first step, whose particles are drawn from
+   :math:`\log G = \sum_i \log\mathcal{N}(\alpha_s \tilde y_i; m_i, c^2 + v_{s,i}) - \sum_i \log
+   g_t(z_t)_i` (the second sum is dropped at the first step, whose particles are drawn from
    :math:`\mathcal{N}(0, I)`: one of the two consistent pairings of the paper);
 2. resample when the ESS falls to half the particles, systematically (the paper and the official
    code resample multinomially at *every* step: ``resampling="multinomial", ess_threshold=1``; see
    the defaults below for why we do not);
-3. propose the Gaussian product :math:`\propto \mathcal{N}(z; m, c^2)\, g_s(z)`: on observed coordinates
-   :math:`K = c^2 / (c^2 + v_{s,i})`, mean :math:`K \alpha_s \tilde y_i + (1 - K) m_i`, variance
-   :math:`K v_{s,i}`; free coordinates follow the kernel.
+3. propose the Gaussian product :math:`\propto \mathcal{N}(z; m, c^2)\, g_s(z)`: on observed
+   coordinates :math:`K = c^2 / (c^2 + v_{s,i})`, mean :math:`K \alpha_s \tilde y_i + (1 - K) m_i`,
+   variance :math:`K v_{s,i}`; free coordinates follow the kernel.
 
 After the last proposal the true likelihood replaces the last potentials,
 :math:`\log \mathcal{N}(U^\top y; s \odot z_0, \sigma_y^2) - \log g_0(z_0)`, so the weighted
@@ -32,13 +32,13 @@ coordinates to :math:`\tilde y`. Noisy, two variants:
 
 - ``potential="paper"``: coordinate ``i`` is a noiseless observation of :math:`z_{\tau_i}` at the
   time where :math:`\sigma(\tau)/\alpha(\tau) = \sigma_y / s_i`; for :math:`t \ge \tau_i`,
-  :math:`v_{t,i} = \sigma_t^2 - r^2\sigma_{\tau_i}^2 + \kappa r^2`, :math:`r = \alpha_t/\alpha_{\tau_i}`
-  (VP: :math:`1 - (1-\kappa)\bar\alpha_t/\bar\alpha_{\tau_i}`, the paper's and the code's formula),
-  and no potential below :math:`\tau_i`.
-- ``potential="smooth"`` (default): :math:`v_{t,i} = \sigma_t^2 + \alpha_t^2 \sigma_y^2 / s_i^2`, the
-  law of :math:`\alpha_t \tilde y_i` given :math:`z_t` when the diffusion noise and the measurement
-  noise are added independently; it equals the paper's potential when :math:`\sigma_y = 0` and the
-  exact likelihood at ``t = 0``.
+  :math:`v_{t,i} = \sigma_t^2 - r^2\sigma_{\tau_i}^2 + \kappa r^2`, :math:`r =
+  \alpha_t/\alpha_{\tau_i}` (VP: :math:`1 - (1-\kappa)\bar\alpha_t/\bar\alpha_{\tau_i}`, the paper's
+  and the code's formula), and no potential below :math:`\tau_i`.
+- ``potential="smooth"`` (default): :math:`v_{t,i} = \sigma_t^2 + \alpha_t^2 \sigma_y^2 / s_i^2`,
+  the law of :math:`\alpha_t \tilde y_i` given :math:`z_t` when the diffusion noise and the
+  measurement noise are added independently; it equals the paper's potential when :math:`\sigma_y =
+  0` and the exact likelihood at ``t = 0``.
 
 Why the default departs from the paper for noisy data: the paper's potential shrinks to variance
 :math:`\kappa` at :math:`\tau_i`, and dividing by it one step later gives weights whose variance is
@@ -72,9 +72,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.samplers import ddim_coefficients
-from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
-from posterior.engines.smc.core import (
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     advance,
@@ -85,7 +85,7 @@ from posterior.engines.smc.core import (
     reweight,
     step_times,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["MCGDiff"]
 
@@ -165,7 +165,8 @@ class MCGDiff(SMCEngine):
     def _potentials(
         self, problem: Problem, constants: dict[str, Tensor], time: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Which observed coordinates carry a potential at ``time`` and its variances, ``(m_obs,)`` each."""
+        """Which observed coordinates carry a potential at ``time`` and its variances, ``(m_obs,)``
+        each."""
         schedule = problem.prior.schedule
         sigma_t, alpha_t = schedule.sigma(time), schedule.alpha(time)
         like = constants["y_tilde"]

@@ -1,15 +1,16 @@
 r"""SMCDiff: particle filtering for noiseless inpainting (Trippe et al. 2023).
 
 The signal splits into observed (motif) coordinates :math:`M` and the rest :math:`R`; the data is
-:math:`y = x_0^M` exactly (a :class:`~models.operators.Mask`, :math:`\sigma_y = 0`). SMCDiff targets
-:math:`p_\theta(x_0^R \mid x_0^M = y)` in three moves:
+:math:`y = x_0^M` exactly (a :class:`~diffpost.models.operators.Mask`, :math:`\sigma_y = 0`).
+SMCDiff targets :math:`p_\theta(x_0^R \mid x_0^M = y)` in three moves:
 
 1. **Diffuse the observation forward once**, one path per chain shared by all its particles, as a
    Markov chain on the sampling grid :math:`0 = t_0 < t_1 < \dots < t_K` started at
    :math:`y_{t_0} = y`:
 
    .. math:: y_{t_k} = \frac{\alpha_{t_k}}{\alpha_{t_{k-1}}}\, y_{t_{k-1}}
-             + \sqrt{\sigma_{t_k}^2 - \frac{\alpha_{t_k}^2}{\alpha_{t_{k-1}}^2}\sigma_{t_{k-1}}^2}\ \xi_k,
+             + \sqrt{\sigma_{t_k}^2 - \frac{\alpha_{t_k}^2}{\alpha_{t_{k-1}}^2}\sigma_{t_{k-1}}^2}\
+             \xi_k,
 
    so that :math:`y_t \sim \mathcal{N}(\alpha_t y, \sigma_t^2 I)` for any :math:`(\alpha, \sigma)`
    schedule (VP: the code's ``ar_forward_diffusion``, :math:`\sqrt{1-\beta} y + \sqrt\beta \xi`).
@@ -17,7 +18,7 @@ The signal splits into observed (motif) coordinates :math:`M` and the rest :math
    :math:`x_t = [y_t, x_t^R]`; the DDPM kernel
    :math:`p(x_s \mid x_t) = \mathcal{N}(m(x_t), v I)` with the DDPM mean
    :math:`m = \alpha_s \hat x_0 + \sqrt{\sigma_s^2 - c^2}\, \hat\epsilon`
-   (:func:`models.samplers.ddim_coefficients` with :math:`\eta = 1`) and, by default
+   (:func:`diffpost.models.samplers.ddim_coefficients` with :math:`\eta = 1`) and, by default
    (``variance="large"``, the official ``ar_reverse_diffusion_distribution``), DDPM's "fixed large"
    variance :math:`v = \sigma_t^2 - (\alpha_t/\alpha_s)^2 \sigma_s^2` (:math:`\beta_t`);
    ``variance="small"`` uses the "posterior" variance :math:`v = c^2` (:math:`\tilde\beta_t`). The
@@ -33,10 +34,10 @@ The signal splits into observed (motif) coordinates :math:`M` and the rest :math
 **Resampling.** Official rule (default, ``ess_threshold=None``): residual resampling when the
 "departure from uniform" :math:`\sum_i |N W_i - 1|` exceeds ``departure * N`` (0.75 in the code),
 weights reset to :math:`1/N`. Passing ``ess_threshold`` switches to the library's ESS rule
-(:func:`~posterior.engines.smc.core.resample`: resample when ESS <= ``ess_threshold * N``). Like the
-official loop, weighting, resampling and moving happen in that order within one step (the weight
-depends on the parent only, so this is the fully adapted order: duplicated parents get independent
-children).
+(:func:`~diffpost.posterior.engines.smc.core.resample`: resample when ESS <= ``ess_threshold * N``).
+Like the official loop, weighting, resampling and moving happen in that order within one step (the
+weight depends on the parent only, so this is the fully adapted order: duplicated parents get
+independent children).
 
 **Why "fixed large" is the default.** The weight must approximate the true reverse transition of
 the observed coordinates, whose variance is :math:`c^2 + (\text{gain})^2 \operatorname{Var}[x_0^M
@@ -68,9 +69,9 @@ steps shrink (a criticism repeated by the MCGDiff and TDS papers).
 
 **Deviations from the official code**, all deliberate: the last weight is kept; the code's weights
 drop the Gaussian normalising constants (irrelevant for the particles, needed for the evidence, so
-we keep them); the DDIM sub-sequence grid of :func:`~posterior.engines.common.sampling_grid`
-replaces the code's full chain when ``num_steps`` is smaller than the schedule's training steps;
-chains are batched.
+we keep them); the DDIM sub-sequence grid of
+:func:`~diffpost.posterior.engines.common.sampling_grid` replaces the code's full chain when
+``num_steps`` is smaller than the schedule's training steps; chains are batched.
 
 Defaults: ``variance = "large"`` (code); ``num_steps = 1000`` (the whole training chain of the
 library's 1000-step schedules; the code runs every step of its ``Diffuser``, ``T = 512`` by default
@@ -93,10 +94,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.samplers import ddim_coefficients
-from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
-from posterior.engines.smc.core import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     advance,
@@ -106,8 +107,8 @@ from posterior.engines.smc.core import (
     reweight,
     step_times,
 )
-from posterior.problem import Problem
-from posterior.resampling import ess
+from diffpost.posterior.problem import Problem
+from diffpost.posterior.resampling import ess
 
 __all__ = ["SMCDiff"]
 
@@ -118,7 +119,8 @@ def _forward_path(
     r"""One forward-diffused path of ``y`` per chain at the grid's times, ``(chains, K + 1, m)``.
 
     ``path[:, k]`` lives at ``grid[k]`` (decreasing), so ``path[:, -1] = y`` at ``t = 0`` and the
-    chain is drawn upwards from there: :math:`y_t = (\alpha_t/\alpha_s) y_s + \sqrt{v_{s \to t}}\, \xi`.
+    chain is drawn upwards from there: :math:`y_t = (\alpha_t/\alpha_s) y_s + \sqrt{v_{s \to t}}\,
+    \xi`.
     """
     steps = grid.shape[0]
     noise = torch.randn(
@@ -149,8 +151,8 @@ class SMCDiff(SMCEngine):
             :math:`\\sum_i |N W_i - 1| > \\text{departure}\\, N`; a number in ``[0, 1]`` to resample
             when ESS <= ``ess_threshold * N`` instead.
         departure: threshold of the official trigger, as a fraction of ``N`` (code: 0.75).
-        variance: ``"large"`` (default, code: :math:`\\beta_t`) or ``"small"`` (:math:`\\tilde\\beta_t`,
-            DDIM with eta = 1) for the kernel on all but the last step.
+        variance: ``"large"`` (default, code: :math:`\\beta_t`) or ``"small"``
+            (:math:`\\tilde\\beta_t`, DDIM with eta = 1) for the kernel on all but the last step.
     """
 
     num_steps: int = 1000
@@ -168,7 +170,8 @@ class SMCDiff(SMCEngine):
             isinstance(self.ess_threshold, bool) or not isinstance(self.ess_threshold, (int, float))
         ):
             raise ValueError(
-                f"SMCDiff: ess_threshold must be None or a number in [0, 1]; got {self.ess_threshold!r}"
+                "SMCDiff: ess_threshold must be None or a number in [0, 1]; got "
+                f"{self.ess_threshold!r}"
             )
         check_resampling(
             "SMCDiff", self.resampling, 0.0 if self.ess_threshold is None else self.ess_threshold
@@ -205,14 +208,16 @@ class SMCDiff(SMCEngine):
 
     @staticmethod
     def _replace(x: Tensor, observed: Tensor, values: Tensor, num_particles: int) -> Tensor:
-        """Set the observed coordinates of every particle to its chain's ``values`` ``(chains, m)``."""
+        """Set the observed coordinates of every particle to its chain's ``values``
+        ``(chains, m)``."""
         flat = x.reshape(x.shape[0], -1).clone()
         flat[:, observed] = values.repeat_interleave(num_particles, dim=0)
         return flat.reshape(x.shape)
 
     # ------------------------------------------------------------------ one step
     def _resample(self, log_weights: Tensor, generator: torch.Generator):
-        """Resampling by the official departure rule or the ESS rule; returns core.resample's tuple."""
+        """Resampling by the official departure rule or the ESS rule; returns core.resample's
+        tuple."""
         if self.ess_threshold is not None:
             return resample(log_weights, self.resampling, float(self.ess_threshold), generator)
         chains, n = log_weights.shape

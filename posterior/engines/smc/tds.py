@@ -10,18 +10,19 @@ with :math:`\gamma` = ``twist_scale`` (the paper's generic twist is :math:`\gamm
 differentiable likelihood works, so the problem only has to offer a finite
 ``problem.log_likelihood``). Each twist value and its gradient
 :math:`\nabla_{x_t} \log \tilde p_t` come from one denoiser call with one vector-Jacobian product
-(:meth:`posterior.Problem.denoise_with_vjp`) and are cached per particle, so a step costs one NFE and
-one VJP.
+(:meth:`diffpost.posterior.Problem.denoise_with_vjp`) and are cached per particle, so a step costs
+one NFE and one VJP.
 
 **Twist variance** (``twist``). The paper's generic twist (``"plain"``) evaluates the likelihood
 at the point estimate :math:`\hat x_0` and so ignores the uncertainty of :math:`x_0` given
 :math:`x_t`; with a sharp likelihood its gradient is huge at high noise and the shifted proposal
 overshoots (measured on the Gaussian-mixture benchmark, d = 8, 20 steps, 200 filters: sliced
 Wasserstein in the thousands to millions, ESS 1 of 400 000). The default ``"inflated"`` twist, for
-a :class:`~models.observations.GaussianObservation`, adds the Tweedie variance of a Gaussian prior
-of per-coordinate variance :math:`\tau^2` (``data_variance``) to the noise,
+a :class:`~diffpost.models.observations.GaussianObservation`, adds the Tweedie variance of a
+Gaussian prior of per-coordinate variance :math:`\tau^2` (``data_variance``) to the noise,
 
-.. math:: \tilde p_t(y \mid x_t) = \mathcal{N}\big(y;\ A \hat x_0(x_t),\ \sigma_y^2 I + \rho_t A A^\top\big),
+.. math:: \tilde p_t(y \mid x_t) = \mathcal{N}\big(y;\ A \hat x_0(x_t),\ \sigma_y^2 I + \rho_t A
+A^\top\big),
    \qquad \rho_t = \frac{r_t \tau^2}{r_t + \tau^2},\ r_t = \sigma_t^2 / \alpha_t^2,
 
 (diagonal in the SVD basis when the operator has one, :math:`\rho_t I` in place of
@@ -35,19 +36,21 @@ official code ``TwistedDDPM._compute_twisted_step_helper``). The conditional sco
 :math:`s_\theta + \nabla \log \tilde p_t` is plugged into the diffusion's own kernel: Tweedie's
 estimate is shifted, :math:`\hat x_0' = \hat x_0 + (\sigma_t^2 / \alpha_t)\, \nabla \log \tilde p_t`
 (code: ``(1 - abar_t) / sqrt(abar_t) * grad``), and the DDIM kernel from ``t`` to ``s``,
-:math:`x_s = a\, \hat x_0 + b\, \hat\epsilon + c\, z` (:func:`models.samplers.ddim_coefficients`, with
-``eta = 1`` the DDPM ancestral kernel), is evaluated at :math:`\hat x_0'`. Since
-:math:`\hat\epsilon' = \hat\epsilon - \sigma_t \nabla \log \tilde p_t`, the proposal is
+:math:`x_s = a\, \hat x_0 + b\, \hat\epsilon + c\, z`
+(:func:`diffpost.models.samplers.ddim_coefficients`, with ``eta = 1`` the DDPM ancestral kernel), is
+evaluated at :math:`\hat x_0'`. Since :math:`\hat\epsilon' = \hat\epsilon - \sigma_t \nabla \log
+\tilde p_t`, the proposal is
 
-.. math:: q(x_s \mid x_t, y) = \mathcal{N}\big(m(x_t) + \kappa_t\, \nabla \log \tilde p_t(y \mid x_t),\ c^2 I\big),
+.. math:: q(x_s \mid x_t, y) = \mathcal{N}\big(m(x_t) + \kappa_t\, \nabla \log \tilde p_t(y \mid
+x_t),\ c^2 I\big),
    \qquad \kappa_t = a\, \sigma_t^2 / \alpha_t - b\, \sigma_t,
 
-where :math:`m = a \hat x_0 + b \hat\epsilon` and :math:`c^2` are the base kernel's mean and variance.
-For ``eta = 1`` and a VP schedule, :math:`\kappa_t = \sigma_{t|s}^2 / \alpha_{t|s}` (the forward
-transition's variance over its scale), i.e. the paper's :math:`\beta_t / \sqrt{\alpha_t}`; note it
-is *not* the kernel variance :math:`c^2 = \tilde\beta_t` (the two agree to first order in the step
-except near ``t = 0``). The official code's clipping of :math:`\hat x_0'` to ``[-1, 1]`` (pixel
-range) is not applied: the library's signals have no fixed range.
+where :math:`m = a \hat x_0 + b \hat\epsilon` and :math:`c^2` are the base kernel's mean and
+variance. For ``eta = 1`` and a VP schedule, :math:`\kappa_t = \sigma_{t|s}^2 / \alpha_{t|s}` (the
+forward transition's variance over its scale), i.e. the paper's :math:`\beta_t / \sqrt{\alpha_t}`;
+note it is *not* the kernel variance :math:`c^2 = \tilde\beta_t` (the two agree to first order in
+the step except near ``t = 0``). The official code's clipping of :math:`\hat x_0'` to ``[-1, 1]``
+(pixel range) is not applied: the library's signals have no fixed range.
 
 **Weights** (paper, Alg. 1). Initial :math:`x_T \sim \mathcal{N}(0, I)` with weight
 :math:`\tilde p_T(y \mid x_T)`; then
@@ -68,9 +71,9 @@ x_0(x_{t_1})`): a shifted delta proposal has no density ratio, so, as the offici
 (``use_mean_pred = True``), the last move is the *untwisted* kernel mean, the proposal and kernel
 cancel and the final weight is :math:`p(y \mid x_0) / \tilde p_{t_1}(y \mid x_{t_1})` (which is 1
 when :math:`\gamma = 1`, since then :math:`x_0 = \hat x_0(x_{t_1})`). Where the last kernel is
-stochastic (``c > 0``, e.g. VE with :math:`\sigma_{\min} > 0`) the last move is twisted as the others
-and weighted with :math:`p(y \mid x_0)` in place of :math:`\tilde p_0`. Either way the last step
-needs no denoiser call: a run of ``K`` steps costs ``K`` NFEs and ``K`` VJPs.
+stochastic (``c > 0``, e.g. VE with :math:`\sigma_{\min} > 0`) the last move is twisted as the
+others and weighted with :math:`p(y \mid x_0)` in place of :math:`\tilde p_0`. Either way the last
+step needs no denoiser call: a run of ``K`` steps costs ``K`` NFEs and ``K`` VJPs.
 
 **Resampling**: at the start of each step, from the weights of the previous one (systematic at every
 step by default, ``ess_threshold = 1``: the paper's experiments and the official config
@@ -79,9 +82,9 @@ step by default, ``ess_threshold = 1``: the paper's experiments and the official
 Defaults: ``num_steps = 100`` (paper's image experiments: T = 100 sampling steps of a 1000-step
 model), ``eta = 1`` (DDPM kernel), ``twist_scale = 1``, systematic resampling at every step.
 
-Not implemented: the paper's inpainting twist for noiseless masks (:math:`\tilde p_t = \mathcal{N}(y;
-\hat x_0(x_t)_M, \hat\sigma_t^2 I)` with pinned last step) and its "degrees of freedom" variant;
-noiseless observations are refused (``requires = {"finite_likelihood"}``).
+Not implemented: the paper's inpainting twist for noiseless masks (:math:`\tilde p_t =
+\mathcal{N}(y; \hat x_0(x_t)_M, \hat\sigma_t^2 I)` with pinned last step) and its "degrees of
+freedom" variant; noiseless observations are refused (``requires = {"finite_likelihood"}``).
 
 References:
     Song, Vahdat, Mardani, Kautz. Pseudoinverse-Guided Diffusion Models for Inverse Problems.
@@ -102,11 +105,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import LinearOperator
-from models.samplers import ddim_coefficients
-from posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
-from posterior.engines.smc.core import (
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import LinearOperator
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
     check_resampling,
@@ -116,7 +119,7 @@ from posterior.engines.smc.core import (
     reweight,
     step_times,
 )
-from posterior.problem import Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["TDS"]
 
@@ -139,7 +142,8 @@ class TDS(SMCEngine):
     """Twisted diffusion sampler (see the module docstring for the algorithm and the choices made).
 
     Attributes:
-        num_steps: DDIM steps on :func:`~posterior.engines.common.sampling_grid` (paper: 100).
+        num_steps: DDIM steps on :func:`~diffpost.posterior.engines.common.sampling_grid` (paper:
+            100).
         eta: stochasticity of the base kernel, in ``(0, 1]`` (1: DDPM, as the paper).
         twist_scale: exponent :math:`\\gamma \\ge 0` of the twist (1 in the paper; 0 gives plain
             importance sampling from the prior, weighted by the likelihood at the end).
@@ -182,7 +186,8 @@ class TDS(SMCEngine):
 
     # ------------------------------------------------------------------ twist
     def _log_twist(self, problem: Problem, x0: Tensor, t: Tensor) -> Tensor:
-        r""":math:`\log \tilde p_t(y \mid x_t)` from :math:`\hat x_0`, ``(n, *event) -> (n,)`` (before :math:`\gamma`)."""
+        r""":math:`\log \tilde p_t(y \mid x_t)` from :math:`\hat x_0`, ``(n, *event) -> (n,)``
+        (before :math:`\gamma`)."""
         gaussian = problem.gaussian
         if self.twist == "plain" or gaussian is None or gaussian.noiseless:
             return problem.log_likelihood(x0)
@@ -202,7 +207,8 @@ class TDS(SMCEngine):
         return log_normal(residual, 0.0, variance).flatten(1).sum(-1)
 
     def _twist(self, problem: Problem, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""``(x0, log_twist, grad)`` at ``x_t``: :math:`\hat x_0`, :math:`\gamma \log \tilde p_t`, its gradient."""
+        r"""``(x0, log_twist, grad)`` at ``x_t``: :math:`\hat x_0`, :math:`\gamma \log \tilde p_t`,
+        its gradient."""
         values: list[Tensor] = []
         gamma = float(self.twist_scale)
 
@@ -255,7 +261,8 @@ class TDS(SMCEngine):
             shift = (a * sigma_t**2 / alpha_t - b * sigma_t) * grad
             noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
             x_s = mean + shift + c * noise
-            # log p_theta(x_s | x_t) - log q(x_s | x_t, y), both N(., c^2 I), x_s - mean = shift + c z
+            # log p_theta(x_s | x_t) - log q(x_s | x_t, y), both N(., c^2 I), x_s - mean = shift + c
+            # z
             log_kernel_ratio = -(_flat_dot(shift, shift) + 2 * c * _flat_dot(shift, noise)) / (
                 2 * c**2
             )

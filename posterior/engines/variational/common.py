@@ -5,37 +5,40 @@ Both estimates work in the schedule-free coordinates of Karras et al. (2022): wi
 :math:`r = \sigma(t) / \alpha(t)` and :math:`\tilde x = x_t / \alpha(t) = x_0 + r \epsilon`, every
 schedule has the same marginals :math:`\tilde p_r = p_0 * \mathcal{N}(0, r^2 I)`, and the denoiser
 is queried at :math:`x_t = \alpha(t(r))\, \tilde x`, :math:`t(r)` =
-:meth:`~models.schedules.Schedule.time_of_noise_ratio`. Both integrate over
+:meth:`~diffpost.models.schedules.Schedule.time_of_noise_ratio`. Both integrate over
 :math:`r \in [r_{\min}, r_{\max}]` (``noise_min``, ``noise_max``); the reference law at
 :math:`r_{\max}` is the library's :math:`\mathcal{N}(0, (1 + r_{\max}^2) I)` (unit data scale, as
-:func:`models.samplers.initial_noise`). The result is the density of the model's marginal at
-:math:`r_{\min}`, which is :math:`\log p_\theta(x)` up to :math:`O(r_{\min}^2)`.
+:func:`diffpost.models.samplers.initial_noise`). The result is the density of the model's marginal
+at :math:`r_{\min}`, which is :math:`\log p_\theta(x)` up to :math:`O(r_{\min}^2)`.
 
 **Probability-flow ODE** (:func:`probability_flow_log_prob`; Song et al. 2021, Sec. 4.3 and App.
 D.2; Feng et al. 2023, the "ode" prior). In :math:`s = \log r` the ODE is
 :math:`d\tilde x / ds = \tilde x - \hat x_0`, and the instantaneous change of variables gives
 
-.. math:: \log \tilde p_{r_{\min}}(x) = \log \mathcal{N}\big(\tilde x(r_{\max}); 0, (1 + r_{\max}^2) I\big)
+.. math:: \log \tilde p_{r_{\min}}(x) = \log \mathcal{N}\big(\tilde x(r_{\max}); 0, (1 + r_{\max}^2)
+I\big)
    + \int_{\log r_{\min}}^{\log r_{\max}} \big(d - \alpha \operatorname{tr} J_D\big)\, ds,
    \qquad J_D = \partial D / \partial x_t,
 
 with the trace by Hutchinson's estimator :math:`\operatorname{tr} J \approx u^\top J u`, Rademacher
-:math:`u` (one vector-Jacobian product per evaluation; ``num_probes`` independent probes, fixed along
-the path as in FFJORD, averaged). The ODE and the integral are solved together by Heun's method on a
-grid uniform in :math:`\log r`. Feng et al. use an adaptive Dopri5 (rtol 1e-3, atol 1e-5) from
-diffrax; a fixed Heun grid keeps the cost known in advance (2 NFEs and 2 VJPs per step; the test
-suite measures the error against exact Gaussian-mixture densities). The estimate is unbiased in the
-probes for the discretised ODE, hence a noisy but unbiased estimate of its log-density.
+:math:`u` (one vector-Jacobian product per evaluation; ``num_probes`` independent probes, fixed
+along the path as in FFJORD, averaged). The ODE and the integral are solved together by Heun's
+method on a grid uniform in :math:`\log r`. Feng et al. use an adaptive Dopri5 (rtol 1e-3, atol
+1e-5) from diffrax; a fixed Heun grid keeps the cost known in advance (2 NFEs and 2 VJPs per step;
+the test suite measures the error against exact Gaussian-mixture densities). The estimate is
+unbiased in the probes for the discretised ODE, hence a noisy but unbiased estimate of its
+log-density.
 
 **Denoising lower bound** (:func:`diffusion_elbo`; Song, Durkan, Murray, Ermon 2021, Thm. 1;
 Kingma et al. 2021, eq. 17; Feng & Bouman 2024, the "dsm" prior). With :math:`\lambda = -2 \log r`
 (the log-SNR) and :math:`\Lambda = \lambda_{\max} - \lambda_{\min}`,
 
 .. math:: -\log \tilde p_{r_{\min}}(x) \le
-   \underbrace{\mathrm{KL}\big(\mathcal{N}(x, r_{\max}^2 I) \,\|\, \mathcal{N}(0, (1 + r_{\max}^2) I)\big)}_{\text{prior}}
-   + \underbrace{\mathbb{E}\big[-\log \mathcal{N}(x; \hat x_0(\tilde x_{r_{\min}}), r_{\min}^2 I)\big]}_{\text{reconstruction}}
-   + \frac{\Lambda}{2}\, \mathbb{E}_{\lambda \sim \mathcal{U}, \epsilon}
-   \big[\lVert \hat\epsilon - \epsilon \rVert^2 - \lVert \epsilon \rVert^2 + d\big].
+   \underbrace{\mathrm{KL}\big(\mathcal{N}(x, r_{\max}^2 I) \,\|\, \mathcal{N}(0, (1 + r_{\max}^2)
+   I)\big)}_{\text{prior}} + \underbrace{\mathbb{E}\big[-\log \mathcal{N}(x; \hat x_0(\tilde
+   x_{r_{\min}}), r_{\min}^2 I)\big]}_{\text{reconstruction}} + \frac{\Lambda}{2}\,
+   \mathbb{E}_{\lambda \sim \mathcal{U}, \epsilon} \big[\lVert \hat\epsilon - \epsilon \rVert^2 -
+   \lVert \epsilon \rVert^2 + d\big].
 
 The :math:`\lambda`-uniform draw is the importance sampling of Song et al. (:math:`t` drawn with
 density :math:`\propto g(t)^2 / \sigma(t)^2`), the same-noise term :math:`-\lVert\epsilon\rVert^2`
@@ -72,8 +75,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.schedules import Schedule
-from posterior.problem import Problem
+from diffpost.models.schedules import Schedule
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "SNR_WEIGHTINGS",
@@ -84,7 +87,8 @@ __all__ = [
 ]
 
 #: RED-diff's weightings of the distillation term, functions of the noise ratio
-#: :math:`r = \sigma_t / \alpha_t = 1/\sqrt{\mathrm{SNR}_t}` (NVlabs/RED-diff ``denoise_term_weight``)
+#: :math:`r = \sigma_t / \alpha_t = 1/\sqrt{\mathrm{SNR}_t}` (NVlabs/RED-diff
+#: ``denoise_term_weight``)
 SNR_WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
     "linear": lambda r: r,
     "sqrt": torch.sqrt,
@@ -102,8 +106,8 @@ _TABLE_SIZE = 4096
 
 
 class PerParticleObjective:
-    r"""An objective for :meth:`~posterior.Problem.denoise_with_vjp` that also reads per-particle
-    tensors.
+    r"""An objective for :meth:`~diffpost.posterior.Problem.denoise_with_vjp` that also reads
+    per-particle tensors.
 
     ``denoise_with_vjp`` calls its objective on one chunk of ``batch_size`` particles at a time, in
     order; this callable hands ``function(x0, *slices)`` the matching rows of ``tensors`` and
@@ -149,8 +153,8 @@ def noise_range(
     r"""The noise ratios :math:`(r_{\min}, r_{\max})` the density estimates integrate over.
 
     :math:`r_{\min}` is ``noise_min`` raised to the schedule's own ratio at ``t = 0`` (VE keeps
-    :math:`\sigma_{\min}`); :math:`r_{\max}` is ``noise_max`` or the ratio at ``t = 1`` (``1e3`` where
-    that is infinite, as for rectified flow).
+    :math:`\sigma_{\min}`); :math:`r_{\max}` is ``noise_max`` or the ratio at ``t = 1`` (``1e3``
+    where that is infinite, as for rectified flow).
 
     Raises:
         ValueError: ``noise_min <= 0`` or a range that is empty.
@@ -278,14 +282,15 @@ def diffusion_elbo(
     r"""A stochastic lower bound of :math:`\log p_\theta(x)` (see the module docstring).
 
     One denoiser call (with one VJP when ``with_gradient``) on ``2 * num_samples * N`` particles:
-    the reconstruction and the diffusion term of every draw go through the denoiser together, each at
-    its own time.
+    the reconstruction and the diffusion term of every draw go through the denoiser together, each
+    at its own time.
 
     Args:
         problem: the inverse problem whose prior's denoiser defines the model (calls are counted).
         x: ``(N, *event)`` points (detached).
         generator: draws :math:`\lambda` and :math:`\epsilon`.
-        num_samples: draws of :math:`(\lambda, \epsilon)` averaged per point (official ``dsm_nt``: 1).
+        num_samples: draws of :math:`(\lambda, \epsilon)` averaged per point (official ``dsm_nt``:
+            1).
         noise_min: :math:`r_{\min}` (the official ``eps``, in noise-ratio units).
         noise_max: :math:`r_{\max}` (default: the schedule's ratio at ``t = 1``).
         with_gradient: also return :math:`\nabla_x` of the bound.

@@ -1,28 +1,29 @@
 r"""Normalising-flow variational inference with a diffusion prior (Feng et al., ICCV 2023; Feng &
 Bouman, TMLR 2024), the "Deep Probabilistic Imaging" objective of Sun & Bouman (2021).
 
-A RealNVP flow :math:`x = G_\phi(z)`, :math:`z \sim \mathcal{N}(0, I)`, is fitted to the posterior by
-minimising the reverse KL divergence up to :math:`\log p(y)`, i.e. maximising the ELBO
+A RealNVP flow :math:`x = G_\phi(z)`, :math:`z \sim \mathcal{N}(0, I)`, is fitted to the posterior
+by minimising the reverse KL divergence up to :math:`\log p(y)`, i.e. maximising the ELBO
 
 .. math:: \mathcal{L}(\phi) = \mathbb{E}_{z}\big[\log p(y \mid G_\phi(z)) + \log p_\theta(G_\phi(z))
    - \log q_\phi(G_\phi(z))\big] \le \log p(y),
-   \qquad \log q_\phi(x) = \log \mathcal{N}(z; 0, I) - \log\lvert\det \partial G_\phi / \partial z\rvert,
+   \qquad \log q_\phi(x) = \log \mathcal{N}(z; 0, I) - \log\lvert\det \partial G_\phi / \partial
+   z\rvert,
 
 by Adam on reparameterised draws (``batch_size`` per step; the official weights of the data, prior
 and entropy terms are all 1). The prior log-density :math:`\log p_\theta` is
 
-- ``"exact"``: the prior's own ``log_prob`` where it has one (:class:`~models.priors.GaussianMixture`,
-  :class:`~models.priors.Gaussian`); the default for those priors, and the set-up of the RealNVP
-  baseline of Cardoso et al. (2024);
-- ``"dsm"``: the denoising lower bound :func:`~posterior.engines.variational.common.diffusion_elbo`
-  (Feng & Bouman 2024, the official default ``optim.prior = 'dsm'``), whose gradient in :math:`x`
-  costs one NFE and one VJP per step; the default for learned priors. The objective is then a lower
-  bound of the ELBO;
+- ``"exact"``: the prior's own ``log_prob`` where it has one
+  (:class:`~diffpost.models.priors.GaussianMixture`, :class:`~diffpost.models.priors.Gaussian`); the
+  default for those priors, and the set-up of the RealNVP baseline of Cardoso et al. (2024);
+- ``"dsm"``: the denoising lower bound
+  :func:`~diffpost.posterior.engines.variational.common.diffusion_elbo` (Feng & Bouman 2024, the
+  official default ``optim.prior = 'dsm'``), whose gradient in :math:`x` costs one NFE and one VJP
+  per step; the default for learned priors. The objective is then a lower bound of the ELBO;
 - ``"ode"``: the probability-flow ODE density
-  :func:`~posterior.engines.variational.common.probability_flow_log_prob` (Feng et al. 2023). The
-  paper back-propagates through the ODE solve (diffrax ``BacksolveAdjoint``, a double backward
-  through the Hutchinson estimator); the library's denoiser entry point offers first-order VJPs only,
-  so the gradient of :math:`\mathbb{E}_q[\log p_\theta]` is the score-function identity
+  :func:`~diffpost.posterior.engines.variational.common.probability_flow_log_prob` (Feng et al.
+  2023). The paper back-propagates through the ODE solve (diffrax ``BacksolveAdjoint``, a double
+  backward through the Hutchinson estimator); the library's denoiser entry point offers first-order
+  VJPs only, so the gradient of :math:`\mathbb{E}_q[\log p_\theta]` is the score-function identity
   :math:`\mathbb{E}_q[(\log p_\theta(x) - b)\, \nabla_\phi \log q_\phi(x)]` with a leave-one-out
   baseline :math:`b` (unbiased, noisier; the data and entropy terms keep their reparameterised
   gradients). ``2 * ode_steps`` NFEs and VJPs per step: small problems only.
@@ -34,11 +35,11 @@ the other, a reversal, a coupling of the other half and a reversal, then a fixed
 Pyro's ``DenseNN`` with two hidden layers of ``hidden_features`` units (default: the official width
 :math:`d / 8` (``seqfrac = 4``), at least 128, the width of the RealNVP baseline of Cardoso et al.),
 leaky-ReLU activations, hidden weights drawn from :math:`\mathcal{N}(0, 0.05^2)` (official
-``init_std``) and a zero-initialised output layer (official ``ZeroFC``), so the untrained flow is the
-identity and :math:`q = \mathcal{N}(0, I)`. Not reproduced: the official ActNorm layers (data-dependent
-initialisation needs data, which VI does not have; the final affine map plays their role), the
-batch-norm inside the coupling networks, the ``tanh`` bound on log-scales (Pyro clamps them to
-``[-5, 3]``), and the optional softplus output.
+``init_std``) and a zero-initialised output layer (official ``ZeroFC``), so the untrained flow is
+the identity and :math:`q = \mathcal{N}(0, I)`. Not reproduced: the official ActNorm layers
+(data-dependent initialisation needs data, which VI does not have; the final affine map plays their
+role), the batch-norm inside the coupling networks, the ``tanh`` bound on log-scales (Pyro clamps
+them to ``[-5, 3]``), and the optional softplus output.
 
 **Optimisation** (official ``configs/dpi_config.py``): Adam (betas 0.9, 0.999), learning rate
 ``1e-5`` after a linear warm-up from 0 over 5000 steps, global gradient-norm clipping at 1 (per
@@ -83,11 +84,11 @@ import torch
 from pyro.nn import DenseNN
 from torch import Tensor, nn
 
-from models.priors import GaussianMixture
-from posterior.engines.base import Engine, EngineFailed
-from posterior.engines.common import uniform_log_weights
-from posterior.engines.variational.common import diffusion_elbo, probability_flow_log_prob
-from posterior.problem import Problem
+from diffpost.models.priors import GaussianMixture
+from diffpost.posterior.engines.base import Engine, EngineFailed
+from diffpost.posterior.engines.common import uniform_log_weights
+from diffpost.posterior.engines.variational.common import diffusion_elbo, probability_flow_log_prob
+from diffpost.posterior.problem import Problem
 
 __all__ = ["FlowVI", "FlowVIState", "RealNVP", "PRIOR_DENSITIES"]
 
@@ -115,7 +116,8 @@ class RealNVP(nn.Module):
         split = dim // 2
         couplings = []
         for _ in range(2 * num_flow_steps):
-            # DenseNN initialises itself from the global RNG: leave it as it was (weights redrawn below)
+            # DenseNN initialises itself from the global RNG: leave it as it was (weights redrawn
+            # below)
             with torch.random.fork_rng(devices=[]):
                 network = DenseNN(
                     split,
@@ -159,7 +161,8 @@ class RealNVP(nn.Module):
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, log q(x))`` for base draws ``z`` of shape ``(B, dim)``, differentiable in the parameters."""
+        """``(x, log q(x))`` for base draws ``z`` of shape ``(B, dim)``, differentiable in the
+        parameters."""
         log_q = self.base().log_prob(z)
         x = z
         for part in self.transforms():
@@ -178,7 +181,8 @@ class FlowVIState(NamedTuple):
     """State of :class:`FlowVI`.
 
     Attributes:
-        particles: ``(chains * N, *event)`` draws of the flows (at ``init``, then after the last step).
+        particles: ``(chains * N, *event)`` draws of the flows (at ``init``, then after the last
+            step).
         log_weights: ``(chains, N)``, uniform.
         log_evidence: ``None``.
         flows: one :class:`RealNVP` per chain.
@@ -250,7 +254,8 @@ class FlowVI(Engine):
                 raise ValueError(f"{self.name}: {field} must be a positive integer; got {value!r}")
         if self.prior_density not in PRIOR_DENSITIES:
             raise ValueError(
-                f"{self.name}: prior_density must be one of {PRIOR_DENSITIES}; got {self.prior_density!r}"
+                f"{self.name}: prior_density must be one of {PRIOR_DENSITIES}; got "
+                f"{self.prior_density!r}"
             )
         if self.prior_density == "ode" and self.batch_size < 2:
             raise ValueError(
@@ -267,7 +272,8 @@ class FlowVI(Engine):
             or self.warmup_steps < 0
         ):
             raise ValueError(
-                f"{self.name}: warmup_steps must be a non-negative integer; got {self.warmup_steps!r}"
+                f"{self.name}: warmup_steps must be a non-negative integer; got "
+                f"{self.warmup_steps!r}"
             )
         if self.gradient_clip is not None and not self.gradient_clip > 0:
             raise ValueError(
@@ -282,8 +288,8 @@ class FlowVI(Engine):
             return "exact" if exact else "dsm"
         if self.prior_density == "exact" and not exact:
             raise ValueError(
-                f"{self.name}(prior_density='exact') needs a prior with an exact density (Gaussian or "
-                f"GaussianMixture); got a {type(problem.prior).__name__}: use 'dsm' or 'ode'"
+                f"{self.name}(prior_density='exact') needs a prior with an exact density (Gaussian "
+                f"or GaussianMixture); got a {type(problem.prior).__name__}: use 'dsm' or 'ode'"
             )
         return self.prior_density
 
@@ -293,8 +299,8 @@ class FlowVI(Engine):
         dim = math.prod(problem.event_shape)
         if dim < 2:
             raise ValueError(
-                f"{self.name}: a coupling flow needs a signal of at least 2 entries; the prior's event "
-                f"shape is {tuple(problem.event_shape)}"
+                f"{self.name}: a coupling flow needs a signal of at least 2 entries; the prior's "
+                f"event shape is {tuple(problem.event_shape)}"
             )
         prior_density = self._resolve_prior_density(problem)
         hidden = self.hidden_features or max(dim // 8, 128)
@@ -341,8 +347,9 @@ class FlowVI(Engine):
     def _prior_terms(
         self, problem: Problem, state: FlowVIState, x: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
-        """``(log_prior, surrogate)``: the estimate of :math:`\\log p_\\theta(x)` per draw (detached)
-        and a per-draw term whose gradient in the flow parameters is that of :math:`-\\log p_\\theta`."""
+        """``(log_prior, surrogate)``: the estimate of :math:`\\log p_\\theta(x)` per draw
+        (detached) and a per-draw term whose gradient in the flow parameters is that of
+        :math:`-\\log p_\\theta`."""
         if state.prior_density == "exact":
             log_prior = problem.prior.log_prob(x)
             return log_prior.detach(), -log_prior
@@ -371,7 +378,9 @@ class FlowVI(Engine):
         log_q_detached_x = torch.cat(
             [
                 flow.distribution((flow.dim,)).log_prob(part.detach())
-                for flow, part in zip(state.flows, x.flatten(1).reshape(chains, -1, x[0].numel()))
+                for flow, part in zip(
+                    state.flows, x.flatten(1).reshape(chains, -1, x[0].numel()), strict=True
+                )
             ]
         )
         return log_prior, -((values - baseline).reshape(-1) * log_q_detached_x)

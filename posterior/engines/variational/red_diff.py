@@ -7,8 +7,8 @@ its :math:`s \to 0` limit (the official default ``sigma_x0 = 0``): minimising
 diffusion. Each optimiser step draws one time and one noise,
 
 .. math:: x_t = \alpha_t \mu + \sigma_t \epsilon, \qquad
-   \nabla_\mu \ell = -\nabla_\mu \log p(y \mid \mu) + \lambda_t\, \big(\hat\epsilon(x_t, t) - \epsilon\big),
-   \qquad \lambda_t = \lambda\, w(\sigma_t / \alpha_t),
+   \nabla_\mu \ell = -\nabla_\mu \log p(y \mid \mu) + \lambda_t\, \big(\hat\epsilon(x_t, t) -
+   \epsilon\big), \qquad \lambda_t = \lambda\, w(\sigma_t / \alpha_t),
 
 with :math:`\hat\epsilon = (x_t - \alpha_t \hat x_0) / \sigma_t` from the denoiser and the
 denoiser's Jacobian dropped (a stop-gradient, as in score-distillation sampling): one NFE per step
@@ -16,9 +16,9 @@ and no VJP through the denoiser. :math:`w` is the SNR weighting (``weighting``, 
 ``"linear"``: :math:`w(r) = r = 1/\sqrt{\mathrm{SNR}_t}`), :math:`\lambda` = ``regularization``.
 The times run once down the DDIM sub-sequence of a 1000-step model (official ``get_timesteps``
 reversed: ``t = 1000 - skip, ..., skip, 0`` in 0-based DDPM indices, i.e.
-:func:`~posterior.engines.common.sampling_grid` without its final 0; a
-:class:`~models.schedules.DiscreteVP` uses its own number of training steps, which also caps
-``num_steps``), coarse to fine: the paper ablates random against descending times and keeps
+:func:`~diffpost.posterior.engines.common.sampling_grid` without its final 0; a
+:class:`~diffpost.models.schedules.DiscreteVP` uses its own number of training steps, which also
+caps ``num_steps``), coarse to fine: the paper ablates random against descending times and keeps
 descending. The optimiser is Adam with the
 official betas ``(0.9, 0.99)``.
 
@@ -31,9 +31,9 @@ observation model, its noise level honoured) and sums over elements; ``regulariz
 not on the official code's scale. Noiseless observations have no finite likelihood and are refused.
 
 **Initialisation.** ``"pseudo_inverse"`` (default, official ``H_pinv(y)``): every particle starts at
-:math:`A^+ y` when the observation is a :class:`~models.observations.GaussianObservation` with a
-linear operator, at zero otherwise (nonlinear operators have no pseudo-inverse; InverseBench starts
-RED-diff at zero). ``"zeros"`` and ``"gaussian"`` (standard normal draws) are also available.
+:math:`A^+ y` when the observation is a :class:`~diffpost.models.observations.GaussianObservation`
+with a linear operator, at zero otherwise (nonlinear operators have no pseudo-inverse; InverseBench
+starts RED-diff at zero). ``"zeros"`` and ``"gaussian"`` (standard normal draws) are also available.
 
 **Particles.** Each particle is an independent variational mean with its own noise draws: the run
 returns ``chains * N`` point estimates, uniformly weighted. RED-diff is mode-seeking: the spread of
@@ -55,9 +55,10 @@ Defaults: ``num_steps = 1000`` (the paper's experiments and the official ``sampl
 References:
     Mardani, Song, Kautz, Vahdat. A Variational Perspective on Solving Inverse Problems with
     Diffusion Models. ICLR 2024. arXiv:2305.04391.
-    Official code: github.com/NVlabs/RED-diff (``algos/reddiff.py``, ``_configs/algo/reddiff.yaml``).
-    Zheng et al. InverseBench: Benchmarking Plug-and-Play Diffusion Priors for Inverse Problems in
-    Physical Sciences. ICLR 2025 (``algo/reddiff.py``: gradient injected directly, zero init).
+    Official code: github.com/NVlabs/RED-diff (``algos/reddiff.py``,
+    ``_configs/algo/reddiff.yaml``). Zheng et al. InverseBench: Benchmarking Plug-and-Play Diffusion
+    Priors for Inverse Problems in Physical Sciences. ICLR 2025 (``algo/reddiff.py``: gradient
+    injected directly, zero init).
 """
 
 from __future__ import annotations
@@ -68,12 +69,12 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from models.denoisers import epsilon_from_x0
-from models.operators.base import LinearOperator
-from posterior.engines.base import Engine
-from posterior.engines.common import sampling_grid, uniform_log_weights
-from posterior.engines.variational.common import SNR_WEIGHTINGS
-from posterior.problem import Problem
+from diffpost.models.denoisers import epsilon_from_x0
+from diffpost.models.operators.base import LinearOperator
+from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.common import sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.variational.common import SNR_WEIGHTINGS
+from diffpost.posterior.problem import Problem
 
 __all__ = ["REDDiff", "REDDiffState", "INITIALIZATIONS"]
 
@@ -115,7 +116,8 @@ class REDDiff(Engine):
         learning_rate: Adam's step size (official config: 0.1).
         regularization: :math:`\\lambda`, the weight of the distillation term (official: 0.25).
         weighting: SNR weighting :math:`w`, one of
-            :data:`~posterior.engines.variational.common.SNR_WEIGHTINGS` (official: ``"linear"``).
+            :data:`~diffpost.posterior.engines.variational.common.SNR_WEIGHTINGS` (official:
+            ``"linear"``).
         initialization: ``"pseudo_inverse"`` (official), ``"zeros"`` or ``"gaussian"``.
         adam_betas: Adam's ``(beta1, beta2)`` (official: ``(0.9, 0.99)``).
     """
@@ -142,7 +144,8 @@ class REDDiff(Engine):
             )
         if self.weighting not in SNR_WEIGHTINGS:
             raise ValueError(
-                f"{self.name}: weighting must be one of {sorted(SNR_WEIGHTINGS)}; got {self.weighting!r}"
+                f"{self.name}: weighting must be one of {sorted(SNR_WEIGHTINGS)}; got "
+                f"{self.weighting!r}"
             )
         if self.initialization not in INITIALIZATIONS:
             raise ValueError(

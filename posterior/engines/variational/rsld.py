@@ -19,10 +19,11 @@ noised particles :math:`x_t^i = \alpha_t \mu^i + \sigma_t \epsilon^i` and featur
 where the gradient of the kernel sum acts on the first argument only, with the bandwidth held
 fixed, and is pulled back through :math:`\phi` by one vector-Jacobian product (official
 ``pipeline_stable_diffusion_particle_inverse.py``: ``grad_phi`` divided by ``sum_j k_ij``,
-``noise_pred = et - noise_t - gamma * sqrt(1 - abar_t) * nabla_log``). Descending this gradient moves
-each particle away from its neighbours. Everything else (times, SNR weighting, Adam, data term) is
-RED-diff's, implemented once in :class:`~posterior.engines.variational.red_diff.REDDiff`, of which
-this class is a subclass: with ``gamma = 0`` it *is* RED-diff on independent particles.
+``noise_pred = et - noise_t - gamma * sqrt(1 - abar_t) * nabla_log``). Descending this gradient
+moves each particle away from its neighbours. Everything else (times, SNR weighting, Adam, data
+term) is RED-diff's, implemented once in
+:class:`~diffpost.posterior.engines.variational.red_diff.REDDiff`, of which this class is a
+subclass: with ``gamma = 0`` it *is* RED-diff on independent particles.
 
 **Pixel space.** The paper works in Stable Diffusion's latent space with an augmented variational
 family (half-quadratic splitting between the latent and the pixels, DINO ViT-S/16 features for the
@@ -53,8 +54,8 @@ Per-step statistics: RED-diff's (``t``, ``loss``, ``data_loss``, ``denoising_los
 References:
     Zilberstein, Mardani, Segarra. Repulsive Latent Score Distillation for Solving Inverse
     Problems. ICLR 2025. arXiv:2406.16683.
-    Official code: github.com/nzilberstein/Repulsive-score-distillation-RSD- (``constrained_sampling/
-    models/stable_diffusion/diffusers/pipelines/stable_diffusion/
+    Official code: github.com/nzilberstein/Repulsive-score-distillation-RSD-
+    (``constrained_sampling/ models/stable_diffusion/diffusers/pipelines/stable_diffusion/
     pipeline_stable_diffusion_particle_inverse.py``, ``constrained_sampling/algos/rsd.py``).
     Mardani, Song, Kautz, Vahdat. A Variational Perspective on Solving Inverse Problems with
     Diffusion Models. ICLR 2024.
@@ -69,14 +70,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posterior.engines.variational.red_diff import REDDiff, REDDiffState
-from posterior.problem import Problem
+from diffpost.posterior.engines.variational.red_diff import REDDiff, REDDiffState
+from diffpost.posterior.problem import Problem
 
 __all__ = ["RSLD", "repulsion"]
 
 
 def repulsion(features: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Gradients :math:`\nabla_{v^i} \log \sum_{j \ne i} k_{ij}` of the median-bandwidth RBF kernel.
+    r"""Gradients :math:`\nabla_{v^i} \log \sum_{j \ne i} k_{ij}` of the median-bandwidth RBF
+    kernel.
 
     Args:
         features: ``(chains, N, D)``; particles interact within a chain.

@@ -2,13 +2,13 @@
 
 Usage, from the repository root::
 
-    python -m models.zoo.train_digits digits   --checkpoint /tmp/digits.ckpt
-    python -m models.zoo.train_digits digits16 --checkpoint /tmp/digits16.ckpt
-    python -m models.zoo.train_digits gmm
+    python scripts/zoo/train_digits.py digits   --checkpoint /tmp/digits.ckpt
+    python scripts/zoo/train_digits.py digits16 --checkpoint /tmp/digits16.ckpt
+    python scripts/zoo/train_digits.py gmm
 
 An interrupted run (Ctrl-C or SIGTERM) saves its checkpoint; the same command resumes it. At the
 end the EMA weights are written in float16 next to this file, with the network's configuration,
-and ``python -m models.zoo.quality`` measures them (``QUALITY.md``). ``gmm`` fits the exact
+and ``python scripts/zoo/quality.py`` measures them (``QUALITY.md``). ``gmm`` fits the exact
 Gaussian mixtures of ``digits_gmm`` (10 and 20 components) and writes ``digits_gmm.pt``: float32
 weights, means and the upper triangles of the covariances.
 """
@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-from models.denoisers import VDenoiser
-from models.networks import UNet
-from models.schedules import VP
-from models.training import fit_gaussian_mixture, train
-from models.zoo import SHIPPED_COMPONENTS, digits_data
+from diffpost.models.denoisers import VDenoiser
+from diffpost.models.networks import UNet
+from diffpost.models.schedules import VP
+from diffpost.models.training import fit_gaussian_mixture, train
+from diffpost.models.zoo import SHIPPED_COMPONENTS, digits_data
+
+#: the shipped priors' folder in this repository (the scripts write their outputs there)
+ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
 
 #: name -> (image size, UNet arguments, training arguments)
 PRESETS = {
@@ -60,7 +63,7 @@ def fit_mixtures() -> None:
             "means": mixture.means.float(),
             "covariances": mixture.covariances[:, rows, cols].float(),
         }
-    out = Path(__file__).with_name("digits_gmm.pt")
+    out = ZOO.joinpath("digits_gmm.pt")
     torch.save(shipped, out)
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)", flush=True)
 
@@ -110,7 +113,7 @@ def write_weights(name: str, net: UNet, losses: torch.Tensor) -> Path:
     """Save ``net`` (the EMA network) in float16 with its configuration next to this file."""
     size, _, settings = PRESETS[name]
     state = {k: v.to(torch.float16) for k, v in net.state_dict().items()}
-    out = Path(__file__).with_name(f"{name}.pt")
+    out = ZOO.joinpath(f"{name}.pt")
     torch.save(
         {
             "network": dict(net.config),

@@ -1,4 +1,5 @@
-"""Quality check of the shipped digits priors; ``python -m models.zoo.quality`` writes ``QUALITY.md``
+"""Quality check of the shipped digits priors; ``python scripts/zoo/quality.py`` writes
+``QUALITY.md``
 and the same numbers as ``quality.json`` (read by ``tests/test_zoo.py``).
 
 Two questions, asked of samples drawn with the library's own unconditional sampler:
@@ -35,12 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models import zoo
+from diffpost.models import zoo
+
+#: the shipped priors' folder in this repository (the scripts write their outputs there)
+ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
 
 __all__ = ["SETTINGS", "RECORDED", "classifier", "evaluate", "draw", "main"]
 
 #: where the recorded numbers are kept (a dict: name -> metrics, with "heldout8"/"heldout16").
-RECORDED = Path(__file__).with_name("quality.json")
+RECORDED = ZOO.joinpath("quality.json")
 
 #: prior name -> how its recorded samples are drawn (also what tests/test_zoo.py reproduces).
 SETTINGS = {
@@ -50,7 +54,7 @@ SETTINGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def classifier(size: int = 8):
     """The SVC trained on the training split of the digits at ``size`` (8 or 16)."""
     from sklearn.calibration import CalibratedClassifierCV
@@ -105,7 +109,7 @@ def draw(name: str) -> Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("QUALITY.md"))
+    parser.add_argument("--output", type=Path, default=ZOO.joinpath("QUALITY.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, recorded = [], {}
@@ -130,12 +134,12 @@ def main() -> None:
     lines = [
         "# Quality of the shipped digits priors",
         "",
-        "Written by `python -m models.zoo.quality` (see its docstring for the definitions); "
+        "Written by `python scripts/zoo/quality.py` (see its docstring for the definitions); "
         "`tests/test_zoo.py` draws the same samples (seed 0) and checks these numbers.",
         f"Class entropy of a uniform histogram: ln 10 = {math.log(10):.3f}.",
         "",
-        "| what | samples | confidence | fraction > 0.9 | class entropy | NN distance to train "
-        "| near copies |",
+        "| what | samples | confidence | fraction > 0.9 | class entropy | NN distance to train | "
+        "near copies |",
         "|---|---|---|---|---|---|---|",
     ]
     for what, how, metrics in rows:
@@ -146,7 +150,7 @@ def main() -> None:
         )
     lines += ["", "## Training", ""]
     for name in ("digits", "digits16"):
-        saved = torch.load(Path(zoo.__file__).with_name(f"{name}.pt"), weights_only=True)
+        saved = torch.load(ZOO.joinpath(f"{name}.pt"), weights_only=True)
         count = sum(v.numel() for v in saved["state_dict"].values())
         training = saved["training"]
         lines.append(

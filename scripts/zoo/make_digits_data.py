@@ -6,13 +6,16 @@ This script stores them as uint8 with their labels and a boolean ``heldout`` mas
 30 per class, drawn with ``numpy.random.default_rng(0)``. The held-out images are never used to
 train a shipped prior; they serve demos, tests and calibration studies.
 
-Run from the repository root: ``python -m models.zoo.make_digits_data``.
+Run from the repository root: ``python scripts/zoo/make_digits_data.py``.
 """
 
 from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
+
+#: the shipped priors' folder in this repository (the scripts write their outputs there)
+ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
 
 HELDOUT_PER_CLASS = 30
 
@@ -26,7 +29,7 @@ def main() -> None:
     for digit in range(10):
         members = np.flatnonzero(labels == digit)
         heldout[rng.choice(members, HELDOUT_PER_CLASS, replace=False)] = True
-    path = Path(__file__).with_name("digits.npz")
+    path = ZOO.joinpath("digits.npz")
     np.savez_compressed(path, images=images, labels=labels, heldout=heldout)
     print(f"wrote {path}: {len(labels)} images, {heldout.sum()} held out")
 
