@@ -30,8 +30,10 @@ class GaussianObservation(TorchDistribution):
     Args:
         operator: the forward model.
         x: the signal, shape ``(*batch, *operator.in_shape)``.
-        sigma: noise standard deviation, a non-negative scalar or a tensor broadcastable to
-            ``operator.out_shape`` (one per measurement), on ``x``'s device.
+        sigma: noise standard deviation, non-negative: a scalar, a tensor broadcastable to
+            ``operator.out_shape`` (one per measurement), or one with ``x``'s batch dims in front
+            (one per particle, e.g. ``sigma[..., None]`` for a ``(N,)`` global latent); it must
+            broadcast to ``(*batch, *out_shape)`` without enlarging it.
         validate_args: Pyro's validation flag.
     """
 
@@ -47,23 +49,24 @@ class GaussianObservation(TorchDistribution):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if not torch.isfinite(sigma).all() or (sigma < 0).any():
             raise ValueError(f"sigma must be finite and non-negative; got {sigma.tolist()}")
+        self.mean_value = operator(x)
+        out_shape = tuple(operator.out_shape)
+        batch_shape = self.mean_value.shape[: self.mean_value.dim() - len(out_shape)]
+        full = tuple(batch_shape) + out_shape
         try:
-            torch.broadcast_shapes(sigma.shape, operator.out_shape)
+            fits = torch.broadcast_shapes(sigma.shape, full) == full
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
-                f"sigma of shape {tuple(sigma.shape)} does not broadcast to the operator's output "
-                f"shape {tuple(operator.out_shape)}"
-            ) from None
-        if sigma.dim() > len(operator.out_shape):
-            raise ValueError(
-                f"sigma must not add batch dims: shape {tuple(sigma.shape)} vs output "
-                f"{tuple(operator.out_shape)}"
+                f"sigma of shape {tuple(sigma.shape)} does not broadcast to the observation's "
+                f"shape {full} (batch {tuple(batch_shape)}, output {out_shape}): give one value, "
+                "one per measurement (the output shape), or one per particle with trailing "
+                "singleton dims (e.g. sigma[..., None])"
             )
         self.operator = operator
         self.x = x
         self.sigma = sigma
-        self.mean_value = operator(x)
-        batch_shape = self.mean_value.shape[: self.mean_value.dim() - len(operator.out_shape)]
         super().__init__(batch_shape, operator.out_shape, validate_args=validate_args)
 
     @property
@@ -117,9 +120,11 @@ class GaussianObservation(TorchDistribution):
             )
         if self._validate_args:
             self._validate_sample(value)
-        variance = (self.sigma**2).expand(self.event_shape)
+        variance = (self.sigma**2).expand(self.batch_shape + self.event_shape)
         residual = value - self.mean_value
         event_dims = tuple(range(-len(self.event_shape), 0))
         quadratic = (residual**2 / variance).sum(event_dims)
-        normaliser = variance.log().sum() + math.prod(self.event_shape) * math.log(2 * math.pi)
+        normaliser = variance.log().sum(event_dims) + math.prod(self.event_shape) * math.log(
+            2 * math.pi
+        )
         return -0.5 * (quadratic + normaliser)

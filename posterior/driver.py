@@ -12,25 +12,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffpost.posterior.engines.base import Engine, EngineFailed
+from diffpost.posterior.engines.base import Engine, run
 from diffpost.posterior.particles import ParticleSet
-from diffpost.posterior.problem import NonFiniteParticles, Problem
+from diffpost.posterior.problem import Problem
 
 __all__ = ["sample"]
 
 
 def _progress_enabled(progress: bool) -> bool:
     return progress and not any(key in os.environ for key in ("CI", "PYTEST_XDIST_WORKER"))
-
-
-def _check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
-    if not torch.isfinite(state.particles).all():
-        raise EngineFailed(engine.name, step, t, "non-finite particles")
-    log_weights = state.log_weights
-    if torch.isnan(log_weights).any() or not torch.isfinite(torch.logsumexp(log_weights, -1)).all():
-        raise EngineFailed(
-            engine.name, step, t, "collapsed weights (no particle has positive weight)"
-        )
 
 
 def _stack_statistics(records: list[dict[str, Tensor]], num_chains: int) -> dict[str, Tensor]:
@@ -109,45 +99,31 @@ def sample(
     generator = torch.Generator(device=problem.device).manual_seed(seed)
 
     start = time.perf_counter()
-    try:
-        state = engine.init(problem, num_chains, num_particles, generator)
-    except NonFiniteParticles as error:
-        raise EngineFailed(engine.name, 0, None, str(error)) from error
-    _check_state(engine, state, 0, None)
-    records = []
-    iterations = engine.iterations(state)
-    bar = tqdm(
-        range(iterations),
-        desc=engine.name,
-        disable=iterations == 0 or not _progress_enabled(progress),
-    )
-    for step in bar:
-        try:
-            state, info = engine.step(problem, state, generator)
-        except NonFiniteParticles as error:
-            raise EngineFailed(engine.name, step + 1, None, str(error)) from error
-        t = info.get("t")
-        _check_state(
-            engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+
+    def steps(indices):
+        return tqdm(
+            indices,
+            desc=engine.name,
+            disable=len(indices) == 0 or not _progress_enabled(progress),
         )
-        records.append(info)
-        if callback is not None:
-            callback(step, state, info)
+
+    state, records = run(
+        engine, problem, num_chains, num_particles, generator, steps=steps, callback=callback
+    )
     if problem.device.type == "cuda":
         torch.cuda.synchronize(problem.device)
     wall_time = time.perf_counter() - start
 
-    event = tuple(problem.event_shape)
-    particles = state.particles.detach()
-    log_likelihood = None
-    if "finite_likelihood" in problem.capabilities:
+    draws = engine.draws(problem, state, num_chains)
+    log_likelihood = draws.log_likelihood
+    if log_likelihood is None and "finite_likelihood" in problem.capabilities:
+        signal = draws.values[problem.latent_name]
         with torch.no_grad():
-            log_likelihood = problem.log_likelihood(particles).reshape(num_chains, num_particles)
-    log_evidence = getattr(state, "log_evidence", None)
+            log_likelihood = problem.log_likelihood(signal.flatten(0, 1)).reshape(signal.shape[:2])
     return ParticleSet(
-        values={problem.latent_name: particles.reshape((num_chains, num_particles) + event)},
-        log_weights=state.log_weights.detach(),
-        log_evidence=None if log_evidence is None else log_evidence.detach(),
+        values=draws.values,
+        log_weights=draws.log_weights,
+        log_evidence=draws.log_evidence,
         log_likelihood=log_likelihood,
         observed={name: value.detach() for name, value in problem.observed.items()},
         stats=_stack_statistics(records, num_chains),

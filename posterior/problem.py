@@ -15,15 +15,24 @@ from typing import Any
 
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
+from torch.distributions import biject_to
 
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.operators.base import LinearOperator, Operator
 from diffpost.models.operators.basic import Mask
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
+from diffpost.posterior.latents import (
+    GlobalLatent,
+    GlobalSpace,
+    classify_globals,
+    describe_distribution,
+    leading_count,
+    log_prior_until_globals_seen,
+    site_log_prob,
+)
 
 __all__ = ["Problem", "GaussianStructure", "CAPABILITIES", "NonFiniteParticles"]
 
@@ -69,17 +78,33 @@ class GaussianStructure:
         return bool((self.sigma == 0).all())
 
 
-class _LatentValue(Messenger):
-    """Give the prior's site a value (a placeholder or the particles) without running its
-    sampler."""
+class _SetLatents(Messenger):
+    """Give the signal's site its value (a placeholder or the particles) without running its
+    sampler, and the global latents theirs.
 
-    def __init__(self, value_fn: Callable[[str, DiffusionPrior], Tensor]):
+    Args:
+        signal: ``(name, prior) -> value`` for the DiffusionPrior site.
+        globals_: ``(site) -> value or None`` for every other latent site (``None``: leave it).
+    """
+
+    def __init__(
+        self,
+        signal: Callable[[str, DiffusionPrior], Tensor],
+        globals_: Callable[[dict], Tensor | None] | None = None,
+    ):
         super().__init__()
-        self.value_fn = value_fn
+        self.signal = signal
+        self.globals_ = globals_
 
     def _pyro_sample(self, msg):
-        if isinstance(msg["fn"], DiffusionPrior) and not msg["is_observed"]:
-            msg["value"] = self.value_fn(msg["name"], msg["fn"])
+        if msg["is_observed"]:
+            return
+        if isinstance(msg["fn"], DiffusionPrior):
+            msg["value"] = self.signal(msg["name"], msg["fn"])
+        elif self.globals_ is not None:
+            value = self.globals_(msg)
+            if value is not None:
+                msg["value"] = value
 
 
 def _is_deterministic(site: dict) -> bool:
@@ -87,11 +112,17 @@ def _is_deterministic(site: dict) -> bool:
 
 
 class Problem:
-    """An inverse problem read from a Pyro model: one diffusion-prior latent, observed sites.
+    """An inverse problem read from a Pyro model: a diffusion-prior signal, optional global latents
+    and observed sites.
 
     Build it with :meth:`from_model`. Attributes:
         latent_name: the prior site's name.
         prior: the :class:`~diffpost.models.priors.DiffusionPrior`.
+        global_latents: name -> :class:`~diffpost.posterior.latents.GlobalLatent`, the model's
+            other continuous latents (noise levels, operator parameters, ...), in model order.
+        bound: the global latents' values this problem is read at (``None`` when they are free):
+            name -> ``(*shape)`` (one value for every particle) or ``(P, *shape)`` (one per
+            particle, see :meth:`with_globals`).
         observed: observed site name -> observed value.
         gaussian: the :class:`GaussianStructure`, or ``None``.
         batch_size: chunk size of denoiser and likelihood calls (``None``: one chunk).
@@ -110,6 +141,9 @@ class Problem:
         likelihood_sites: list[str],
         gaussian: GaussianStructure | None,
         batch_size: int | None,
+        global_latents: dict[str, GlobalLatent] | None = None,
+        bound: dict[str, Tensor] | None = None,
+        particle_count: int | None = None,
     ):
         self.model = model
         self.model_args = model_args
@@ -120,28 +154,73 @@ class Problem:
         self.likelihood_sites = likelihood_sites
         self.gaussian = gaussian
         self.batch_size = batch_size
+        self.global_latents = dict(global_latents or {})
+        self.bound = bound
+        self.particle_count = particle_count
         self.nfe = 0
         self.vjp = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: Callable, *args, batch_size: int | None = None, **kwargs) -> Problem:
-        """Trace ``model(*args, **kwargs)`` once and classify its sites.
+        """Trace ``model(*args, **kwargs)`` and classify its sites.
+
+        The DiffusionPrior site is the signal; every other latent site is a global latent (a
+        continuous distribution of at most :data:`~diffpost.posterior.latents.MAX_GLOBAL_SIZE`
+        entries, outside any plate, on which the signal's prior does not depend and which does
+        not depend on the signal); observed sites are the likelihood.
 
         Raises:
-            ValueError: no DiffusionPrior site or more than one; another latent site (named);
-                an observed value with NaN/inf or a shape that does not match its distribution;
-                a prior with a batch shape; an observation on another device than the prior.
+            ValueError: no DiffusionPrior site or more than one; a latent site that cannot be a
+                global latent (named, with the reason); an observed value with NaN/inf or a
+                shape that does not match its distribution; a prior with a batch shape; an
+                observation on another device than the prior.
         """
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
+        return cls._read(model, args, kwargs, batch_size, None, None)
 
-        def placeholder(name: str, prior: DiffusionPrior) -> Tensor:
-            return torch.zeros(prior.shape(), dtype=prior.dtype, device=prior.device)
+    @classmethod
+    def _read(
+        cls,
+        model: Callable,
+        args: tuple,
+        kwargs: dict[str, Any],
+        batch_size: int | None,
+        known: dict[str, GlobalLatent] | None,
+        bound: dict[str, Tensor] | None,
+    ) -> Problem:
+        """Read the model with the global latents at ``bound`` (one value each; ``None``: at a
+        typical point); ``known`` skips their classification (already done by the caller)."""
 
-        with torch.no_grad():
-            trace = poutine.trace(_LatentValue(placeholder)(model)).get_trace(*args, **kwargs)
-        trace = prune_subsample_sites(trace)
+        def placeholder(name: str, prior: DiffusionPrior, value: float = 0.0) -> Tensor:
+            return torch.full(prior.shape(), value, dtype=prior.dtype, device=prior.device)
+
+        def globals_at(shift: float):
+            def value(msg) -> Tensor | None:
+                if bound is not None and msg["name"] in bound:
+                    return bound[msg["name"]]
+                fn = msg["fn"]
+                if fn.support.is_discrete:
+                    return None  # refused below; never sampled with the global RNG
+                try:
+                    transform = biject_to(fn.support)
+                except NotImplementedError:
+                    return None  # refused below
+                shape = transform.inverse_shape(fn.shape())
+                return transform(torch.full(shape, shift, dtype=torch.get_default_dtype()))
+
+            return value
+
+        def read(signal_value: float = 0.0, shift: float = 0.0):
+            with torch.no_grad():
+                messenger = _SetLatents(
+                    lambda n, p: placeholder(n, p, signal_value), globals_at(shift)
+                )
+                trace = poutine.trace(messenger(model)).get_trace(*args, **kwargs)
+            return prune_subsample_sites(trace)
+
+        trace = read()
         sites = [s for s in trace.nodes.values() if s["type"] == "sample"]
         priors = [s for s in sites if isinstance(s["fn"], DiffusionPrior) and not s["is_observed"]]
         if not priors:
@@ -152,30 +231,32 @@ class Problem:
         if len(priors) > 1:
             names = ", ".join(repr(s["name"]) for s in priors)
             raise ValueError(
-                f"the model has {len(priors)} DiffusionPrior sites ({names}); exactly one is "
-                "supported"
+                f"the model has {len(priors)} DiffusionPrior sites ({names}); one signal latent is "
+                "supported (a second diffusion prior, e.g. for a blur kernel, is not yet)"
             )
         prior_site = priors[0]
         prior: DiffusionPrior = prior_site["fn"]
         if prior.batch_shape:
             raise ValueError(
                 f"the prior at site {prior_site['name']!r} has batch shape "
-                f"{tuple(prior.batch_shape)}; "
-                "declare one signal (engines add the particle dimension themselves)"
+                f"{tuple(prior.batch_shape)}; declare one signal (engines add the particle "
+                "dimension themselves)"
             )
+        others = [
+            s
+            for s in sites
+            if s is not prior_site and not _is_deterministic(s) and not s["is_observed"]
+        ]
+        if known is None:
+            known = classify_globals(others, trace, prior_site, read)
+        for site in others:  # bound values: the same sites as the unbound model's
+            if site["name"] not in known:
+                raise ValueError(f"latent site {site['name']!r} appeared at new global values")
         observed, likelihood_sites = {}, []
         for site in sites:
             name = site["name"]
-            if site is prior_site or _is_deterministic(site):
+            if not site["is_observed"] or _is_deterministic(site):
                 continue
-            if not site["is_observed"]:
-                raise ValueError(
-                    f"latent site {name!r} ({type(site['fn']).__name__}) besides the prior "
-                    f"{prior_site['name']!r}: blind and hierarchical models are not supported yet; "
-                    "if it is a measurement, pass its value (e.g. model_kwargs={"
-                    f"'{name}': y"
-                    "})"
-                )
             likelihood_sites.append(name)
             if site["infer"].get("is_auxiliary"):  # pyro.factor: a likelihood term without data
                 continue
@@ -195,7 +276,9 @@ class Problem:
                 )
             observed[name] = value
         gaussian = None
-        if len(likelihood_sites) == 1 and likelihood_sites[0] in observed:
+        if (known and bound is None) or len(likelihood_sites) != 1:
+            pass  # free global latents: the structure depends on them
+        elif likelihood_sites[0] in observed:
             site = trace.nodes[likelihood_sites[0]]
             fn = site["fn"]
             if isinstance(fn, GaussianObservation) and fn.x is prior_site["value"]:
@@ -210,6 +293,8 @@ class Problem:
             likelihood_sites,
             gaussian,
             batch_size,
+            known,
+            bound,
         )
 
     # ------------------------------------------------------------------ description
@@ -256,11 +341,7 @@ class Problem:
             return f"GaussianObservation({operator}, sigma={sigma}) at site {self.gaussian.site!r}"
         parts = []
         for name in self.likelihood_sites:
-            fn, event_dims = self._trace_fn(name), 0
-            while isinstance(fn, Independent):  # name the distribution, not its wrapper
-                fn, event_dims = fn.base_dist, event_dims + fn.reinterpreted_batch_ndims
-            wrapped = f".to_event({event_dims})" if event_dims else ""
-            parts.append(f"{type(fn).__name__}{wrapped} at site {name!r}")
+            parts.append(f"{describe_distribution(self._trace_fn(name))} at site {name!r}")
         return ", ".join(parts) or "no observed site"
 
     def _sigma_text(self) -> str:
@@ -268,11 +349,35 @@ class Problem:
         return f"{float(sigma):.3g}" if sigma.numel() == 1 else f"tensor{tuple(sigma.shape)}"
 
     def _trace_fn(self, name: str):
-        trace = self._trace(torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device))
-        return trace.nodes[name]["fn"]
+        x = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
+        values = None
+        if self.global_latents and (self.bound is None or self.particle_count is not None):
+            values = {  # one value of each global latent, for a description
+                n: (v[0] if self.bound is not None else v)
+                for n, v in (self.bound or self.typical_globals()).items()
+            }
+        return self._trace(x, values).nodes[name]["fn"]
 
     def require(self, engine: Any) -> None:
-        """Raise ``ValueError`` naming the engine, the missing capabilities and the observation."""
+        """Raise ``ValueError`` naming the engine, the missing capabilities and the observation.
+
+        A problem with free global latents is refused to every engine that does not infer them
+        (``infers_globals``), and such an engine is refused a problem without any.
+        """
+        infers = bool(getattr(engine, "infers_globals", False))
+        free = sorted(self.global_latents) if self.bound is None else []
+        if free and not infers:
+            raise ValueError(
+                f"the model has global latent site(s) {free} besides the signal "
+                f"{self.latent_name!r}: {type(engine).__name__} infers the signal only. Wrap it "
+                "in a mechanism that infers them too (posterior.PMMH, posterior.Gibbs, "
+                "posterior.EM), or fix them (pyro.poutine.condition, or pass their values)"
+            )
+        if infers and not free:
+            raise ValueError(
+                f"{type(engine).__name__} infers global latents, but the model has none besides "
+                f"the signal {self.latent_name!r}: run its inner engine directly"
+            )
         missing = set(getattr(engine, "requires", ())) - self.capabilities
         if "gaussian_observation" in missing:  # the structure the others refine is absent
             missing -= {"linear", "svd", "mask", "noiseless"}
@@ -281,21 +386,188 @@ class Problem:
         missing = sorted(missing)
         if missing:
             needs = "; ".join(CAPABILITIES[c] for c in missing)
+            per_particle = (
+                " (one value of the global latents per particle, which no linear structure "
+                "describes)"
+                if self.particle_count is not None
+                else ""
+            )
             raise ValueError(
                 f"{type(engine).__name__} needs {needs}; the model has "
-                f"{self.describe_observation()} "
+                f"{self.describe_observation()}{per_particle} "
                 f"and a {type(self.prior).__name__} prior at site {self.latent_name!r}"
             )
 
-    # ------------------------------------------------------------------ likelihood
-    def _trace(self, x: Tensor):
-        def particles(name: str, prior: DiffusionPrior) -> Tensor:
-            return x
+    # ------------------------------------------------------------------ global latents
+    @property
+    def global_space(self) -> GlobalSpace:
+        """The global latents as one unconstrained vector (see
+        :class:`~diffpost.posterior.latents.GlobalSpace`)."""
+        return GlobalSpace(list(self.global_latents.values()))
 
-        return prune_subsample_sites(
-            poutine.trace(_LatentValue(particles)(self.model)).get_trace(
-                *self.model_args, **self.model_kwargs
+    def typical_globals(self) -> dict[str, Tensor]:
+        """One point of each global latent's support (``T(0)``), on the prior's dtype and
+        device."""
+        like = torch.zeros((), dtype=self.dtype, device=self.device)
+        return {name: latent.typical_value(like) for name, latent in self.global_latents.items()}
+
+    def with_globals(self, values: dict[str, Tensor]) -> Problem:
+        """This problem with its global latents fixed: an ordinary problem of the signal.
+
+        Args:
+            values: every global latent's value, either ``(*shape)`` (one value for all
+                particles: the problem is read again at it, so its linear-Gaussian structure,
+                e.g. an operator built from a kernel width, is available to every engine) or
+                ``(P, *shape)`` with the same ``P`` for all (one value per particle: likelihood
+                calls then take exactly ``P`` particles, and no linear structure is offered).
+
+        Raises:
+            ValueError: a missing, unknown or misshapen global latent, or ``batch_size`` smaller
+                than ``P`` (per-particle values are evaluated in one chunk).
+        """
+        if not self.global_latents:
+            raise ValueError("with_globals: the model has no global latents")
+        missing = sorted(set(self.global_latents) - set(values))
+        unknown = sorted(set(values) - set(self.global_latents))
+        if missing or unknown:
+            raise ValueError(
+                f"with_globals needs exactly the global latents {sorted(self.global_latents)}; "
+                f"missing {missing}, unknown {unknown}"
             )
+        values = {
+            name: torch.as_tensor(value, dtype=self.dtype, device=self.device)
+            for name, value in values.items()
+        }
+        counts = set()
+        for name, latent in self.global_latents.items():
+            shape = tuple(values[name].shape)
+            if shape == tuple(latent.shape):
+                counts.add(None)
+            elif len(shape) == len(latent.shape) + 1 and shape[1:] == tuple(latent.shape):
+                counts.add(shape[0])
+            else:
+                raise ValueError(
+                    f"global latent {name!r} has shape {tuple(latent.shape)}; got a value of "
+                    f"shape {shape} (expected that shape, or (P, *shape) for one per particle)"
+                )
+        if len(counts) != 1:
+            raise ValueError(
+                "with_globals: give every global latent one value, or every one P values with "
+                f"the same P; got leading sizes {sorted(map(str, counts))}"
+            )
+        (count,) = counts
+        if count is None:
+            return self._read(
+                self.model,
+                self.model_args,
+                self.model_kwargs,
+                self.batch_size,
+                self.global_latents,
+                values,
+            )
+        if self.batch_size is not None and self.batch_size < count:
+            raise ValueError(
+                f"one value of the global latents per particle is evaluated in one chunk of "
+                f"{count} particles; batch_size={self.batch_size} is smaller"
+            )
+        problem = self._read(
+            self.model,
+            self.model_args,
+            self.model_kwargs,
+            self.batch_size,
+            self.global_latents,
+            {name: value[0] for name, value in values.items()},
+        )
+        problem.gaussian, problem.bound, problem.particle_count = None, values, count
+        return problem
+
+    def log_prior_globals(self, values: dict[str, Tensor]) -> Tensor:
+        r""":math:`\log p(\theta)` of global-latent values: 0-d for one value each, ``(P,)`` for
+        ``(P, *shape)`` values. The model runs only until its last global latent (a latent may
+        depend on another), so the observation need not accept per-particle values."""
+        count = leading_count(values, self.global_latents)
+        placeholder = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
+        total = log_prior_until_globals_seen(
+            self.model, self.model_args, self.model_kwargs, values, placeholder
+        )
+        return total if count is not None else total.reshape(())
+
+    def log_joint_globals(self, x: Tensor, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        r"""``(log p(theta), log p(y | x, theta))`` for particles ``x`` ``(N, *event)``.
+
+        With one value per global latent, :math:`\log p(\theta)` is 0-d and the likelihood
+        ``(N,)``; with ``(N, *shape)`` values both are ``(N,)``. Differentiable in ``x`` and the
+        values (one chunk; no ``batch_size``).
+        """
+        self._check_particles(x, finite=True)
+        trace = self._trace(x, values)
+        count = leading_count(values, self.global_latents)
+        log_prior = sum(site_log_prob(trace.nodes[name]) for name in self.global_latents)
+        if count is None:
+            log_prior = log_prior.reshape(())
+        return log_prior, self._likelihood_of_trace(trace, x.shape[0])
+
+    def check_particle_broadcasting(self, x: Tensor, values: dict[str, Tensor]) -> None:
+        """Check that the model broadcasts one global-latent value per particle.
+
+        The likelihood of two particles, each with its own global values, must equal the
+        likelihood of each evaluated alone: a model that combines a ``(P,)`` noise level with
+        a ``(P, m)`` mean by right-aligned broadcasting (e.g. ``Normal(A(x), sigma)`` without
+        ``sigma[..., None]``) fails, and is refused here instead of giving wrong values.
+
+        Args:
+            x: two particles ``(2, *event)``.
+            values: two values of each global latent, ``(2, *shape)``.
+
+        Raises:
+            ValueError: naming the global latents, with what to change.
+        """
+        names = sorted(self.global_latents)
+        try:
+            together = self.log_joint_globals(x, values)
+            alone = [
+                self.log_joint_globals(x[i : i + 1], {n: v[i] for n, v in values.items()})
+                for i in range(2)
+            ]
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(
+                f"the model does not accept one value of the global latents {names} per "
+                f"particle ({error}); write it so that a value with a leading particle "
+                "dimension broadcasts (e.g. sigma[..., None] against an event of shape (m,)), "
+                "or use posterior.PMMH or posterior.EM, which give every run one value"
+            ) from None
+        for k, part in enumerate(("prior", "likelihood")):
+            expected = torch.cat([a[k].reshape(-1) for a in alone])
+            if not torch.allclose(together[k].reshape(-1), expected, rtol=1e-6, atol=1e-6):
+                raise ValueError(
+                    f"the model's {part} differs when the global latents {names} take one value "
+                    "per particle (a broadcasting mismatch, e.g. a (P,) noise level against a "
+                    "(P, m) mean aligned from the right): write it so that a leading particle "
+                    "dimension broadcasts (e.g. sigma[..., None]), or use posterior.PMMH or "
+                    "posterior.EM, which give every run one value"
+                )
+
+    # ------------------------------------------------------------------ likelihood
+    def _trace(self, x: Tensor, values: dict[str, Tensor] | None = None):
+        """Trace the model with the signal at ``x`` and the global latents at ``values`` (default:
+        the bound ones)."""
+        if values is None:
+            values = self.bound
+            if self.particle_count is not None and x.shape[0] != self.particle_count:
+                raise ValueError(
+                    f"this problem holds one value of the global latents for each of "
+                    f"{self.particle_count} particles; got {x.shape[0]} particles"
+                )
+        if values is None and self.global_latents:
+            raise ValueError(
+                f"the global latents {sorted(self.global_latents)} are free: fix them with "
+                "with_globals before evaluating the likelihood"
+            )
+        messenger = _SetLatents(
+            lambda name, prior: x, None if values is None else lambda msg: values.get(msg["name"])
+        )
+        return prune_subsample_sites(
+            poutine.trace(messenger(self.model)).get_trace(*self.model_args, **self.model_kwargs)
         )
 
     def _chunks(self, n: int) -> list[slice]:
@@ -315,19 +587,24 @@ class Problem:
         gaussian = self.gaussian
         if gaussian is not None:
             return GaussianObservation(gaussian.operator, x, gaussian.sigma).log_prob(gaussian.y)
-        trace = self._trace(x)
-        total = x.new_zeros(x.shape[0])
+        return self._likelihood_of_trace(self._trace(x), x.shape[0])
+
+    def _likelihood_of_trace(self, trace, count: int) -> Tensor:
+        """The observed sites' total ``log p`` in a trace of ``count`` particles, ``(count,)``."""
+        total = 0.0
         for name in self.likelihood_sites:
             site = trace.nodes[name]
             log_prob = site["fn"].log_prob(site["value"])
-            if log_prob.shape != (x.shape[0],):
+            if log_prob.shape != (count,):
                 raise ValueError(
                     f"observed site {name!r}: log_prob has shape {tuple(log_prob.shape)} for "
-                    f"{x.shape[0]} particles; the model must broadcast over a leading particle "
+                    f"{count} particles; the model must broadcast over a leading particle "
                     "dimension (declare the observation with .to_event(k), no plate over "
                     "measurements)"
                 )
             total = total + log_prob * site["scale"]
+        if isinstance(total, float):
+            raise ValueError("the model has no observed site: there is no likelihood")
         return total
 
     def log_likelihood(self, x: Tensor) -> Tensor:

@@ -151,9 +151,9 @@ def test_denoise_with_vjp_matches_the_gaussian_jacobian():
         ),
         (
             lambda p: (
-                lambda y=None: (pyro.sample("x", p), pyro.sample("noise", dist.HalfNormal(1.0)))
+                lambda y=None: (pyro.sample("x", p), pyro.sample("noise", dist.Bernoulli(0.5)))
             ),
-            "latent site 'noise'",
+            "latent site 'noise' .Bernoulli. is discrete",
         ),
     ],
 )

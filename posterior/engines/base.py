@@ -16,15 +16,16 @@ and ``step(problem, state, generator) -> (state, info)`` advances it by one iter
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from diffpost.posterior.problem import Problem
+from diffpost.posterior.problem import NonFiniteParticles, Problem
 
-__all__ = ["Engine", "EngineFailed"]
+__all__ = ["Draws", "Engine", "EngineFailed", "check_state", "run"]
 
 
 class EngineFailed(RuntimeError):
@@ -43,6 +44,25 @@ class EngineFailed(RuntimeError):
         super().__init__(f"{engine} failed at {where}: {reason}")
 
 
+class Draws(NamedTuple):
+    """What a run returns, before the driver wraps it into a
+    :class:`~diffpost.posterior.particles.ParticleSet`.
+
+    Attributes:
+        values: site name -> ``(chains, draws, *shape)``: the signal, and the global latents of
+            engines that infer them.
+        log_weights: ``(chains, draws)``, normalised per chain.
+        log_evidence: ``(chains,)`` or ``None``.
+        log_likelihood: ``(chains, draws)`` of each draw, or ``None`` (the driver then computes it
+            for the signal when the likelihood is finite).
+    """
+
+    values: dict[str, Tensor]
+    log_weights: Tensor
+    log_evidence: Tensor | None = None
+    log_likelihood: Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Engine:
     """Base class of inference engines.
@@ -55,6 +75,12 @@ class Engine:
 
     num_steps: int = 0
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: whether the engine infers global latents (noise levels, operator parameters) besides the
+    #: signal; a problem with free global latents is refused to every other engine
+    infers_globals: ClassVar[bool] = False
+    #: whether ``step`` may reorder or duplicate particles (resampling): per-particle side
+    #: information, such as one global-latent value per particle, cannot follow them
+    reorders_particles: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -84,11 +110,87 @@ class Engine:
     ) -> tuple[Any, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def draws(self, problem: Problem, state, num_chains: int) -> Draws:
+        """The run's result from its final state (default: the particles under the signal's
+        name, with the state's weights and evidence)."""
+        particles = state.particles.detach()
+        shape = (num_chains, -1) + tuple(problem.event_shape)
+        evidence = getattr(state, "log_evidence", None)
+        return Draws(
+            values={problem.latent_name: particles.reshape(shape)},
+            log_weights=state.log_weights.detach(),
+            log_evidence=None if evidence is None else evidence.detach(),
+        )
+
+    def particle_time(self, state) -> float | None:
+        """The diffusion time of ``state.particles`` (their noise level), or ``None`` when the
+        particles are not points of the diffusion at one time."""
+        return None
+
     def fitted(self, problem: Problem, state) -> dict[str, Any]:
         """What the run fitted besides the particles (default none), kept in
         :attr:`ParticleSet.fitted <posterior.ParticleSet.fitted>`; e.g. a variational family that
         can draw more samples."""
         return {}
+
+
+def check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
+    """Raise :class:`EngineFailed` on non-finite particles or collapsed weights."""
+    if not torch.isfinite(state.particles).all():
+        raise EngineFailed(engine.name, step, t, "non-finite particles")
+    log_weights = state.log_weights
+    if torch.isnan(log_weights).any() or not torch.isfinite(torch.logsumexp(log_weights, -1)).all():
+        raise EngineFailed(
+            engine.name, step, t, "collapsed weights (no particle has positive weight)"
+        )
+
+
+def run(
+    engine: Engine,
+    problem: Problem,
+    num_chains: int,
+    num_particles: int,
+    generator: torch.Generator,
+    *,
+    steps: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    callback: Callable[[int, Any, dict[str, Tensor]], None] | None = None,
+) -> tuple[Any, list[dict[str, Tensor]]]:
+    """Run ``engine`` on ``problem`` to the end: ``init``, then every ``step``.
+
+    The loop of :func:`~diffpost.posterior.sample`, also used by engines that run others (the
+    hierarchical mechanisms). Non-finite particles, collapsed weights and non-finite particles
+    reaching the likelihood raise :class:`EngineFailed` with the step.
+
+    Args:
+        engine, problem: what to run on what (``problem.require(engine)`` already checked).
+        num_chains, num_particles: the state's sizes.
+        generator: every random draw.
+        steps: wraps the range of step indices (e.g. a progress bar).
+        callback: ``callback(step, state, info)`` after every step.
+
+    Returns:
+        ``(state, infos)``: the final state and the per-step ``info`` dicts.
+    """
+    try:
+        state = engine.init(problem, num_chains, num_particles, generator)
+    except NonFiniteParticles as error:
+        raise EngineFailed(engine.name, 0, None, str(error)) from error
+    check_state(engine, state, 0, None)
+    records = []
+    indices: Iterable[int] = range(engine.iterations(state))
+    for step in indices if steps is None else steps(indices):
+        try:
+            state, info = engine.step(problem, state, generator)
+        except NonFiniteParticles as error:
+            raise EngineFailed(engine.name, step + 1, None, str(error)) from error
+        t = info.get("t")
+        check_state(
+            engine, state, step + 1, None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+        )
+        records.append(info)
+        if callback is not None:
+            callback(step, state, info)
+    return state, records
 
 
 def _jsonable(value: Any) -> Any:
