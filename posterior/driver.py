@@ -115,8 +115,9 @@ def sample(
     wall_time = time.perf_counter() - start
 
     draws = engine.draws(problem, state, num_chains)
+    free = bool(problem.global_latents) and problem.bound is None
     log_likelihood = draws.log_likelihood
-    if log_likelihood is None and "finite_likelihood" in problem.capabilities:
+    if log_likelihood is None and "finite_likelihood" in problem.capabilities and not free:
         signal = draws.values[problem.latent_name]
         with torch.no_grad():
             log_likelihood = problem.log_likelihood(signal.flatten(0, 1)).reshape(signal.shape[:2])

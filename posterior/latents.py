@@ -23,6 +23,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
 
@@ -36,7 +37,7 @@ __all__ = [
     "classify_globals",
     "describe_distribution",
     "leading_count",
-    "log_prior_until_globals_seen",
+    "run_until_globals_seen",
     "same_prior",
     "site_log_prob",
 ]
@@ -227,54 +228,66 @@ def classify_globals(sites: list[dict], trace, prior_site: dict, read) -> dict[s
 
 
 class _AllGlobalsSeen(Exception):
-    """Raised by :class:`_GlobalsLogPrior` once every global latent has been visited."""
+    """Raised by :class:`_UntilGlobalsSeen` once every global latent has been visited."""
 
 
-class _GlobalsLogPrior(Messenger):
-    """Set the global latents to given values, add up their log-densities, and stop the model
-    once the last one is seen; the signal's site gets a placeholder (its sampler never runs)."""
+class _UntilGlobalsSeen(Messenger):
+    """Run a model until its last global latent: set them to given values (or let them sample),
+    add up their log-densities, then stop; the signal's site gets a placeholder (its sampler
+    never runs)."""
 
-    def __init__(self, values: dict[str, Tensor], placeholder: Tensor):
+    def __init__(self, names: set[str], values: dict[str, Tensor] | None, placeholder: Tensor):
         super().__init__()
-        self.values, self.placeholder = values, placeholder
-        self.seen: set[str] = set()
+        self.names, self.values, self.placeholder = names, values, placeholder
+        self.seen: dict[str, Tensor] = {}
         self.total: Tensor | float = 0.0
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"]:
+        if msg["is_observed"] or site_is_subsample(msg):
             return
         if isinstance(msg["fn"], DiffusionPrior):
             msg["value"] = self.placeholder
-        elif msg["name"] in self.values:
+        elif self.values is not None and msg["name"] in self.values:
             msg["value"] = self.values[msg["name"]]
 
     def _pyro_post_sample(self, msg):
-        if msg["name"] in self.values and not msg["is_observed"]:
+        if msg["name"] in self.names and not msg["is_observed"]:
             self.total = self.total + site_log_prob(msg)
-            self.seen.add(msg["name"])
-            if self.seen == set(self.values):
+            self.seen[msg["name"]] = msg["value"]
+            if set(self.seen) == self.names:
                 raise _AllGlobalsSeen
 
 
-def log_prior_until_globals_seen(
-    model, args: tuple, kwargs: dict, values: dict[str, Tensor], placeholder: Tensor
-) -> Tensor:
-    r""":math:`\log p(\theta)` of ``values`` (name -> value), running ``model`` only until its
-    last global latent has been drawn.
+def run_until_globals_seen(
+    model,
+    args: tuple,
+    kwargs: dict,
+    names: set[str],
+    placeholder: Tensor,
+    values: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    r"""Run ``model`` only until its last global latent, and return their values and
+    :math:`\log p(\theta)`.
 
     Args:
         model: the Pyro model.
         args, kwargs: its arguments.
-        values: every global latent's value, with or without a leading particle dim.
+        names: the global latents.
         placeholder: the signal's value while the model runs (its prior never samples).
+        values: the globals' values (with or without a leading particle dim); ``None`` lets
+            Pyro draw them from their priors (with the global random number generator: callers
+            seed it in a ``torch.random.fork_rng`` block).
+
+    Returns:
+        ``(values, log_prior)``.
     """
-    messenger = _GlobalsLogPrior(values, placeholder)
+    messenger = _UntilGlobalsSeen(set(names), values, placeholder)
     try:
         with poutine.block():
             messenger(model)(*args, **kwargs)
     except _AllGlobalsSeen:
         pass
-    missing = sorted(set(values) - messenger.seen)
+    missing = sorted(set(names) - set(messenger.seen))
     if missing:
         raise ValueError(f"the model did not draw the global latent(s) {missing}")
-    return torch.as_tensor(messenger.total)
+    return messenger.seen, torch.as_tensor(messenger.total)

@@ -16,7 +16,7 @@ from typing import Any
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
@@ -30,7 +30,7 @@ from diffpost.posterior.latents import (
     classify_globals,
     describe_distribution,
     leading_count,
-    log_prior_until_globals_seen,
+    run_until_globals_seen,
     site_log_prob,
 )
 
@@ -97,7 +97,7 @@ class _SetLatents(Messenger):
         self.globals_ = globals_
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"]:
+        if msg["is_observed"] or site_is_subsample(msg):
             return
         if isinstance(msg["fn"], DiffusionPrior):
             msg["value"] = self.signal(msg["name"], msg["fn"])
@@ -386,15 +386,16 @@ class Problem:
         missing = sorted(missing)
         if missing:
             needs = "; ".join(CAPABILITIES[c] for c in missing)
-            per_particle = (
-                " (one value of the global latents per particle, which no linear structure "
-                "describes)"
-                if self.particle_count is not None
-                else ""
-            )
+            if self.particle_count is not None:
+                raise ValueError(
+                    f"{type(engine).__name__} needs {needs}; with one value of the global "
+                    f"latents {sorted(self.global_latents)} per particle the observation "
+                    f"({self.describe_observation()}) has no single linear structure: use an "
+                    "engine that needs only the likelihood (DPS, DAPS, ScoreALD, DCDP, ...)"
+                )
             raise ValueError(
                 f"{type(engine).__name__} needs {needs}; the model has "
-                f"{self.describe_observation()}{per_particle} "
+                f"{self.describe_observation()} "
                 f"and a {type(self.prior).__name__} prior at site {self.latent_name!r}"
             )
 
@@ -487,8 +488,13 @@ class Problem:
         depend on another), so the observation need not accept per-particle values."""
         count = leading_count(values, self.global_latents)
         placeholder = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
-        total = log_prior_until_globals_seen(
-            self.model, self.model_args, self.model_kwargs, values, placeholder
+        _, total = run_until_globals_seen(
+            self.model,
+            self.model_args,
+            self.model_kwargs,
+            set(self.global_latents),
+            placeholder,
+            values,
         )
         return total if count is not None else total.reshape(())
 
@@ -530,9 +536,10 @@ class Problem:
                 for i in range(2)
             ]
         except (RuntimeError, ValueError) as error:
+            reason = str(error).splitlines()[0]
             raise ValueError(
                 f"the model does not accept one value of the global latents {names} per "
-                f"particle ({error}); write it so that a value with a leading particle "
+                f"particle ({reason}); write it so that a value with a leading particle "
                 "dimension broadcasts (e.g. sigma[..., None] against an event of shape (m,)), "
                 "or use posterior.PMMH or posterior.EM, which give every run one value"
             ) from None
@@ -546,6 +553,32 @@ class Problem:
                     "dimension broadcasts (e.g. sigma[..., None]), or use posterior.PMMH or "
                     "posterior.EM, which give every run one value"
                 )
+
+    def sample_globals(self, count: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """``count`` draws of the global latents from their prior, ``{name: (count, *shape)}``.
+
+        Pyro's distributions draw with the global random number generator; it is seeded from
+        ``generator`` inside ``torch.random.fork_rng``, so the result is reproducible and the
+        caller's global generator is left as it was.
+        """
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        placeholder = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        draws: dict[str, list[Tensor]] = {name: [] for name in self.global_latents}
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for _ in range(count):
+                    values, _ = run_until_globals_seen(
+                        self.model,
+                        self.model_args,
+                        self.model_kwargs,
+                        set(self.global_latents),
+                        placeholder,
+                    )
+                    for name, value in values.items():
+                        draws[name].append(value.to(dtype=self.dtype, device=self.device))
+        return {name: torch.stack(parts) for name, parts in draws.items()}
 
     # ------------------------------------------------------------------ likelihood
     def _trace(self, x: Tensor, values: dict[str, Tensor] | None = None):

@@ -47,19 +47,25 @@ def _check_size(name: str, size: int) -> int:
     return int(size)
 
 
-def gaussian_kernel(size: int, std: float) -> Tensor:
+def gaussian_kernel(size: int, std: float | Tensor) -> Tensor:
     """A normalised 1-D Gaussian kernel, centred on ``(size - 1) / 2``.
 
     Args:
         size: the number of taps.
-        std: the standard deviation in pixels, positive.
+        std: the standard deviation in pixels, positive: a number, or a 0-d tensor (e.g. a
+            latent blur width), in which case the kernel is differentiable in it.
 
     Returns:
         float64 tensor of shape ``(size,)`` summing to one.
     """
     size = _check_size("gaussian_kernel", size)
-    if not std > 0 or not math.isfinite(std):
-        raise ValueError(f"gaussian_kernel: std must be positive and finite; got {std!r}")
+    if isinstance(std, Tensor) and std.dim() != 0:
+        raise ValueError(f"gaussian_kernel: std must be a number or a 0-d tensor; got {std.shape}")
+    value = float(std.detach()) if isinstance(std, Tensor) else std
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"gaussian_kernel: std must be positive and finite; got {value!r}")
+    if isinstance(std, Tensor):
+        std = std.to(torch.float64).cpu()
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel = torch.exp(-0.5 * (offsets / std) ** 2)
     return kernel / kernel.sum()
@@ -108,7 +114,9 @@ class Blur(LinearOperator):
     Args:
         shape: the image shape ``(H, W)`` or ``(C, H, W)``.
         kernel: ``(L,)`` (separable, the same taps along rows and columns) or ``(kh, kw)``
-            (circular); see :func:`gaussian_kernel` and :func:`uniform_kernel`.
+            (circular); see :func:`gaussian_kernel` and :func:`uniform_kernel`. A kernel that
+            requires a gradient (e.g. ``gaussian_kernel(9, width)`` with a latent ``width``)
+            keeps ``forward`` and ``adjoint`` differentiable in it; the SVD is of its value.
 
     Raises:
         ValueError: the kernel is neither 1-D nor 2-D, or does not fit the image.
@@ -154,11 +162,18 @@ class SeparableBlur(Blur):
 
     def __init__(self, shape: tuple[int, ...], kernel: Tensor):
         channels, height, width = image_shape("Blur", shape)
+        source = torch.as_tensor(kernel)
         kernel = _as_kernel(kernel, 1)
         super().__init__(tuple(shape), tuple(shape))
         self.kernel = kernel
         self._image = (channels, height, width)
         rows, columns = _convolution_matrix(kernel, height), _convolution_matrix(kernel, width)
+        # a kernel that carries a gradient (e.g. built from a latent blur width) keeps forward
+        # and adjoint differentiable in it; the SVD is of its value
+        self._graph = None
+        if source.requires_grad:
+            taps = source.to(device="cpu", dtype=torch.float64)
+            self._graph = (_convolution_matrix(taps, height), _convolution_matrix(taps, width))
         u_rows, s_rows, vt_rows = torch.linalg.svd(rows)
         u_columns, s_columns, vt_columns = torch.linalg.svd(columns)
         singular_values, permutation = sort_descending(torch.outer(s_rows, s_columns).flatten())
@@ -174,13 +189,20 @@ class SeparableBlur(Blur):
             inverse_permutation=torch.argsort(permutation),
         )
 
+    def _matrices(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The row and column convolution matrices on ``like``'s device and dtype."""
+        if self._graph is not None:
+            return self._graph[0].to(like), self._graph[1].to(like)
+        c = self._constants(like)
+        return c.rows, c.columns
+
     def _forward(self, x: Tensor) -> Tensor:
-        c = self._constants(x)
-        return (c.rows @ x.reshape((-1,) + self._image) @ c.columns.T).reshape(x.shape)
+        rows, columns = self._matrices(x)
+        return (rows @ x.reshape((-1,) + self._image) @ columns.T).reshape(x.shape)
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        c = self._constants(y)
-        return (c.rows.T @ y.reshape((-1,) + self._image) @ c.columns).reshape(y.shape)
+        rows, columns = self._matrices(y)
+        return (rows.T @ y.reshape((-1,) + self._image) @ columns).reshape(y.shape)
 
     def _coordinates(self, images: Tensor, side: str) -> Tensor:
         """``side^T`` of images, ``side`` in {"u", "v"}: ``(B, *in_shape) -> (B, d)``."""
@@ -225,6 +247,7 @@ class CircularBlur(Blur):
 
     def __init__(self, shape: tuple[int, ...], kernel: Tensor):
         channels, height, width = image_shape("Blur", shape)
+        source = torch.as_tensor(kernel)
         kernel = _as_kernel(kernel, 2)
         if kernel.shape[0] > height or kernel.shape[1] > width:
             raise ValueError(
@@ -244,6 +267,10 @@ class CircularBlur(Blur):
         singular_values, permutation = sort_descending(magnitude.flatten()[index // 2])
         self._singular_values = singular_values.repeat_interleave(channels)
         half = width // 2 + 1
+        self._graph = None  # see SeparableBlur
+        if source.requires_grad:
+            taps = source.to(device="cpu", dtype=torch.float64)
+            self._graph = hermitian_response(taps, height, width)[:, :half]
         self._constants = Constants(
             response=response[:, :half],
             phase=phase[:, :half],
@@ -251,11 +278,17 @@ class CircularBlur(Blur):
             scale=scale[permutation],
         )
 
+    def _response(self, like: Tensor) -> Tensor:
+        """The half spectrum of the kernel on ``like``'s device, in its complex dtype."""
+        if self._graph is not None:
+            return self._graph.to(device=like.device, dtype=self._constants(like).response.dtype)
+        return self._constants(like).response
+
     def _forward(self, x: Tensor) -> Tensor:
-        return circular_filter(x, self._constants(x).response)
+        return circular_filter(x, self._response(x))
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return circular_filter(y, self._constants(y).response.conj())
+        return circular_filter(y, self._response(y).conj())
 
     def _coordinates(self, images: Tensor) -> Tensor:
         c = self._constants(images)

@@ -3,6 +3,7 @@
 from diffpost.posterior.engines.base import Engine, EngineFailed
 from diffpost.posterior.engines.exact import Exact
 from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
+from diffpost.posterior.engines.hierarchical import EM, PMMH, Gibbs
 from diffpost.posterior.engines.langevin import DAPS, DCDP, ScoreALD
 from diffpost.posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
 from diffpost.posterior.engines.variational import RSLD, FlowVI, REDDiff
@@ -28,4 +29,7 @@ __all__ = [
     "FlowVI",
     "REDDiff",
     "RSLD",
+    "PMMH",
+    "Gibbs",
+    "EM",
 ]

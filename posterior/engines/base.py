@@ -81,6 +81,9 @@ class Engine:
     #: whether ``step`` may reorder or duplicate particles (resampling): per-particle side
     #: information, such as one global-latent value per particle, cannot follow them
     reorders_particles: ClassVar[bool] = False
+    #: whether the final state's ``log_evidence`` estimates log p(y) without bias in p(y)
+    #: (exact, or an SMC estimate), as particle marginal Metropolis-Hastings needs
+    estimates_evidence: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:

@@ -42,6 +42,7 @@ class Exact(Engine):
     requires: ClassVar[frozenset[str]] = frozenset(
         {"exact_prior", "gaussian_observation", "linear"}
     )
+    estimates_evidence: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

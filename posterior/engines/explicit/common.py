@@ -64,6 +64,9 @@ class ExplicitEngine(Engine):
     def iterations(self, state: ExplicitState) -> int:
         return state.grid.shape[0] - 1
 
+    def particle_time(self, state: ExplicitState) -> float:
+        return float(state.grid[state.step])
+
     def _check_num_steps(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"{self.name}: num_steps must be >= 1; got {self.num_steps}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,6 +74,9 @@ class SMCState(NamedTuple):
 @dataclass(frozen=True)
 class SMCEngine(Engine):
     """Base of the SMC engines: one driver iteration per interval of the state's time grid."""
+
+    reorders_particles: ClassVar[bool] = True
+    estimates_evidence: ClassVar[bool] = True
 
     def iterations(self, state: SMCState) -> int:
         return state.grid.shape[0] - 1

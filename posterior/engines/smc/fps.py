@@ -139,6 +139,7 @@ class FPS(SMCEngine):
     c_rate: float = 0.95
     resampling: str = "multinomial"
     ess_threshold: float = 1.0
+    estimates_evidence: ClassVar[bool] = False  # the module docstring says why
     requires: ClassVar[frozenset[str]] = frozenset(
         {"gaussian_observation", "linear", "svd", "finite_likelihood"}
     )
