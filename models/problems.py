@@ -25,19 +25,31 @@ References:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import Tensor
 
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.operators.base import Operator
 from diffpost.models.operators.basic import Matrix
+from diffpost.models.operators.blur import Blur, gaussian_kernel
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
 from diffpost.models.schedules import DiscreteVP
 
-__all__ = ["InverseProblem", "gaussian_mixture_benchmark", "mcgdiff_schedule"]
+__all__ = [
+    "HierarchicalProblem",
+    "InverseProblem",
+    "blur_width_problem",
+    "gain_problem",
+    "gaussian_mixture_benchmark",
+    "mcgdiff_schedule",
+    "noise_level_problem",
+]
 
 
 @dataclass
@@ -149,4 +161,169 @@ def gaussian_mixture_benchmark(
             "seed": seed,
             "singular_values": singular_values.tolist(),
         },
+    )
+
+
+@dataclass
+class HierarchicalProblem:
+    r"""A linear Gaussian problem with one unknown scalar :math:`\theta` (a noise level, a gain, a
+    blur width) whose posterior is known exactly.
+
+    The model is :math:`\theta \sim p(\theta)`, :math:`x \sim` a Gaussian-mixture prior,
+    :math:`y \sim \mathcal{N}(A_\theta x, \sigma_\theta^2 I)`. For every :math:`\theta` the
+    evidence :math:`p(y \mid \theta)` is closed form
+    (:meth:`~diffpost.models.priors.GaussianMixture.log_evidence`), so :math:`p(\theta \mid y)`
+    follows by quadrature on :attr:`grid`, and :math:`x \mid \theta, y` is the closed-form
+    mixture posterior: the joint posterior is known exactly.
+
+    Attributes:
+        prior: the signal's Gaussian-mixture prior (site ``"x"``).
+        latent: the global latent's site name.
+        latent_prior: :math:`p(\theta)`.
+        operator_at: :math:`\theta \mapsto A_\theta`.
+        sigma_at: :math:`\theta \mapsto \sigma_\theta`, shaped to broadcast one value per
+            particle (``theta[..., None]`` for a noise level).
+        y: the observation.
+        grid: the quadrature grid of :math:`\theta`.
+        x_true, theta_true: what ``y`` was made from.
+        name: a short description.
+    """
+
+    prior: GaussianMixture
+    latent: str
+    latent_prior: dist.Distribution
+    operator_at: Callable[[Tensor], Operator]
+    sigma_at: Callable[[Tensor], Tensor | float]
+    y: Tensor
+    grid: Tensor
+    x_true: Tensor
+    theta_true: float
+    name: str
+
+    def model(self, y: Tensor | None = None) -> Tensor:
+        """:math:`\theta \\sim p(\theta)`, ``x ~ prior``, ``y ~ GaussianObservation``."""
+        theta = pyro.sample(self.latent, self.latent_prior)
+        x = pyro.sample("x", self.prior)
+        observation = GaussianObservation(self.operator_at(theta), x, self.sigma_at(theta))
+        return pyro.sample("y", observation, obs=y)
+
+    @property
+    def model_kwargs(self) -> dict[str, Tensor]:
+        return {"y": self.y}
+
+    def exact_marginal(self) -> tuple[Tensor, Tensor]:
+        r"""``(grid, weights)``: :math:`p(\theta \mid y)` normalised on :attr:`grid`."""
+        log_density = torch.stack(
+            [
+                self.prior.log_evidence(self.operator_at(v), self.y, self.sigma_at(v))
+                for v in self.grid
+            ]
+        ) + self.latent_prior.log_prob(self.grid)
+        return self.grid, (log_density - log_density.logsumexp(0)).exp()
+
+    def exact_signal_mean(self, stride: int = 20) -> Tensor:
+        r""":math:`E[x \mid y] = \int p(\theta \mid y)\, E[x \mid y, \theta]\, d\theta` by
+        quadrature on every ``stride``-th grid point, shape ``prior.event_shape``."""
+        grid, weights = self.exact_marginal()
+        grid, weights = grid[::stride], weights[::stride] / weights[::stride].sum()
+        means = []
+        for value in grid:
+            conditional = self.prior.posterior(
+                self.operator_at(value), self.y, self.sigma_at(value)
+            )
+            means.append(conditional.weights @ conditional.means)
+        return (weights @ torch.stack(means)).reshape(self.prior.event_shape)
+
+
+def _two_mode_prior() -> GaussianMixture:
+    dtype = torch.float64
+    return GaussianMixture(
+        torch.tensor([0.3, 0.7], dtype=dtype),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=dtype),
+        torch.stack([torch.eye(2, dtype=dtype) * 0.5, torch.eye(2, dtype=dtype) * 0.8]),
+    )
+
+
+def _four_by_two() -> Tensor:
+    return torch.tensor([[1.0, 0.5], [0.3, -1.0], [0.7, 0.2], [-0.4, 0.6]], dtype=torch.float64)
+
+
+def noise_level_problem(seed: int = 1) -> HierarchicalProblem:
+    r"""Unknown noise level: a 2-D two-mode mixture seen through a fixed ``4 x 2`` matrix,
+    :math:`\sigma \sim \text{LogNormal}(\log 0.5, 0.7)`, truth :math:`\sigma = 0.4`."""
+    dtype = torch.float64
+    matrix = _four_by_two()
+    generator = torch.Generator().manual_seed(seed)
+    x_true = torch.tensor([1.8, 1.2], dtype=dtype)
+    y = matrix @ x_true + 0.4 * torch.randn(4, generator=generator, dtype=dtype)
+    return HierarchicalProblem(
+        prior=_two_mode_prior(),
+        latent="sigma",
+        latent_prior=dist.LogNormal(
+            torch.tensor(math.log(0.5), dtype=dtype), torch.tensor(0.7, dtype=dtype)
+        ),
+        operator_at=lambda sigma: Matrix(matrix),
+        sigma_at=lambda sigma: sigma[..., None],
+        y=y,
+        grid=torch.linspace(1e-3, 4.0, 4000, dtype=dtype),
+        x_true=x_true,
+        theta_true=0.4,
+        name=f"unknown noise level (2-D mixture, 4 measurements, seed {seed})",
+    )
+
+
+def gain_problem(seed: int = 1) -> HierarchicalProblem:
+    r"""Unknown operator gain: :math:`y = g M x + 0.3 e` with the problem of
+    :func:`noise_level_problem`, :math:`g \sim \text{LogNormal}(0, 0.3)`, truth :math:`g = 1.3`."""
+    dtype = torch.float64
+    matrix = _four_by_two()
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(4, generator=generator, dtype=dtype)  # the noise level problem's draw
+    x_true = torch.tensor([1.8, 1.2], dtype=dtype)
+    y = 1.3 * matrix @ x_true + 0.3 * torch.randn(4, generator=generator, dtype=dtype)
+    return HierarchicalProblem(
+        prior=_two_mode_prior(),
+        latent="gain",
+        latent_prior=dist.LogNormal(torch.tensor(0.0, dtype=dtype), torch.tensor(0.3, dtype=dtype)),
+        operator_at=lambda gain: Matrix(gain * matrix),
+        sigma_at=lambda gain: 0.3,
+        y=y,
+        grid=torch.linspace(0.3, 3.0, 4000, dtype=dtype),
+        x_true=x_true,
+        theta_true=1.3,
+        name=f"unknown operator gain (2-D mixture, 4 measurements, seed {seed})",
+    )
+
+
+def blur_width_problem(
+    digit: int = 0, width: float = 1.0, sigma: float = 0.1
+) -> HierarchicalProblem:
+    r"""Unknown blur width on 8x8 digits: the shipped 20-component digits mixture
+    (:func:`~diffpost.models.zoo.digits_gmm`), a separable Gaussian blur of 5 taps with
+    :math:`w \sim \text{LogNormal}(0, 0.3)`, noise ``sigma``; held-out digit ``digit``."""
+    from diffpost.models import zoo  # the zoo loads weights: only when asked
+
+    dtype = torch.float64
+    prior = zoo.digits_gmm(20, dtype=dtype)
+    images, _ = zoo.digits_data("heldout", dtype=dtype)
+    x_true = images[digit]
+    shape = tuple(x_true.shape)
+
+    def operator_at(value: Tensor) -> Operator:
+        return Blur(shape, gaussian_kernel(5, value))
+
+    generator = torch.Generator().manual_seed(digit)
+    clean = operator_at(torch.tensor(width, dtype=dtype))(x_true[None])[0]
+    y = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=dtype)
+    return HierarchicalProblem(
+        prior=prior,
+        latent="width",
+        latent_prior=dist.LogNormal(torch.tensor(0.0, dtype=dtype), torch.tensor(0.3, dtype=dtype)),
+        operator_at=operator_at,
+        sigma_at=lambda value: sigma,
+        y=y,
+        grid=torch.linspace(0.2, 3.0, 400, dtype=dtype),
+        x_true=x_true,
+        theta_true=width,
+        name=f"unknown blur width (8x8 digit {digit}, digits mixture, sigma {sigma})",
     )
