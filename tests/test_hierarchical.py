@@ -229,6 +229,15 @@ def test_a_model_that_does_not_broadcast_per_particle_values_is_refused_by_gibbs
             num_particles=4,
             model_kwargs={"y": Y_NOISE},
         )
+    # an operator built from a per-particle gain mixes the particles' values (gain (P,) * M
+    # scales M's columns): also refused, although the shapes agree
+    with pytest.raises(ValueError, match="differs when the global latents"):
+        posterior.sample(
+            gain_model,
+            posterior.Gibbs(posterior.DPS(num_steps=5)),
+            num_particles=2,
+            model_kwargs={"y": Y_GAIN},
+        )
     # PMMH gives every run one value: the same model is fine there
     result = posterior.sample(
         model,

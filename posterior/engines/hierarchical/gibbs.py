@@ -120,7 +120,11 @@ class Gibbs(Engine):
         check_inner("Gibbs", problem, self.inner, in_place=True)
         count = num_chains * num_particles
         values = problem.sample_globals(count, generator)
-        probe = torch.zeros((2,) + tuple(problem.event_shape), dtype=problem.dtype)
+        # two distinct, non-zero signals (a zero signal would hide an operator that mixes the
+        # particles' values: A(0) = 0 whatever the gain)
+        size = math.prod(problem.event_shape)
+        ramp = torch.linspace(-1.0, 1.0, size, dtype=problem.dtype)
+        probe = torch.stack([ramp, 0.5 - ramp.flip(0)]).reshape((2,) + tuple(problem.event_shape))
         pair = values if count >= 2 else problem.sample_globals(2, generator)
         problem.check_particle_broadcasting(
             probe.to(problem.device), {n: v[:2] for n, v in pair.items()}
