@@ -8,10 +8,10 @@ import statistics
 __all__ = ["interval"]
 
 
-def interval(values: list[float]) -> str:
-    """``"mean ± 1.96 sd / sqrt(n)"`` of ``values`` to two decimals (the mean alone for one
+def interval(values: list[float], digits: int = 2) -> str:
+    """``"mean ± 1.96 sd / sqrt(n)"`` of ``values`` to ``digits`` decimals (the mean alone for one
     value)."""
     if len(values) < 2:
-        return f"{values[0]:.2f}"
+        return f"{values[0]:.{digits}f}"
     half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{statistics.mean(values):.2f} ± {half:.2f}"
+    return f"{statistics.mean(values):.{digits}f} ± {half:.{digits}f}"

@@ -231,6 +231,39 @@ class ParticleSet:
         data = torch.load(Path(path), map_location=device or "cpu", weights_only=True)
         return cls(**data)
 
+    def select_chains(self, chains: int | list[int] | Tensor) -> ParticleSet:
+        """A set with only the given chains, in that order (e.g. the best of several EM
+        restarts); values, weights, evidence, likelihoods and per-step statistics follow.
+
+        Args:
+            chains: a chain index or a list of them.
+
+        Raises:
+            ValueError: an index outside ``[0, num_chains)``.
+        """
+        index = torch.as_tensor([chains] if isinstance(chains, int) else chains, dtype=torch.long)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"select_chains: give a chain index or a list of them; got {chains!r}")
+        if bool(((index < 0) | (index >= self.num_chains)).any()):
+            raise ValueError(
+                f"select_chains: chains must lie in [0, {self.num_chains}); got {index.tolist()}"
+            )
+
+        def pick(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[index.to(value.device)]
+
+        info = dict(self.info)
+        info["num_chains"] = int(index.numel())
+        return ParticleSet(
+            values={k: pick(v) for k, v in self.values.items()},
+            log_weights=pick(self.log_weights),
+            log_evidence=pick(self.log_evidence),
+            log_likelihood=pick(self.log_likelihood),
+            observed=dict(self.observed),
+            stats={k: pick(v) for k, v in self.stats.items()},
+            info=info,
+        )
+
     @classmethod
     def concat(cls, sets: list[ParticleSet]) -> ParticleSet:
         """Join runs of the same problem along ``chain`` (so R-hat compares independent runs)."""

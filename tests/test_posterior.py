@@ -421,3 +421,24 @@ def test_one_draw_per_chain_follows_the_weights():
     result = posterior.ParticleSet({"x": values}, log_weights, info={"seed": 5, "latent_name": "x"})
     draws = result.one_draw_per_chain()["x"]
     assert draws.shape == (3, 1) and draws[:, 0].tolist() == [2.0, 4.0, 11.0]
+
+
+def test_select_chains_keeps_every_per_chain_quantity_of_those_chains():
+    model, prior, operator, y = _gaussian_problem()
+    result = posterior.sample(
+        model,
+        posterior.MCGDiff(num_steps=5),
+        num_particles=6,
+        num_chains=4,
+        seed=0,
+        model_kwargs={"y": y},
+    )
+    picked = result.select_chains([3, 1])
+    assert picked.num_chains == 2 and picked.info["num_chains"] == 2
+    assert torch.equal(picked.values["x"], result.values["x"][[3, 1]])
+    assert torch.equal(picked.log_weights, result.log_weights[[3, 1]])
+    assert torch.equal(picked.log_evidence, result.log_evidence[[3, 1]])
+    assert torch.equal(picked.stats["ess"], result.stats["ess"][[3, 1]])
+    assert torch.equal(result.select_chains(2).values["x"], result.values["x"][2:3])
+    with pytest.raises(ValueError, match=r"chains must lie in \[0, 4\); got \[4\]"):
+        result.select_chains(4)

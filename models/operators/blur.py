@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from diffpost.models.operators._common import Constants, image_shape, sort_descending
@@ -93,6 +94,11 @@ def _as_kernel(kernel: Tensor, dims: int) -> Tensor:
     if not torch.isfinite(kernel).all():
         raise ValueError("Blur: the kernel has non-finite entries")
     return kernel
+
+
+def _tracks_derivatives(kernel: Tensor) -> bool:
+    """Whether a kernel carries a gradient (reverse mode) or a tangent (forward mode)."""
+    return kernel.requires_grad or forward_ad.unpack_dual(kernel).tangent is not None
 
 
 def _rank_major(coordinates: Tensor) -> Tensor:
@@ -171,7 +177,7 @@ class SeparableBlur(Blur):
         # a kernel that carries a gradient (e.g. built from a latent blur width) keeps forward
         # and adjoint differentiable in it; the SVD is of its value
         self._graph = None
-        if source.requires_grad:
+        if _tracks_derivatives(source):
             taps = source.to(device="cpu", dtype=torch.float64)
             self._graph = (_convolution_matrix(taps, height), _convolution_matrix(taps, width))
         u_rows, s_rows, vt_rows = torch.linalg.svd(rows)
@@ -268,7 +274,7 @@ class CircularBlur(Blur):
         self._singular_values = singular_values.repeat_interleave(channels)
         half = width // 2 + 1
         self._graph = None  # see SeparableBlur
-        if source.requires_grad:
+        if _tracks_derivatives(source):
             taps = source.to(device="cpu", dtype=torch.float64)
             self._graph = hermitian_response(taps, height, width)[:, :half]
         self._constants = Constants(

@@ -3,6 +3,7 @@ of the global latents, and drawing one particle of a weighted run."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -11,7 +12,14 @@ from torch import Tensor
 from diffpost.posterior.engines.base import Draws, Engine, run
 from diffpost.posterior.problem import Problem
 
-__all__ = ["InnerRun", "check_inner", "draw_one", "run_inner"]
+__all__ = [
+    "InnerRun",
+    "check_differentiable",
+    "check_inner",
+    "draw_one",
+    "probe_signals",
+    "run_inner",
+]
 
 
 class InnerRun(NamedTuple):
@@ -87,3 +95,39 @@ def draw_one(log_weights: Tensor, generator: torch.Generator) -> int:
     """The index of one particle drawn by its weight, from ``(N,)`` normalised log-weights."""
     weights = log_weights.exp()
     return int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
+
+
+def probe_signals(problem: Problem) -> Tensor:
+    """Two distinct, non-zero signals ``(2, *event)`` to probe a model with (a zero signal would
+    hide an operator parameter: ``A(0) = 0`` whatever ``A``)."""
+    size = math.prod(problem.event_shape)
+    ramp = torch.linspace(-1.0, 1.0, size, dtype=problem.dtype, device=problem.device)
+    return torch.stack([ramp, 0.5 - ramp.flip(0)]).reshape((2,) + tuple(problem.event_shape))
+
+
+def check_differentiable(mechanism: str, problem: Problem) -> None:
+    """Refuse a model whose likelihood does not depend differentiably on its global latents (an
+    operator that detaches the parameters it is built from would leave a gradient method at its
+    starting point, silently).
+
+    Raises:
+        ValueError: naming the mechanism and the global latents.
+    """
+    space = problem.global_space
+    z = space.unconstrain({n: v[None] for n, v in problem.typical_globals().items()})
+    with torch.enable_grad():
+        variable = z.requires_grad_(True)
+        values, _ = space.constrain(variable)
+        _, log_likelihood = problem.log_joint_globals(
+            probe_signals(problem), {n: v[0] for n, v in values.items()}
+        )
+        gradient = None
+        if log_likelihood.requires_grad:
+            (gradient,) = torch.autograd.grad(log_likelihood.sum(), variable, allow_unused=True)
+    if gradient is None:
+        raise ValueError(
+            f"{mechanism} follows the gradient of log p(y | x, theta) in the global latents "
+            f"{space.names}, and the model's likelihood does not depend differentiably on them "
+            "(an operator built from them that detaches its parameters?); use posterior.PMMH, "
+            "which needs no gradient"
+        )

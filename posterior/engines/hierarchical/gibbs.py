@@ -48,7 +48,11 @@ from torch import Tensor
 from diffpost.posterior.engines.base import Draws, Engine
 from diffpost.posterior.engines.common import check_positive, check_positive_integers
 from diffpost.posterior.engines.explicit.dps import DPS
-from diffpost.posterior.engines.hierarchical.common import check_inner
+from diffpost.posterior.engines.hierarchical.common import (
+    check_differentiable,
+    check_inner,
+    probe_signals,
+)
 from diffpost.posterior.problem import Problem
 
 __all__ = ["Gibbs", "GibbsState"]
@@ -120,15 +124,11 @@ class Gibbs(Engine):
         check_inner("Gibbs", problem, self.inner, in_place=True)
         count = num_chains * num_particles
         values = problem.sample_globals(count, generator)
-        # two distinct, non-zero signals (a zero signal would hide an operator that mixes the
-        # particles' values: A(0) = 0 whatever the gain)
-        size = math.prod(problem.event_shape)
-        ramp = torch.linspace(-1.0, 1.0, size, dtype=problem.dtype)
-        probe = torch.stack([ramp, 0.5 - ramp.flip(0)]).reshape((2,) + tuple(problem.event_shape))
         pair = values if count >= 2 else problem.sample_globals(2, generator)
         problem.check_particle_broadcasting(
-            probe.to(problem.device), {n: v[:2] for n, v in pair.items()}
+            probe_signals(problem), {n: v[:2] for n, v in pair.items()}
         )
+        check_differentiable("Gibbs", problem)
         bound = self._bind(problem, values)
         inner = self.inner.init(bound, num_chains, num_particles, generator)
         self._count(problem, bound)
