@@ -31,7 +31,7 @@ import time
 import pyro
 import pyro.distributions as dist
 import torch
-from reporting import interval
+from reporting import interval, write_report
 
 from diffpost import diagnostics, posterior
 from diffpost.models import GaussianObservation, operators, zoo
@@ -155,11 +155,7 @@ def main() -> None:
         f"Paired by image: blind minus non-blind {interval(gaps)} dB; blind minus wrong kernel "
         f"{interval(wrong)} dB.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(text)
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":

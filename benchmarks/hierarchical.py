@@ -27,7 +27,7 @@ import time
 
 import arviz_stats
 import torch
-from reporting import interval
+from reporting import interval, write_report
 
 from diffpost import posterior
 from diffpost.models import problems
@@ -143,11 +143,7 @@ def main() -> None:
                 f"{cell('mean_error')} | {cell('ess')} | {cell('mode_error')} | {nfe:.0f} | "
                 f"{wall:.1f} |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(text)
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":
