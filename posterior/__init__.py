@@ -22,6 +22,7 @@ from diffpost.posterior.engines import (
     RSLD,
     SNIPS,
     TDS,
+    BlindDPS,
     Engine,
     EngineFailed,
     Exact,
@@ -64,4 +65,5 @@ __all__ = [
     "PMMH",
     "Gibbs",
     "EM",
+    "BlindDPS",
 ]

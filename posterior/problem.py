@@ -10,29 +10,23 @@ the model has it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
-from torch.distributions import biject_to
 
 from diffpost.models.observations import GaussianObservation
-from diffpost.models.operators.base import LinearOperator, Operator
+from diffpost.models.operators.base import LinearOperator
 from diffpost.models.operators.basic import Mask
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
 from diffpost.posterior.latents import (
     GlobalLatent,
-    GlobalSpace,
-    classify_globals,
     describe_distribution,
-    leading_count,
-    run_until_globals_seen,
-    site_log_prob,
 )
+from diffpost.posterior.problem_globals import GlobalLatentMethods
+from diffpost.posterior.reading import GaussianStructure, SetLatents, read_model
 
 __all__ = ["Problem", "GaussianStructure", "CAPABILITIES", "NonFiniteParticles"]
 
@@ -57,61 +51,7 @@ class NonFiniteParticles(ArithmeticError):
     """
 
 
-@dataclass(frozen=True)
-class GaussianStructure:
-    """A single observed site ``y ~ GaussianObservation(operator, x, sigma)`` of the latent ``x``.
-
-    Attributes:
-        site: the observed site's name.
-        operator: the forward model.
-        sigma: noise standard deviation (0-d or broadcastable to ``operator.out_shape``).
-        y: the observation, shape ``operator.out_shape``.
-    """
-
-    site: str
-    operator: Operator
-    sigma: Tensor
-    y: Tensor
-
-    @property
-    def noiseless(self) -> bool:
-        return bool((self.sigma == 0).all())
-
-
-class _SetLatents(Messenger):
-    """Give the signal's site its value (a placeholder or the particles) without running its
-    sampler, and the global latents theirs.
-
-    Args:
-        signal: ``(name, prior) -> value`` for the DiffusionPrior site.
-        globals_: ``(site) -> value or None`` for every other latent site (``None``: leave it).
-    """
-
-    def __init__(
-        self,
-        signal: Callable[[str, DiffusionPrior], Tensor],
-        globals_: Callable[[dict], Tensor | None] | None = None,
-    ):
-        super().__init__()
-        self.signal = signal
-        self.globals_ = globals_
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or site_is_subsample(msg):
-            return
-        if isinstance(msg["fn"], DiffusionPrior):
-            msg["value"] = self.signal(msg["name"], msg["fn"])
-        elif self.globals_ is not None:
-            value = self.globals_(msg)
-            if value is not None:
-                msg["value"] = value
-
-
-def _is_deterministic(site: dict) -> bool:
-    return bool(site["infer"].get("_deterministic"))
-
-
-class Problem:
+class Problem(GlobalLatentMethods):
     """An inverse problem read from a Pyro model: a diffusion-prior signal, optional global latents
     and observed sites.
 
@@ -123,6 +63,11 @@ class Problem:
         bound: the global latents' values this problem is read at (``None`` when they are free):
             name -> ``(*shape)`` (one value for every particle) or ``(P, *shape)`` (one per
             particle, see :meth:`with_globals`).
+        second: ``(name, prior)`` of a second DiffusionPrior site (a blur kernel with a learned
+            prior, as in BlindDPS), or ``None``; the first DiffusionPrior site in model order is
+            the signal.
+        second_value: the second signal's values, one per particle ``(P, *event)``, once bound
+            (:meth:`with_second_signal`).
         observed: observed site name -> observed value.
         gaussian: the :class:`GaussianStructure`, or ``None``.
         batch_size: chunk size of denoiser and likelihood calls (``None``: one chunk).
@@ -157,6 +102,8 @@ class Problem:
         self.global_latents = dict(global_latents or {})
         self.bound = bound
         self.particle_count = particle_count
+        self.second: tuple[str, DiffusionPrior] | None = None
+        self.second_value: Tensor | None = None
         self.nfe = 0
         self.vjp = 0
 
@@ -190,112 +137,23 @@ class Problem:
         known: dict[str, GlobalLatent] | None,
         bound: dict[str, Tensor] | None,
     ) -> Problem:
-        """Read the model with the global latents at ``bound`` (one value each; ``None``: at a
-        typical point); ``known`` skips their classification (already done by the caller)."""
-
-        def placeholder(name: str, prior: DiffusionPrior, value: float = 0.0) -> Tensor:
-            return torch.full(prior.shape(), value, dtype=prior.dtype, device=prior.device)
-
-        def globals_at(shift: float):
-            def value(msg) -> Tensor | None:
-                if bound is not None and msg["name"] in bound:
-                    return bound[msg["name"]]
-                fn = msg["fn"]
-                if fn.support.is_discrete:
-                    return None  # refused below; never sampled with the global RNG
-                try:
-                    transform = biject_to(fn.support)
-                except NotImplementedError:
-                    return None  # refused below
-                shape = transform.inverse_shape(fn.shape())
-                return transform(torch.full(shape, shift, dtype=torch.get_default_dtype()))
-
-            return value
-
-        def read(signal_value: float = 0.0, shift: float = 0.0):
-            with torch.no_grad():
-                messenger = _SetLatents(
-                    lambda n, p: placeholder(n, p, signal_value), globals_at(shift)
-                )
-                trace = poutine.trace(messenger(model)).get_trace(*args, **kwargs)
-            return prune_subsample_sites(trace)
-
-        trace = read()
-        sites = [s for s in trace.nodes.values() if s["type"] == "sample"]
-        priors = [s for s in sites if isinstance(s["fn"], DiffusionPrior) and not s["is_observed"]]
-        if not priors:
-            raise ValueError(
-                "the model has no DiffusionPrior latent site: declare the unknown as "
-                "pyro.sample(name, prior) with prior a models.DiffusionPrior (or GaussianMixture)"
-            )
-        if len(priors) > 1:
-            names = ", ".join(repr(s["name"]) for s in priors)
-            raise ValueError(
-                f"the model has {len(priors)} DiffusionPrior sites ({names}); one signal latent is "
-                "supported (a second diffusion prior, e.g. for a blur kernel, is not yet)"
-            )
-        prior_site = priors[0]
-        prior: DiffusionPrior = prior_site["fn"]
-        if prior.batch_shape:
-            raise ValueError(
-                f"the prior at site {prior_site['name']!r} has batch shape "
-                f"{tuple(prior.batch_shape)}; declare one signal (engines add the particle "
-                "dimension themselves)"
-            )
-        others = [
-            s
-            for s in sites
-            if s is not prior_site and not _is_deterministic(s) and not s["is_observed"]
-        ]
-        if known is None:
-            known = classify_globals(others, trace, prior_site, read)
-        for site in others:  # bound values: the same sites as the unbound model's
-            if site["name"] not in known:
-                raise ValueError(f"latent site {site['name']!r} appeared at new global values")
-        observed, likelihood_sites = {}, []
-        for site in sites:
-            name = site["name"]
-            if not site["is_observed"] or _is_deterministic(site):
-                continue
-            likelihood_sites.append(name)
-            if site["infer"].get("is_auxiliary"):  # pyro.factor: a likelihood term without data
-                continue
-            value = site["value"]
-            expected = tuple(site["fn"].shape())
-            if tuple(value.shape) != expected:
-                raise ValueError(
-                    f"observed site {name!r} has value of shape {tuple(value.shape)}; its "
-                    f"distribution {type(site['fn']).__name__} expects {expected}"
-                )
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"observed site {name!r} contains NaN or inf")
-            if value.device != prior.device:
-                raise ValueError(
-                    f"observed site {name!r} is on {value.device} but the prior is on "
-                    f"{prior.device}; move the observation to the prior's device"
-                )
-            observed[name] = value
-        gaussian = None
-        if (known and bound is None) or len(likelihood_sites) != 1:
-            pass  # free global latents: the structure depends on them
-        elif likelihood_sites[0] in observed:
-            site = trace.nodes[likelihood_sites[0]]
-            fn = site["fn"]
-            if isinstance(fn, GaussianObservation) and fn.x is prior_site["value"]:
-                gaussian = GaussianStructure(site["name"], fn.operator, fn.sigma, site["value"])
-        return cls(
+        """A problem read by :func:`~diffpost.posterior.reading.read_model`."""
+        reading = read_model(model, args, kwargs, batch_size, known, bound)
+        problem = cls(
             model,
             args,
             kwargs,
-            prior_site["name"],
-            prior,
-            observed,
-            likelihood_sites,
-            gaussian,
+            reading.latent_name,
+            reading.prior,
+            reading.observed,
+            reading.likelihood_sites,
+            reading.gaussian,
             batch_size,
-            known,
+            reading.global_latents,
             bound,
         )
+        problem.second = reading.second
+        return problem
 
     # ------------------------------------------------------------------ description
     @property
@@ -356,7 +214,10 @@ class Problem:
                 n: (v[0] if self.bound is not None else v)
                 for n, v in (self.bound or self.typical_globals()).items()
             }
-        return self._trace(x, values).nodes[name]["fn"]
+        second = None
+        if self.second is not None:
+            second = torch.zeros(self.second[1].shape(), dtype=self.dtype, device=self.device)
+        return self._trace(x, values, second).nodes[name]["fn"]
 
     def require(self, engine: Any) -> None:
         """Raise ``ValueError`` naming the engine, the missing capabilities and the observation.
@@ -364,6 +225,18 @@ class Problem:
         A problem with free global latents is refused to every engine that does not infer them
         (``infers_globals``), and such an engine is refused a problem without any.
         """
+        pair = bool(getattr(engine, "infers_two_signals", False))
+        if self.second is not None and self.second_value is None and not pair:
+            raise ValueError(
+                f"the model has two DiffusionPrior sites ({self.latent_name!r}, "
+                f"{self.second[0]!r}): {type(engine).__name__} infers one signal; use "
+                "posterior.BlindDPS"
+            )
+        if pair and self.second is None:
+            raise ValueError(
+                f"{type(engine).__name__} infers two signals, but the model has one "
+                f"DiffusionPrior site ({self.latent_name!r})"
+            )
         infers = bool(getattr(engine, "infers_globals", False))
         free = sorted(self.global_latents) if self.bound is None else []
         if free and not infers:
@@ -399,191 +272,12 @@ class Problem:
                 f"and a {type(self.prior).__name__} prior at site {self.latent_name!r}"
             )
 
-    # ------------------------------------------------------------------ global latents
-    @property
-    def global_space(self) -> GlobalSpace:
-        """The global latents as one unconstrained vector (see
-        :class:`~diffpost.posterior.latents.GlobalSpace`)."""
-        return GlobalSpace(list(self.global_latents.values()))
-
-    def typical_globals(self) -> dict[str, Tensor]:
-        """One point of each global latent's support (``T(0)``), on the prior's dtype and
-        device."""
-        like = torch.zeros((), dtype=self.dtype, device=self.device)
-        return {name: latent.typical_value(like) for name, latent in self.global_latents.items()}
-
-    def with_globals(self, values: dict[str, Tensor]) -> Problem:
-        """This problem with its global latents fixed: an ordinary problem of the signal.
-
-        Args:
-            values: every global latent's value, either ``(*shape)`` (one value for all
-                particles: the problem is read again at it, so its linear-Gaussian structure,
-                e.g. an operator built from a kernel width, is available to every engine) or
-                ``(P, *shape)`` with the same ``P`` for all (one value per particle: likelihood
-                calls then take exactly ``P`` particles, and no linear structure is offered).
-
-        Raises:
-            ValueError: a missing, unknown or misshapen global latent, or ``batch_size`` smaller
-                than ``P`` (per-particle values are evaluated in one chunk).
-        """
-        if not self.global_latents:
-            raise ValueError("with_globals: the model has no global latents")
-        missing = sorted(set(self.global_latents) - set(values))
-        unknown = sorted(set(values) - set(self.global_latents))
-        if missing or unknown:
-            raise ValueError(
-                f"with_globals needs exactly the global latents {sorted(self.global_latents)}; "
-                f"missing {missing}, unknown {unknown}"
-            )
-        values = {
-            name: torch.as_tensor(value, dtype=self.dtype, device=self.device)
-            for name, value in values.items()
-        }
-        counts = set()
-        for name, latent in self.global_latents.items():
-            shape = tuple(values[name].shape)
-            if shape == tuple(latent.shape):
-                counts.add(None)
-            elif len(shape) == len(latent.shape) + 1 and shape[1:] == tuple(latent.shape):
-                counts.add(shape[0])
-            else:
-                raise ValueError(
-                    f"global latent {name!r} has shape {tuple(latent.shape)}; got a value of "
-                    f"shape {shape} (expected that shape, or (P, *shape) for one per particle)"
-                )
-        if len(counts) != 1:
-            raise ValueError(
-                "with_globals: give every global latent one value, or every one P values with "
-                f"the same P; got leading sizes {sorted(map(str, counts))}"
-            )
-        (count,) = counts
-        if count is None:
-            return self._read(
-                self.model,
-                self.model_args,
-                self.model_kwargs,
-                self.batch_size,
-                self.global_latents,
-                values,
-            )
-        if self.batch_size is not None and self.batch_size < count:
-            raise ValueError(
-                f"one value of the global latents per particle is evaluated in one chunk of "
-                f"{count} particles; batch_size={self.batch_size} is smaller"
-            )
-        problem = self._read(
-            self.model,
-            self.model_args,
-            self.model_kwargs,
-            self.batch_size,
-            self.global_latents,
-            {name: value[0] for name, value in values.items()},
-        )
-        problem.gaussian, problem.bound, problem.particle_count = None, values, count
-        return problem
-
-    def log_prior_globals(self, values: dict[str, Tensor]) -> Tensor:
-        r""":math:`\log p(\theta)` of global-latent values: 0-d for one value each, ``(P,)`` for
-        ``(P, *shape)`` values. The model runs only until its last global latent (a latent may
-        depend on another), so the observation need not accept per-particle values."""
-        count = leading_count(values, self.global_latents)
-        placeholder = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
-        _, total = run_until_globals_seen(
-            self.model,
-            self.model_args,
-            self.model_kwargs,
-            set(self.global_latents),
-            placeholder,
-            values,
-        )
-        return total if count is not None else total.reshape(())
-
-    def log_joint_globals(self, x: Tensor, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        r"""``(log p(theta), log p(y | x, theta))`` for particles ``x`` ``(N, *event)``.
-
-        With one value per global latent, :math:`\log p(\theta)` is 0-d and the likelihood
-        ``(N,)``; with ``(N, *shape)`` values both are ``(N,)``. Differentiable in ``x`` and the
-        values (one chunk; no ``batch_size``).
-        """
-        self._check_particles(x, finite=True)
-        trace = self._trace(x, values)
-        count = leading_count(values, self.global_latents)
-        log_prior = sum(site_log_prob(trace.nodes[name]) for name in self.global_latents)
-        if count is None:
-            log_prior = log_prior.reshape(())
-        return log_prior, self._likelihood_of_trace(trace, x.shape[0])
-
-    def check_particle_broadcasting(self, x: Tensor, values: dict[str, Tensor]) -> None:
-        """Check that the model broadcasts one global-latent value per particle.
-
-        The likelihood of two particles, each with its own global values, must equal the
-        likelihood of each evaluated alone: a model that combines a ``(P,)`` noise level with
-        a ``(P, m)`` mean by right-aligned broadcasting (e.g. ``Normal(A(x), sigma)`` without
-        ``sigma[..., None]``) fails, and is refused here instead of giving wrong values.
-
-        Args:
-            x: two particles ``(2, *event)``.
-            values: two values of each global latent, ``(2, *shape)``.
-
-        Raises:
-            ValueError: naming the global latents, with what to change.
-        """
-        names = sorted(self.global_latents)
-        try:
-            together = self.log_joint_globals(x, values)
-            alone = [
-                self.log_joint_globals(x[i : i + 1], {n: v[i] for n, v in values.items()})
-                for i in range(2)
-            ]
-        except (RuntimeError, ValueError) as error:
-            reason = str(error).splitlines()[0]
-            raise ValueError(
-                f"the model does not accept one value of the global latents {names} per "
-                f"particle ({reason}); write it so that a value with a leading particle "
-                "dimension broadcasts (e.g. sigma[..., None] against an event of shape (m,)), "
-                "or use posterior.PMMH or posterior.EM, which give every run one value"
-            ) from None
-        for k, part in enumerate(("prior", "likelihood")):
-            expected = torch.cat([a[k].reshape(-1) for a in alone])
-            if not torch.allclose(together[k].reshape(-1), expected, rtol=1e-6, atol=1e-6):
-                raise ValueError(
-                    f"the model's {part} differs when the global latents {names} take one value "
-                    "per particle (a broadcasting mismatch, e.g. a (P,) noise level against a "
-                    "(P, m) mean aligned from the right): write it so that a leading particle "
-                    "dimension broadcasts (e.g. sigma[..., None]), or use posterior.PMMH or "
-                    "posterior.EM, which give every run one value"
-                )
-
-    def sample_globals(self, count: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """``count`` draws of the global latents from their prior, ``{name: (count, *shape)}``.
-
-        Pyro's distributions draw with the global random number generator; it is seeded from
-        ``generator`` inside ``torch.random.fork_rng``, so the result is reproducible and the
-        caller's global generator is left as it was.
-        """
-        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-        placeholder = torch.zeros(self.prior.shape(), dtype=self.dtype, device=self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        draws: dict[str, list[Tensor]] = {name: [] for name in self.global_latents}
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                for _ in range(count):
-                    values, _ = run_until_globals_seen(
-                        self.model,
-                        self.model_args,
-                        self.model_kwargs,
-                        set(self.global_latents),
-                        placeholder,
-                    )
-                    for name, value in values.items():
-                        draws[name].append(value.to(dtype=self.dtype, device=self.device))
-        return {name: torch.stack(parts) for name, parts in draws.items()}
-
     # ------------------------------------------------------------------ likelihood
-    def _trace(self, x: Tensor, values: dict[str, Tensor] | None = None):
-        """Trace the model with the signal at ``x`` and the global latents at ``values`` (default:
-        the bound ones)."""
+    def _trace(
+        self, x: Tensor, values: dict[str, Tensor] | None = None, second: Tensor | None = None
+    ):
+        """Trace the model with the signal at ``x``, the global latents at ``values`` (default:
+        the bound ones) and the second signal at ``second`` (default: its bound values)."""
         if values is None:
             values = self.bound
             if self.particle_count is not None and x.shape[0] != self.particle_count:
@@ -596,8 +290,24 @@ class Problem:
                 f"the global latents {sorted(self.global_latents)} are free: fix them with "
                 "with_globals before evaluating the likelihood"
             )
-        messenger = _SetLatents(
-            lambda name, prior: x, None if values is None else lambda msg: values.get(msg["name"])
+        if second is None and self.second is not None:
+            if self.second_value is None:
+                raise ValueError(
+                    f"the second signal {self.second[0]!r} is free: bind it with "
+                    "with_second_signal before evaluating the likelihood"
+                )
+            second = self.second_value
+            if x.shape[0] != second.shape[0]:
+                raise ValueError(
+                    f"this problem holds one value of {self.second[0]!r} for each of "
+                    f"{second.shape[0]} particles; got {x.shape[0]} particles"
+                )
+
+        def signal(name: str, prior: DiffusionPrior) -> Tensor:
+            return x if name == self.latent_name else second
+
+        messenger = SetLatents(
+            signal, None if values is None else lambda msg: values.get(msg["name"])
         )
         return prune_subsample_sites(
             poutine.trace(messenger(self.model)).get_trace(*self.model_args, **self.model_kwargs)

@@ -16,6 +16,7 @@ from diffpost.models.operators.blur import (
     Blur,
     CircularBlur,
     SeparableBlur,
+    convolve,
     gaussian_kernel,
     uniform_kernel,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "CircularBlur",
     "gaussian_kernel",
     "uniform_kernel",
+    "convolve",
     "Fourier",
     "Radon",
     "PhaseRetrieval",

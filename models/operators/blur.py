@@ -347,3 +347,44 @@ class CircularBlur(Blur):
         return self._batched(
             lambda flat: circular_filter(flat, inverse), y, self.out_shape, self.in_shape, "pinv"
         )
+
+
+def convolve(x: Tensor, kernel: Tensor) -> Tensor:
+    r"""Circular 2-D convolution of images with kernels, one kernel per image, broadcasting.
+
+    The functional form of :class:`CircularBlur` for kernels that change with the image (a
+    latent kernel with one value per particle, as in BlindDPS):
+    :math:`y_{i,j} = \sum_{a,b} k_{a,b}\, x_{i - a + kh//2,\ j - b + kw//2}`, indices modulo the
+    image size, through the FFT; differentiable in both arguments.
+
+    Args:
+        x: images ``(*batch, C, H, W)`` (every channel blurred by its image's kernel) or
+            ``(*batch, H, W)``.
+        kernel: ``(*batch, kh, kw)`` with ``kh <= H``, ``kw <= W``; ``batch`` broadcasts with
+            the images'.
+
+    Returns:
+        The blurred images, shaped like ``x`` (broadcast with the kernels' batch).
+    """
+    x, kernel = torch.as_tensor(x), torch.as_tensor(kernel)
+    if kernel.dim() < 2 or x.dim() < 2:
+        raise ValueError(
+            f"convolve expects images (..., H, W) and kernels (..., kh, kw); got {tuple(x.shape)} "
+            f"and {tuple(kernel.shape)}"
+        )
+    height, width = x.shape[-2:]
+    kh, kw = kernel.shape[-2:]
+    if kh > height or kw > width:
+        raise ValueError(
+            f"convolve: kernels {(kh, kw)} are larger than the images {(height, width)}"
+        )
+    psf = kernel.new_zeros(kernel.shape[:-2] + (height, width))
+    psf = torch.cat(
+        [torch.cat([kernel, psf[..., :kh, kw:]], -1), psf[..., kh:, :]], -2
+    )  # the kernel in the top-left corner, differentiably
+    psf = torch.roll(psf, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
+    response = torch.fft.rfft2(psf.to(x.dtype))
+    channels = x.dim() - kernel.dim()
+    if channels > 0:
+        response = response.reshape(response.shape[:-2] + (1,) * channels + response.shape[-2:])
+    return torch.fft.irfft2(torch.fft.rfft2(x) * response, s=(height, width))

@@ -3,7 +3,7 @@
 from diffpost.posterior.engines.base import Engine, EngineFailed
 from diffpost.posterior.engines.exact import Exact
 from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
-from diffpost.posterior.engines.hierarchical import EM, PMMH, Gibbs
+from diffpost.posterior.engines.hierarchical import EM, PMMH, BlindDPS, Gibbs
 from diffpost.posterior.engines.langevin import DAPS, DCDP, ScoreALD
 from diffpost.posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
 from diffpost.posterior.engines.variational import RSLD, FlowVI, REDDiff
@@ -32,4 +32,5 @@ __all__ = [
     "PMMH",
     "Gibbs",
     "EM",
+    "BlindDPS",
 ]

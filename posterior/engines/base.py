@@ -84,6 +84,8 @@ class Engine:
     #: whether the final state's ``log_evidence`` estimates log p(y) without bias in p(y)
     #: (exact, or an SMC estimate), as particle marginal Metropolis-Hastings needs
     estimates_evidence: ClassVar[bool] = False
+    #: whether the engine infers two signals with diffusion priors (an image and its kernel)
+    infers_two_signals: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
