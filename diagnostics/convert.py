@@ -272,8 +272,8 @@ def to_datatree(
     Args:
         particles: the set to convert, or several runs of the same problem, joined along
             ``chain`` (:meth:`ParticleSet.concat`) so that R-hat compares independent runs.
-        x_true: the ground-truth latent, shape ``event`` of the latent site, stored in
-            ``constant_data``.
+        x_true: the ground-truth latent, shape ``event`` of the latent site (``(B, *event)``
+            for a plated run), stored in ``constant_data``.
         dims: site name -> names of its *event* dims (no ``chain``/``draw``), overriding the
             defaults; applies to sampled and observed sites (and to ``x_true`` via the latent).
         coords: dim name -> coordinate values (default ``0 .. size - 1``).
@@ -281,6 +281,12 @@ def to_datatree(
             :class:`~diffpost.models.operators.Operator` or any callable
             ``(n, *event) -> (n, *obs)`` (e.g. ``problem.gaussian.operator``); ``None`` (default)
             adds no such group.
+
+    A plated run (``particles.plate``) is converted problem by problem
+    (:meth:`ParticleSet.select_problem`, each resampled on its own) and joined along a dim named
+    after the plate, placed after ``chain``/``draw`` (and after ``step``): posterior values are
+    ``(chain, draw, <plate>, *event)``, observations ``(<plate>, *obs)``; the root attrs are those
+    of the run.
 
     Returns:
         The ``xarray.DataTree``.
@@ -291,6 +297,8 @@ def to_datatree(
     """
     if not isinstance(particles, ParticleSet):
         particles = ParticleSet.concat(list(particles))
+    if particles.plate is not None:
+        return _plated_datatree(particles, x_true, dims, coords, forward)
     dims = dict(dims or {})
     coords = dict(coords or {})
     num_chains, num_draws = particles.num_chains, particles.num_draws
@@ -421,6 +429,51 @@ def to_datatree(
     }
     result = xr.DataTree.from_dict(ordered)
     result.attrs = _root_attrs(particles, library, resampled=ancestors is not None)
+    return result
+
+
+def _plated_datatree(
+    particles: ParticleSet,
+    x_true: Tensor | np.ndarray | None,
+    dims: Mapping[str, Sequence[str]] | None,
+    coords: Mapping[str, Sequence[Any]] | None,
+    forward: Callable[[Tensor], Tensor] | None,
+) -> xr.DataTree:
+    """:func:`to_datatree` of each problem of a plated run, joined along the plate's dim."""
+    name, size = particles.plate
+    if x_true is not None:
+        x_true = torch.as_tensor(np.asarray(x_true)) if not isinstance(x_true, Tensor) else x_true
+        if x_true.dim() == 0 or x_true.shape[0] != size:
+            raise ValueError(
+                f"x_true of a plated run must be (B, *event) with B = {size} (plate {name!r}); "
+                f"got {tuple(x_true.shape)}"
+            )
+    trees = [
+        to_datatree(
+            particles.select_problem(b),
+            x_true=None if x_true is None else x_true[b],
+            dims=dims,
+            coords=coords,
+            forward=forward,
+        )
+        for b in range(size)
+    ]
+    groups = {}
+    for group in _GROUP_ORDER:
+        if group not in trees[0].children:
+            continue
+        parts = [tree[group].to_dataset() for tree in trees]
+        joined = xr.concat(parts, dim=name, combine_attrs="override", data_vars="all")
+        joined = joined.assign_coords({name: np.arange(size)})
+        leading = [d for d in ("chain", "draw", "step") if d in joined.dims]
+        groups[group] = joined.transpose(*leading, name, ...)
+    result = xr.DataTree.from_dict(groups)
+    result.attrs = dict(trees[0].attrs)
+    result.attrs["plate"] = name
+    result.attrs.pop("log_evidence", None)  # per problem: sample_stats.log_evidence
+    for key in ("nfe", "vjp", "wall_time"):
+        if key in particles.info:
+            result.attrs[key] = particles.info[key]
     return result
 
 

@@ -41,6 +41,15 @@ def _stack_statistics(records: list[dict[str, Tensor]], num_chains: int) -> dict
     return stats
 
 
+def unfold_plate(value: Tensor, count: int) -> Tensor:
+    """``(B * chains, ...)`` problem-major runs -> ``(chains, [draws,] B, ...)``: the plate's dim
+    after the sample dims."""
+    value = value.reshape(count, value.shape[0] // count, *value.shape[1:])
+    if value.dim() == 2:  # (B, chains)
+        return value.transpose(0, 1)
+    return value.permute(1, 2, 0, *range(3, value.dim()))
+
+
 def sample(
     model: Callable,
     engine: Engine,
@@ -74,7 +83,12 @@ def sample(
 
     Returns:
         A :class:`~diffpost.posterior.particles.ParticleSet` with values
-        ``(num_chains, num_particles, *event)`` under the prior site's name.
+        ``(num_chains, num_particles, *event)`` under the prior site's name. With a
+        ``pyro.plate`` of ``B`` problems around the signal and the observations, every problem
+        is run at once (one denoiser call per step for all ``B * num_chains * num_particles``
+        particles, chunked by ``batch_size``; weights, resampling and evidence per problem and
+        chain) and the values are ``(num_chains, num_particles, B, *event)``; see
+        :meth:`ParticleSet.select_problem`.
 
     Raises:
         ValueError: a misdeclared model, bad arguments, or an engine that cannot handle the
@@ -107,27 +121,44 @@ def sample(
             disable=len(indices) == 0 or not _progress_enabled(progress),
         )
 
+    # a plate of B problems runs as B * num_chains chains, problem-major
+    runs = num_chains * problem.num_problems
     state, records = run(
-        engine, problem, num_chains, num_particles, generator, steps=steps, callback=callback
+        engine, problem, runs, num_particles, generator, steps=steps, callback=callback
     )
     if problem.device.type == "cuda":
         torch.cuda.synchronize(problem.device)
     wall_time = time.perf_counter() - start
 
-    draws = engine.draws(problem, state, num_chains)
+    draws = engine.draws(problem, state, runs)
     free = bool(problem.global_latents) and problem.bound is None
     log_likelihood = draws.log_likelihood
     if log_likelihood is None and "finite_likelihood" in problem.capabilities and not free:
         signal = draws.values[problem.latent_name]
         with torch.no_grad():
             log_likelihood = problem.log_likelihood(signal.flatten(0, 1)).reshape(signal.shape[:2])
+    values, log_weights, log_evidence = draws.values, draws.log_weights, draws.log_evidence
+    stats = _stack_statistics(records, runs)
+    if problem.plate is not None:
+        values = {name: unfold_plate(value, problem.num_problems) for name, value in values.items()}
+        log_weights = unfold_plate(log_weights, problem.num_problems)
+        log_evidence = (
+            None if log_evidence is None else unfold_plate(log_evidence, problem.num_problems)
+        )
+        log_likelihood = (
+            None if log_likelihood is None else unfold_plate(log_likelihood, problem.num_problems)
+        )
+        stats = {
+            name: value.reshape(problem.num_problems, num_chains, -1).transpose(0, 1)
+            for name, value in stats.items()
+        }
     return ParticleSet(
-        values=draws.values,
-        log_weights=draws.log_weights,
-        log_evidence=draws.log_evidence,
+        values=values,
+        log_weights=log_weights,
+        log_evidence=log_evidence,
         log_likelihood=log_likelihood,
         observed={name: value.detach() for name, value in problem.observed.items()},
-        stats=_stack_statistics(records, num_chains),
+        stats=stats,
         info={
             "engine": engine.name,
             "config": engine.config(),
@@ -139,6 +170,7 @@ def sample(
             "seed": seed,
             "latent_name": problem.latent_name,
             "device": str(problem.device),
+            **({} if problem.plate is None else {"plate": list(problem.plate)}),
         },
         fitted=engine.fitted(problem, state),
     )

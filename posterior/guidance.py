@@ -115,7 +115,7 @@ def observation_residual(problem: Problem, x0: Tensor) -> Tensor:
     """
     gaussian = problem.gaussian
     if gaussian is not None:
-        return (gaussian.y.to(x0) - gaussian.operator(x0)).flatten(1)
+        return (gaussian.y_for(x0.shape[0]).to(x0) - gaussian.operator(x0)).flatten(1)
     names = [name for name in problem.likelihood_sites if name in problem.observed]
     if len(names) != len(problem.likelihood_sites) or not names:
         missing = sorted(set(problem.likelihood_sites) - set(names))
@@ -123,11 +123,16 @@ def observation_residual(problem: Problem, x0: Tensor) -> Tensor:
             "a residual y - E[y | x0] needs observed data at every likelihood site; "
             + (f"site(s) {missing} carry a factor without data" if missing else "none is observed")
         )
-    trace = problem._trace(x0)
+    trace = problem.trace_signal(x0)
     residuals = []
     for name in names:
         mean = trace.nodes[name]["fn"].mean
         value = problem.observed[name].to(mean)
+        if problem.plate is not None:  # (n / B, B, *obs) means; (B, *obs) observations
+            mean = problem.site_rows(mean, x0.shape[0])
+            value = value[0]  # the shape check below is per problem
+            rows = problem.observed[name].to(mean)
+            rows = rows.repeat_interleave(x0.shape[0] // problem.num_problems, dim=0)
         if mean.dim() != value.dim() + 1 or mean.shape[0] != x0.shape[0]:
             raise ValueError(
                 f"observed site {name!r}: the distribution's mean has shape "
@@ -135,7 +140,7 @@ def observation_residual(problem: Problem, x0: Tensor) -> Tensor:
                 f"{tuple(value.shape)}; the model must broadcast over a leading particle "
                 "dimension (declare it with .to_event(k))"
             )
-        residuals.append((value - mean).flatten(1))
+        residuals.append(((value if problem.plate is None else rows) - mean).flatten(1))
     return torch.cat(residuals, dim=1)
 
 
@@ -163,7 +168,7 @@ def denoise_with_residual_gradient(
         return norm
 
     x0, grad = problem.denoise_with_vjp(x_t, t, objective)
-    return x0, torch.cat(norms), grad
+    return x0, problem.join_chunks(norms, problem.chunks(x_t.shape[0])), grad
 
 
 # ---------------------------------------------------------------------------------- Jacobian
@@ -195,14 +200,15 @@ def denoise_with_jacobian(
     outputs: list[tuple[Tensor, ...]] = []
     most_calls = 0
     single = False
-    for chunk in problem._chunks(x_t.shape[0]):
+    chunks = problem.chunks(x_t.shape[0])
+    for chunk in chunks:
         result, calls = _apply_to_chunk(problem, x_t[chunk], t if t.dim() == 0 else t[chunk], apply)
         most_calls = max(most_calls, calls)
         single = isinstance(result, Tensor)
         outputs.append((result,) if single else tuple(result))
     problem.nfe += 1
     problem.vjp += most_calls
-    merged = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+    merged = tuple(problem.join_chunks(list(parts), chunks) for parts in zip(*outputs, strict=True))
     return merged[0] if single else merged
 
 

@@ -2,7 +2,9 @@
 
 A :class:`ParticleSet` stores every value as ``(chains, draws, *event)``: chains are independent
 runs of the engine (batched together), draws are the particles of one run. Weighted engines (SMC)
-keep normalised log-weights per chain; unweighted ones have uniform weights.
+keep normalised log-weights per chain; unweighted ones have uniform weights. A run on a plate of
+``B`` problems stores ``(chains, draws, B, *event)`` and weights ``(chains, draws, B)``
+(``info["plate"] = [name, B]``); :meth:`ParticleSet.select_problem` gives one problem's set.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class ParticleSet:
         stats: per-step statistics, name -> ``(chains, steps)`` (e.g. ``ess``, ``resampled``,
             ``t``, ``log_evidence_increment``).
         info: engine name and configuration, ``num_particles``, ``num_chains``, ``nfe``,
-            ``vjp``, ``wall_time``, ``seed``, ``latent_name``, ``event_dims``.
+            ``vjp``, ``wall_time``, ``seed``, ``latent_name``, ``event_dims``; ``plate``
+            ``[name, B]`` for a plated run, whose values are ``(chains, draws, B, *event)``,
+            weights and log-likelihoods ``(chains, draws, B)``, evidence ``(chains, B)`` and
+            statistics ``(chains, B, steps)``.
         fitted: what the engine fitted besides the particles, name -> object (e.g. the
             normalizing flow of :class:`~diffpost.posterior.FlowVI`, which draws more samples); kept
             in memory only (not saved, not moved by :meth:`to`, dropped by :meth:`concat`).
@@ -53,17 +58,56 @@ class ParticleSet:
     fitted: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.log_weights.dim() != 2:
+        expected = "(chains, draws)" if self.plate is None else "(chains, draws, B)"
+        if self.log_weights.dim() != (2 if self.plate is None else 3) or (
+            self.plate is not None and self.log_weights.shape[2] != self.plate[1]
+        ):
             raise ValueError(
-                "ParticleSet.log_weights must be (chains, draws); got "
-                f"{tuple(self.log_weights.shape)}"
+                f"ParticleSet.log_weights must be {expected}; got {tuple(self.log_weights.shape)}"
             )
         for name, value in self.values.items():
-            if value.shape[:2] != self.log_weights.shape:
+            if value.shape[: self.log_weights.dim()] != self.log_weights.shape:
                 raise ValueError(
                     f"ParticleSet value {name!r} has shape {tuple(value.shape)}; expected leading "
-                    f"(chains, draws) = {tuple(self.log_weights.shape)}"
+                    f"{expected} = {tuple(self.log_weights.shape)}"
                 )
+
+    @property
+    def plate(self) -> tuple[str, int] | None:
+        """``(name, B)`` of the plate over problems of a plated run, else ``None``."""
+        plate = self.info.get("plate")
+        return None if plate is None else (str(plate[0]), int(plate[1]))
+
+    def select_problem(self, index: int) -> ParticleSet:
+        """Problem ``index`` of a plated run, as the set a run on that problem alone gives
+        (values ``(chains, draws, *event)``, its observation, weights, evidence, statistics).
+
+        Raises:
+            ValueError: the set has no plate, or ``index`` is outside ``[0, B)``.
+        """
+        if self.plate is None:
+            raise ValueError("select_problem: this ParticleSet has no plate over problems")
+        name, size = self.plate
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+            raise ValueError(f"select_problem: index must be in [0, {size}) (plate {name!r})")
+        info = {k: v for k, v in self.info.items() if k != "plate"}
+        info["plate_index"] = [name, index]
+
+        def pick(value: Tensor | None, dim: int) -> Tensor | None:
+            return None if value is None else value.select(dim, index)
+
+        return ParticleSet(
+            values={k: pick(v, 2) for k, v in self.values.items()},
+            log_weights=pick(self.log_weights, 2),
+            log_evidence=pick(self.log_evidence, 1),
+            log_likelihood=pick(self.log_likelihood, 2),
+            observed={k: pick(v, 0) for k, v in self.observed.items()},
+            stats={k: pick(v, 1) for k, v in self.stats.items()},
+            info=info,
+        )
+
+    def _problems(self) -> list[ParticleSet]:
+        return [self.select_problem(b) for b in range(self.plate[1])]
 
     @property
     def num_chains(self) -> int:
@@ -86,22 +130,27 @@ class ParticleSet:
 
     def _event_weights(self, value: Tensor) -> Tensor:
         weights = self.log_weights.exp().to(value.dtype)
-        return weights.reshape(weights.shape + (1,) * (value.dim() - 2))
+        return weights.reshape(weights.shape + (1,) * (value.dim() - weights.dim()))
 
     def mean(self, name: str | None = None) -> Tensor:
-        """Weighted posterior mean over chains and draws, shape ``event``."""
+        """Weighted posterior mean over chains and draws, shape ``event`` (``(B, *event)`` for a
+        plated run)."""
         value = self._site(name)
         return (self._event_weights(value) * value).sum(1).mean(0)
 
     def var(self, name: str | None = None) -> Tensor:
-        """Weighted posterior variance over chains and draws (chains pooled), shape ``event``."""
+        """Weighted posterior variance over chains and draws (chains pooled), shape ``event``
+        (``(B, *event)`` for a plated run)."""
         value = self._site(name)
         weights = self._event_weights(value)
         mean = self.mean(name)
         return (weights * (value - mean) ** 2).sum(1).mean(0)
 
     def ess(self) -> Tensor:
-        """Effective sample size of the weights per chain, ``(chains,)``; ``draws`` if uniform."""
+        """Effective sample size of the weights per chain, ``(chains,)`` (``(chains, B)`` for a
+        plated run); ``draws`` if uniform."""
+        if self.plate is not None:
+            return _ess(self.log_weights.transpose(1, 2))
         return _ess(self.log_weights)
 
     def _generator(self, seed: int | None, purpose: str) -> torch.Generator:
@@ -116,6 +165,8 @@ class ParticleSet:
         """
         seed = self.info.get("seed") if seed is None else seed
         seed = 0 if seed is None else int(seed)
+        if "plate_index" in self.info:  # problems of one plated run draw independently
+            purpose = f"{purpose}:{self.info['plate_index'][1]}"
         digest = hashlib.sha256(f"posterior.ParticleSet.{purpose}:{seed}".encode()).digest()
         derived = int.from_bytes(digest[:8], "little") >> 1
         return torch.Generator(device=self.log_weights.device).manual_seed(derived)
@@ -129,6 +180,11 @@ class ParticleSet:
             ``long`` tensor ``(chains, draws)`` of indices into each chain's particles, on the
             weights' device; ``None`` when the weights are uniform (no resampling).
         """
+        if self.plate is not None:
+            raise ValueError(
+                "equal_weight_ancestors: a plated set resamples per problem; use "
+                "select_problem(b).equal_weight_ancestors()"
+            )
         uniform = torch.full_like(self.log_weights, -math.log(self.num_draws))
         if torch.allclose(self.log_weights, uniform):
             return None
@@ -149,8 +205,13 @@ class ParticleSet:
             seed: seed of the resampling generator.
 
         Returns:
-            Site name -> tensor.
+            Site name -> tensor (with a plate, ``(chains[, draws], B, *event)``; each problem
+            resampled on its own).
         """
+        if self.plate is not None:
+            parts = [p.get_samples(group_by_chain, seed) for p in self._problems()]
+            dim = 2 if group_by_chain else 1
+            return {name: torch.stack([p[name] for p in parts], dim) for name in self.values}
         values = self.values
         ancestors = self.equal_weight_ancestors(seed)
         if ancestors is not None:
@@ -175,8 +236,11 @@ class ParticleSet:
             seed: seed of the draw (default: the run's seed; see :meth:`_generator`).
 
         Returns:
-            Site name -> tensor ``(chains, *event)``.
+            Site name -> tensor ``(chains, *event)`` (``(chains, B, *event)`` with a plate).
         """
+        if self.plate is not None:
+            parts = [p.one_draw_per_chain(seed) for p in self._problems()]
+            return {name: torch.stack([p[name] for p in parts], 1) for name in self.values}
         generator = self._generator(seed, "one_draw_per_chain")
         pick = torch.multinomial(self.log_weights.exp(), 1, generator=generator)[:, 0]
         chains = torch.arange(self.num_chains, device=pick.device)
@@ -271,6 +335,11 @@ class ParticleSet:
             raise ValueError("ParticleSet.concat needs at least one set")
         first = sets[0]
         for other in sets[1:]:
+            if other.plate != first.plate:
+                raise ValueError(
+                    f"ParticleSet.concat: sets differ in their plate ({first.plate} and "
+                    f"{other.plate})"
+                )
             if other.values.keys() != first.values.keys() or other.num_draws != first.num_draws:
                 raise ValueError("ParticleSet.concat: sets differ in sites or number of draws")
 

@@ -68,6 +68,10 @@ class Problem(GlobalLatentMethods):
             the signal.
         second_value: the second signal's values, one per particle ``(P, *event)``, once bound
             (:meth:`with_second_signal`).
+        plate: ``(name, B)`` of a plate over ``B`` independent problems around the signal and
+            the observations, or ``None``. Particles of a plated problem are problem-major:
+            ``(B * K, *event)``, rows ``b * K .. (b + 1) * K`` belong to problem ``b``, and
+            every observation has a leading ``(B,)``.
         observed: observed site name -> observed value.
         gaussian: the :class:`GaussianStructure`, or ``None``.
         batch_size: chunk size of denoiser and likelihood calls (``None``: one chunk).
@@ -89,6 +93,7 @@ class Problem(GlobalLatentMethods):
         global_latents: dict[str, GlobalLatent] | None = None,
         bound: dict[str, Tensor] | None = None,
         particle_count: int | None = None,
+        plate: tuple[str, int] | None = None,
     ):
         self.model = model
         self.model_args = model_args
@@ -102,6 +107,7 @@ class Problem(GlobalLatentMethods):
         self.global_latents = dict(global_latents or {})
         self.bound = bound
         self.particle_count = particle_count
+        self.plate = plate
         self.second: tuple[str, DiffusionPrior] | None = None
         self.second_value: Tensor | None = None
         self.nfe = 0
@@ -151,11 +157,17 @@ class Problem(GlobalLatentMethods):
             batch_size,
             reading.global_latents,
             bound,
+            plate=reading.plate,
         )
         problem.second = reading.second
         return problem
 
     # ------------------------------------------------------------------ description
+    @property
+    def num_problems(self) -> int:
+        """``B``, the plate's size (1 without a plate)."""
+        return 1 if self.plate is None else self.plate[1]
+
     @property
     def event_shape(self) -> torch.Size:
         return self.prior.event_shape
@@ -199,7 +211,16 @@ class Problem(GlobalLatentMethods):
             return f"GaussianObservation({operator}, sigma={sigma}) at site {self.gaussian.site!r}"
         parts = []
         for name in self.likelihood_sites:
-            parts.append(f"{describe_distribution(self._trace_fn(name))} at site {name!r}")
+            fn = self._trace_fn(name)
+            text = f"{describe_distribution(fn)} at site {name!r}"
+            if isinstance(fn, GaussianObservation) and not self.global_latents and not self.second:
+                text += (
+                    f" whose x is not the signal {self.latent_name!r} itself (a transformed "
+                    "signal, or one of several observed sites): the linear structure needs "
+                    f"GaussianObservation(A, {self.latent_name}, sigma) with the latent passed "
+                    "unchanged at a single observed site"
+                )
+            parts.append(text)
         return ", ".join(parts) or "no observed site"
 
     def _sigma_text(self) -> str:
@@ -313,9 +334,37 @@ class Problem(GlobalLatentMethods):
             poutine.trace(messenger(self.model)).get_trace(*self.model_args, **self.model_kwargs)
         )
 
-    def _chunks(self, n: int) -> list[slice]:
+    def chunks(self, n: int) -> list[slice | Tensor]:
+        """Index sets that split ``n`` particles into chunks of at most ``batch_size``.
+
+        Without a plate: consecutive slices. With a plate of ``B`` problems, each chunk holds the
+        same rows ``k0 .. k1`` of every problem (a ``long`` index tensor, problem-major), so a
+        chunk is itself a plated batch of ``B * (k1 - k0)`` particles, and holds at least ``B``
+        particles. :meth:`join_chunks` puts per-chunk results back in order.
+        """
         size = self.batch_size or max(n, 1)
-        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+        if self.plate is None:
+            return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+        count = self.num_problems
+        rows = n // count
+        per_chunk = max(1, size // count)
+        if per_chunk >= rows:
+            return [slice(0, n)]
+        offsets = torch.arange(count).mul_(rows)[:, None]
+        return [
+            (offsets + torch.arange(start, min(start + per_chunk, rows))[None]).flatten()
+            for start in range(0, rows, per_chunk)
+        ]
+
+    def join_chunks(self, parts: list[Tensor], chunks: list[slice | Tensor]) -> Tensor:
+        """Per-chunk results (leading dim the chunk's particles) -> ``(n, ...)`` in order."""
+        joined = torch.cat(parts)
+        if all(isinstance(chunk, slice) for chunk in chunks):
+            return joined
+        order = torch.cat([chunk for chunk in chunks]).to(joined.device)
+        result = torch.empty_like(joined)
+        result[order] = joined
+        return result
 
     def _check_particles(self, x: Tensor, finite: bool = False) -> None:
         event = tuple(self.event_shape)
@@ -323,14 +372,40 @@ class Problem(GlobalLatentMethods):
             raise ValueError(
                 f"particles must have shape (N, {', '.join(map(str, event))}); got {tuple(x.shape)}"
             )
+        if x.shape[0] % self.num_problems:
+            raise ValueError(
+                f"{x.shape[0]} particles cannot be split among the {self.num_problems} problems "
+                f"of plate {self.plate[0]!r}: give B * K particles, problem-major"
+            )
         if finite and not bool(torch.isfinite(x).all()):
             raise NonFiniteParticles("non-finite particles reached the likelihood")
 
     def _log_likelihood_chunk(self, x: Tensor) -> Tensor:
         gaussian = self.gaussian
         if gaussian is not None:
-            return GaussianObservation(gaussian.operator, x, gaussian.sigma).log_prob(gaussian.y)
-        return self._likelihood_of_trace(self._trace(x), x.shape[0])
+            y = gaussian.y_for(x.shape[0])
+            return GaussianObservation(gaussian.operator, x, gaussian.sigma).log_prob(y)
+        return self._likelihood_of_trace(self.trace_signal(x), x.shape[0])
+
+    def trace_signal(self, x: Tensor):
+        """The model's trace with the signal at the particles ``x`` ``(n, *event)``.
+
+        With a plate of ``B`` problems the particles are passed as ``(n / B, B, *event)`` (the
+        plate is the rightmost batch dim), so every site's batch shape is ``(n / B, B)``; see
+        :meth:`site_rows` for per-particle rows.
+        """
+        if self.plate is None:
+            return self._trace(x)
+        rows = x.shape[0] // self.num_problems
+        plated = x.reshape(self.num_problems, rows, *x.shape[1:]).transpose(0, 1)
+        return self._trace(plated)
+
+    def site_rows(self, value: Tensor, count: int) -> Tensor:
+        """A per-particle quantity of a :meth:`trace_signal` trace, as ``(count, ...)`` rows in
+        the particles' order (problem-major under a plate)."""
+        if self.plate is None:
+            return value
+        return value.transpose(0, 1).reshape(count, *value.shape[2:])
 
     def _likelihood_of_trace(self, trace, count: int) -> Tensor:
         """The observed sites' total ``log p`` in a trace of ``count`` particles, ``(count,)``."""
@@ -338,6 +413,11 @@ class Problem(GlobalLatentMethods):
         for name in self.likelihood_sites:
             site = trace.nodes[name]
             log_prob = site["fn"].log_prob(site["value"])
+            if self.plate is not None and log_prob.shape == (
+                count // self.num_problems,
+                self.num_problems,
+            ):
+                log_prob = self.site_rows(log_prob, count)
             if log_prob.shape != (count,):
                 raise ValueError(
                     f"observed site {name!r}: log_prob has shape {tuple(log_prob.shape)} for "
@@ -364,9 +444,8 @@ class Problem(GlobalLatentMethods):
                 f"the likelihood is degenerate for {self.describe_observation()}: a noiseless "
                 "observation has no finite log-density"
             )
-        return torch.cat(
-            [self._log_likelihood_chunk(x[chunk]) for chunk in self._chunks(x.shape[0])]
-        )
+        chunks = self.chunks(x.shape[0])
+        return self.join_chunks([self._log_likelihood_chunk(x[chunk]) for chunk in chunks], chunks)
 
     def grad_log_likelihood(self, x: Tensor) -> Tensor:
         r""":math:`\\nabla_x \\log p(y \\mid x)`, ``(N, *event) -> (N, *event)`` (chunked)."""
@@ -374,12 +453,13 @@ class Problem(GlobalLatentMethods):
         if "finite_likelihood" not in self.capabilities:
             self.log_likelihood(x)  # raises the explanatory error
         grads = []
-        for chunk in self._chunks(x.shape[0]):
+        chunks = self.chunks(x.shape[0])
+        for chunk in chunks:
             with torch.enable_grad():
                 part = x[chunk].detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(self._log_likelihood_chunk(part).sum(), part)
             grads.append(grad)
-        return torch.cat(grads)
+        return self.join_chunks(grads, chunks)
 
     # ------------------------------------------------------------------ denoiser
     def denoise(self, x_t: Tensor, t: float | Tensor) -> Tensor:
@@ -393,10 +473,11 @@ class Problem(GlobalLatentMethods):
         self._check_particles(x_t)
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
         self.nfe += 1
+        size = self.batch_size or max(x_t.shape[0], 1)  # no per-problem data: plain slices
+        chunks = [slice(start, start + size) for start in range(0, x_t.shape[0], size)]
         with torch.no_grad():
             parts = [
-                self.prior.denoise(x_t[chunk], t if t.dim() == 0 else t[chunk])
-                for chunk in self._chunks(x_t.shape[0])
+                self.prior.denoise(x_t[chunk], t if t.dim() == 0 else t[chunk]) for chunk in chunks
             ]
         return torch.cat(parts)
 
@@ -422,7 +503,8 @@ class Problem(GlobalLatentMethods):
         self.nfe += 1
         self.vjp += 1
         estimates, grads = [], []
-        for chunk in self._chunks(x_t.shape[0]):
+        chunks = self.chunks(x_t.shape[0])
+        for chunk in chunks:
             with torch.enable_grad():
                 part = x_t[chunk].detach().requires_grad_(True)
                 x0 = self.prior.denoise(part, t if t.dim() == 0 else t[chunk])
@@ -435,7 +517,7 @@ class Problem(GlobalLatentMethods):
                 (grad,) = torch.autograd.grad(value.sum(), part)
             estimates.append(x0.detach())
             grads.append(grad)
-        return torch.cat(estimates), torch.cat(grads)
+        return self.join_chunks(estimates, chunks), self.join_chunks(grads, chunks)
 
     def __repr__(self) -> str:
         return (

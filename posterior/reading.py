@@ -37,10 +37,24 @@ class GaussianStructure:
     operator: Operator
     sigma: Tensor
     y: Tensor
+    plate_size: int | None = None
 
     @property
     def noiseless(self) -> bool:
         return bool((self.sigma == 0).all())
+
+    def y_for(self, n: int) -> Tensor:
+        """The observation of each of ``n`` rows (particles or chains): ``y`` itself
+        (``operator.out_shape``, broadcasting) without a plate; with a plate of ``B`` problems,
+        ``y`` is ``(B, *out_shape)`` and the rows are problem-major (``n / B`` rows per problem),
+        so each row gets its problem's observation, ``(n, *out_shape)``."""
+        if self.plate_size is None:
+            return self.y
+        if n % self.plate_size:
+            raise ValueError(
+                f"{n} rows cannot be split among the plate's {self.plate_size} problems"
+            )
+        return self.y.repeat_interleave(n // self.plate_size, dim=0)
 
 
 class Reading(NamedTuple):
@@ -53,6 +67,7 @@ class Reading(NamedTuple):
     gaussian: GaussianStructure | None
     global_latents: dict[str, GlobalLatent]
     second: tuple[str, DiffusionPrior] | None
+    plate: tuple[str, int] | None
 
 
 class SetLatents(Messenger):
@@ -142,15 +157,19 @@ def read_model(
             f"the model has {len(priors)} DiffusionPrior sites ({names}); at most two are "
             "supported (an image and, for BlindDPS, its blur kernel)"
         )
+    prior_site = priors[0]
+    plate = read_plate(trace, prior_site)
     for site in priors:
-        if site["fn"].batch_shape:
+        expected = () if plate is None else (plate[1],)
+        if tuple(site["fn"].batch_shape) != expected:
             raise ValueError(
                 f"the prior at site {site['name']!r} has batch shape "
                 f"{tuple(site['fn'].batch_shape)}; declare one signal (engines add the "
-                "particle dimension themselves)"
+                "particle dimension themselves), or one per problem inside a pyro.plate"
             )
-    prior_site = priors[0]
     prior: DiffusionPrior = prior_site["fn"]
+    if plate is not None:
+        prior = prior.expand(torch.Size())  # the prior of one problem's signal
     second = None
     if len(priors) == 2:
         second = (priors[1]["name"], priors[1]["fn"])
@@ -165,6 +184,12 @@ def read_model(
     ]
     if known is None:
         known = classify_globals(others, trace, prior_site, read)
+    if plate is not None and (known or second is not None):
+        what = f"global latents {sorted(known)}" if known else f"a second signal {second[0]!r}"
+        raise ValueError(
+            f"the model has a plate {plate[0]!r} over problems and {what}: the two together "
+            "are not supported yet"
+        )
     if known and second is not None:
         raise ValueError(
             f"the model has global latents {sorted(known)} and a second DiffusionPrior site "
@@ -183,6 +208,13 @@ def read_model(
             continue
         value = site["value"]
         expected = tuple(site["fn"].shape())
+        check_plated_site(site, plate)
+        if plate is not None and (value.dim() == 0 or value.shape[0] != plate[1]):
+            raise ValueError(
+                f"observed site {name!r} has value of shape {tuple(value.shape)}; inside plate "
+                f"{plate[0]!r} of size {plate[1]} its leading size must be {plate[1]} (one "
+                f"observation per problem, {expected})"
+            )
         if tuple(value.shape) != expected:
             raise ValueError(
                 f"observed site {name!r} has value of shape {tuple(value.shape)}; its "
@@ -202,6 +234,89 @@ def read_model(
     elif likelihood_sites[0] in observed:
         site = trace.nodes[likelihood_sites[0]]
         fn = site["fn"]
-        if isinstance(fn, GaussianObservation) and fn.x is prior_site["value"]:
-            gaussian = GaussianStructure(site["name"], fn.operator, fn.sigma, site["value"])
-    return Reading(prior_site["name"], prior, observed, likelihood_sites, gaussian, known, second)
+        if isinstance(fn, GaussianObservation) and observes_signal(fn, prior_site, read):
+            sigma = torch.as_tensor(fn.sigma)
+            if plate is not None and sigma.dim() > len(fn.operator.out_shape):
+                raise ValueError(
+                    f"observed site {site['name']!r}: sigma of shape {tuple(sigma.shape)} "
+                    f"differs between the problems of plate {plate[0]!r}; one noise level "
+                    "(or one per measurement, shared by the problems) is supported"
+                )
+            size = None if plate is None else plate[1]
+            gaussian = GaussianStructure(site["name"], fn.operator, fn.sigma, site["value"], size)
+    return Reading(
+        prior_site["name"], prior, observed, likelihood_sites, gaussian, known, second, plate
+    )
+
+
+def observes_signal(fn: GaussianObservation, prior_site: dict, read: Callable) -> bool:
+    """Whether the observation's ``x`` is the signal itself: the same tensor, or (a clone, a
+    view, a cast) equal to it at two different placeholder values of the signal."""
+    if fn.x is prior_site["value"]:
+        return True
+    if tuple(fn.x.shape) != tuple(prior_site["value"].shape):
+        return False
+    if not torch.equal(fn.x.to(prior_site["value"].dtype), prior_site["value"]):
+        return False
+    trace = read(signal_value=0.5)
+    site = trace.nodes[prior_site["name"]]
+    other = [s for s in trace.nodes.values() if s.get("fn") is not None and s["type"] == "sample"]
+    for s in other:
+        if isinstance(s["fn"], GaussianObservation) and s["is_observed"]:
+            x = s["fn"].x
+            return tuple(x.shape) == tuple(site["value"].shape) and torch.equal(
+                x.to(site["value"].dtype), site["value"]
+            )
+    return False
+
+
+def read_plate(trace, prior_site: dict) -> tuple[str, int] | None:
+    """The plate over problems around the signal: ``(name, size)`` or ``None``.
+
+    Raises:
+        ValueError: nested, sequential, subsampled or not rightmost (``dim=-1``) plates.
+    """
+    frames = prior_site["cond_indep_stack"]
+    if not frames:
+        return None
+    name = prior_site["name"]
+    if len(frames) > 1:
+        names = [frame.name for frame in frames]
+        raise ValueError(
+            f"the signal {name!r} is inside nested plates {names}; one plate over problems is "
+            "supported"
+        )
+    frame = frames[0]
+    if not frame.vectorized:
+        raise ValueError(
+            f"the signal {name!r} is inside a sequential plate {frame.name!r} (a for-loop "
+            "plate); use a vectorised `with pyro.plate(...)`"
+        )
+    if frame.dim != -1:
+        raise ValueError(
+            f"plate {frame.name!r} around the signal {name!r} has dim={frame.dim}; the plate "
+            "over problems must be the rightmost batch dim (dim=-1, the default)"
+        )
+    full = frame.full_size if frame.full_size is not None else frame.size
+    if full != frame.size:
+        raise ValueError(
+            f"plate {frame.name!r} is subsampled ({frame.size} of {full}); every problem of "
+            "the plate must be run"
+        )
+    return frame.name, int(frame.size)
+
+
+def check_plated_site(site: dict, plate: tuple[str, int] | None) -> None:
+    """Refuse an observed site outside the signal's plate, or inside another one."""
+    names = [frame.name for frame in site["cond_indep_stack"]]
+    if plate is None and names:
+        raise ValueError(
+            f"observed site {site['name']!r} is inside plate(s) {names} but the signal is not: "
+            "put the signal inside the plate too (one signal per problem), or declare the "
+            "observation with .to_event(k)"
+        )
+    if plate is not None and names != [plate[0]]:
+        raise ValueError(
+            f"observed site {site['name']!r} is inside plate(s) {names}; with the signal "
+            f"inside plate {plate[0]!r} every observed site must be inside exactly that plate"
+        )

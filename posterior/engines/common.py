@@ -17,9 +17,24 @@ __all__ = [
     "check_positive_integers",
     "check_unit_interval",
     "initial_particles",
+    "rotated_observation",
     "sampling_grid",
     "uniform_log_weights",
 ]
+
+
+def rotated_observation(gaussian, svd, n: int, dtype: torch.dtype) -> Tensor:
+    """:math:`U^\top y` of the observation: ``(m,)`` without a plate; with a plate of ``B``
+    problems, one row per particle (or chain) of ``n`` problem-major ones, ``(n, m)``.
+
+    Args:
+        gaussian: the problem's :class:`~diffpost.posterior.problem.GaussianStructure`.
+        svd: its operator's SVD.
+        n: rows (particles or chains).
+    """
+    if gaussian.plate_size is None:
+        return svd.ut(gaussian.y.to(dtype)[None])[0]
+    return svd.ut(gaussian.y.to(dtype)).repeat_interleave(n // gaussian.plate_size, dim=0)
 
 
 def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:

@@ -56,11 +56,17 @@ class Exact(Engine):
     ) -> ExactState:
         gaussian = problem.gaussian
         prior = problem.prior
-        posterior = prior.posterior(gaussian.operator, gaussian.y, gaussian.sigma)
-        particles = posterior.sample((num_chains * num_particles,), generator=generator)
-        log_evidence = prior.log_evidence(gaussian.operator, gaussian.y, gaussian.sigma)
+        observations = gaussian.y[None] if problem.plate is None else gaussian.y  # (B, *out)
+        runs = num_chains // problem.num_problems  # chains of each problem (problem-major)
+        particles, log_evidence = [], []
+        for y in observations:
+            posterior = prior.posterior(gaussian.operator, y, gaussian.sigma)
+            particles.append(posterior.sample((runs * num_particles,), generator=generator))
+            evidence = prior.log_evidence(gaussian.operator, y, gaussian.sigma)
+            log_evidence.append(evidence.expand(runs))
+        particles = torch.cat(particles)
         log_weights = particles.new_full((num_chains, num_particles), -math.log(num_particles))
-        return ExactState(particles, log_weights, log_evidence.expand(num_chains).clone())
+        return ExactState(particles, log_weights, torch.cat(log_evidence))
 
     def step(self, problem: Problem, state: ExactState, generator: torch.Generator):
         raise RuntimeError("Exact runs no steps")

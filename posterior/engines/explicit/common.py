@@ -21,7 +21,11 @@ from torch import Tensor
 
 from diffpost.models.operators.base import SVD
 from diffpost.posterior.engines.base import Engine
-from diffpost.posterior.engines.common import initial_particles, uniform_log_weights
+from diffpost.posterior.engines.common import (
+    initial_particles,
+    rotated_observation,
+    uniform_log_weights,
+)
 from diffpost.posterior.problem import Problem
 
 __all__ = [
@@ -124,8 +128,9 @@ class SpectralObservation(NamedTuple):
         svd: the operator's :class:`~diffpost.models.operators.SVD`.
         singular_values: ``(d,)``, zero on unobserved coordinates (and beyond the rank).
         observed: ``(d,)`` boolean, :math:`s_i > 0`.
-        rotated_y: ``(d,)``, :math:`(U^\top y)_i` on the first ``min(m, d)`` coordinates, 0 after.
-        y_bar: ``(d,)``, :math:`(U^\top y)_i / s_i` where observed, 0 elsewhere.
+        rotated_y: ``(d,)``, :math:`(U^\top y)_i` on the first ``min(m, d)`` coordinates, 0 after
+            (``(n, d)``, one row per particle, under a plate).
+        y_bar: ``(d,)``, :math:`(U^\top y)_i / s_i` where observed, 0 elsewhere (likewise).
         sigma: the noise standard deviation :math:`\sigma_y`.
     """
 
@@ -137,8 +142,9 @@ class SpectralObservation(NamedTuple):
     sigma: float
 
 
-def spectral_observation(problem: Problem, engine_name: str) -> SpectralObservation:
-    """:class:`SpectralObservation` of a linear Gaussian problem with an SVD.
+def spectral_observation(problem: Problem, engine_name: str, n: int) -> SpectralObservation:
+    """:class:`SpectralObservation` of a linear Gaussian problem with an SVD, for ``n``
+    particles (``rotated_y`` and ``y_bar`` are ``(n, d)``, one row per particle, under a plate).
 
     Singular values at or below ``1e-10`` times the largest are treated as zero (unobserved).
     """
@@ -153,8 +159,9 @@ def spectral_observation(problem: Problem, engine_name: str) -> SpectralObservat
         singular_values > 1e-10 * singular_values.max().clamp_min(1e-300), singular_values, 0.0
     )
     observed = singular_values > 0
-    rotated_y = torch.zeros(d, dtype=dtype, device=device)
-    rotated_y[:rank] = svd.ut(gaussian.y.to(dtype)[None])[0, :rank]
+    full = rotated_observation(gaussian, svd, n, dtype)  # (m,) or (n, m)
+    rotated_y = torch.zeros(full.shape[:-1] + (d,), dtype=dtype, device=device)
+    rotated_y[..., :rank] = full[..., :rank]
     y_bar = torch.where(observed, rotated_y / torch.where(observed, singular_values, 1.0), 0.0)
     return SpectralObservation(
         svd, singular_values, observed, rotated_y, y_bar, scalar_noise_level(problem, engine_name)

@@ -108,7 +108,7 @@ class DDRM(ExplicitEngine):
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
     ) -> ExplicitState:
-        spectral = spectral_observation(problem, self.name)
+        spectral = spectral_observation(problem, self.name, num_chains * num_particles)
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=problem.device)
         dtype = problem.dtype

@@ -123,7 +123,7 @@ class DDS(ExplicitEngine):
         """:math:`\\hat x_0'`: ``cg_iterations`` CG steps on the data term from :math:`\\hat x_0`"""
         gaussian = problem.gaussian
         operator = gaussian.operator
-        residual = gaussian.y.to(x0) - operator(x0)
+        residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
         if gaussian.noiseless:  # A^T A (x - x0) = A^T (y - A x0)
             normal = lambda v: operator.adjoint(operator(v))  # noqa: E731
             rhs = operator.adjoint(residual)

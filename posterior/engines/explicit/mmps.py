@@ -128,7 +128,7 @@ class MMPS(ExplicitEngine):
         def predictive_covariance(v: Tensor) -> Tensor:
             return noise_variance * v + operator(tweedie_covariance(operator.adjoint(v)))
 
-        residual = gaussian.y.to(x0) - operator(x0)
+        residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
         v = conjugate_gradient(
             predictive_covariance,
             residual,

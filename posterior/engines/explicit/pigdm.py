@@ -142,7 +142,7 @@ class PiGDM(ExplicitEngine):
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=problem.device)
         gaussian = problem.gaussian
-        start = gaussian.operator.pinv(gaussian.y.to(problem.dtype))
+        start = gaussian.operator.pinv(gaussian.y_for(num_chains * num_particles).to(problem.dtype))
         noise = torch.randn(
             (num_chains * num_particles,) + tuple(problem.event_shape),
             generator=generator,
@@ -167,7 +167,7 @@ class PiGDM(ExplicitEngine):
         gaussian = problem.gaussian
         operator: LinearOperator = gaussian.operator
         sigma = gaussian.sigma.to(x0)
-        residual = gaussian.y.to(x0) - operator(x0)
+        residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
         svd = operator.svd()
         if svd is not None and sigma.numel() == 1:  # diagonal in the basis U
             rotated = svd.ut(residual)

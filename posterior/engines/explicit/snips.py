@@ -140,7 +140,7 @@ class SNIPS(ExplicitEngine):
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
     ) -> ExplicitState:
-        spectral = spectral_observation(problem, self.name)
+        spectral = spectral_observation(problem, self.name, num_chains * num_particles)
         grid = self._levels(problem)
         schedule = problem.prior.schedule
         first = float(schedule.noise_ratio(grid[0]))

@@ -174,10 +174,10 @@ def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Ten
     """
     operator = gaussian.operator
     if isinstance(operator, LinearOperator):
-        return operator.adjoint((gaussian.y - operator(x)) / variance)
+        return operator.adjoint((gaussian.y_for(x.shape[0]) - operator(x)) / variance)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        residual = gaussian.y - operator(x)
+        residual = gaussian.y_for(x.shape[0]) - operator(x)
         objective = -0.5 * (residual**2 / variance).sum()
         (gradient,) = torch.autograd.grad(objective, x)
     return gradient

@@ -176,7 +176,7 @@ class DCDP(Engine):
             def normal_matrix(v: Tensor) -> Tensor:
                 return operator.adjoint(precision * operator(v)) + self.proximal_weight * v
 
-            rhs = operator.adjoint(precision * (gaussian.y - operator(anchor)))
+            rhs = operator.adjoint(precision * (gaussian.y_for(anchor.shape[0]) - operator(anchor)))
             return anchor + conjugate_gradient(
                 normal_matrix, rhs, max_iterations=self.consistency_steps
             )

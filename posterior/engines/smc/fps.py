@@ -90,7 +90,11 @@ from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import initial_noise
-from diffpost.posterior.engines.common import sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.common import (
+    rotated_observation,
+    sampling_grid,
+    uniform_log_weights,
+)
 from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
@@ -167,8 +171,8 @@ class FPS(SMCEngine):
         generator: torch.Generator,
     ) -> Tensor:
         """The bridge ``U^T y_t`` at every grid time, ``(chains, K + 1, m)``;
-        ``path[:, -1] = U^T y``."""
-        m, r = rotated_y.shape[0], s.shape[0]
+        ``path[:, -1] = U^T y`` (``rotated_y`` is ``(m,)``, or ``(chains, m)`` under a plate)."""
+        m, r = rotated_y.shape[-1], s.shape[0]
         c = self.c_rate
 
         def a_noise() -> Tensor:  # U^T A eps for eps ~ N(0, I_d): [s * xi, 0]
@@ -206,7 +210,7 @@ class FPS(SMCEngine):
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=device)
         s = svd.singular_values.to(dtype=dtype, device=device)
-        rotated_y = svd.ut(gaussian.y.to(dtype)[None])[0]
+        rotated_y = rotated_observation(gaussian, svd, num_chains, dtype)  # (m,) or (chains, m)
         path = self._measurement_path(schedule, grid, rotated_y, s, num_chains, generator)
         constants = {
             "singular_values": s,

@@ -73,7 +73,12 @@ import torch
 from torch import Tensor
 
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.common import (
+    initial_particles,
+    rotated_observation,
+    sampling_grid,
+    uniform_log_weights,
+)
 from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
@@ -131,7 +136,7 @@ class MCGDiff(SMCEngine):
         check_resampling("MCGDiff", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ set-up
-    def _constants(self, problem: Problem) -> tuple[dict[str, Tensor], Tensor]:
+    def _constants(self, problem: Problem, n: int) -> tuple[dict[str, Tensor], Tensor]:
         gaussian = problem.gaussian
         svd = gaussian.operator.svd()
         sigma = gaussian.sigma
@@ -144,9 +149,9 @@ class MCGDiff(SMCEngine):
         singular_values = svd.singular_values.to(dtype=dtype, device=device)
         observed = singular_values > 1e-10 * singular_values.max().clamp_min(1e-300)
         count = int(observed.sum())
-        rotated_y = svd.ut(gaussian.y.to(dtype)[None])[0]  # (m,)
+        rotated_y = rotated_observation(gaussian, svd, n, dtype)  # (m,) or (n, m) with a plate
         s_obs = singular_values[:count]
-        y_tilde = rotated_y[:count] / s_obs
+        y_tilde = rotated_y[..., :count] / s_obs
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=device)
         if sigma > 0:
@@ -186,7 +191,7 @@ class MCGDiff(SMCEngine):
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
     ) -> SMCState:
-        constants, grid = self._constants(problem)
+        constants, grid = self._constants(problem, num_chains * num_particles)
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         return SMCState(
@@ -199,7 +204,7 @@ class MCGDiff(SMCEngine):
         svd = problem.gaussian.operator.svd()
         constants = state.constants
         y_tilde = constants["y_tilde"]
-        count = y_tilde.shape[0]
+        count = y_tilde.shape[-1]
         t, s, last = step_times(state)
         noiseless = float(constants["sigma"]) == 0
         x_t = state.particles
@@ -265,7 +270,7 @@ class MCGDiff(SMCEngine):
         :math:`-\sum_i \log s_i` of ``y = U S z`` enters (the evidence is a density of ``y``).
         """
         y_tilde = constants["y_tilde"]
-        count = y_tilde.shape[0]
+        count = y_tilde.shape[-1]
         s_obs = constants["singular_values"]
         if float(constants["sigma"]) == 0:
             return torch.full(
@@ -276,7 +281,7 @@ class MCGDiff(SMCEngine):
             )
         rotated_y = constants["rotated_y"]
         predicted = torch.zeros(
-            head_0.shape[0], rotated_y.shape[0], dtype=head_0.dtype, device=head_0.device
+            head_0.shape[0], rotated_y.shape[-1], dtype=head_0.dtype, device=head_0.device
         )
         predicted[:, :count] = s_obs * head_0
         log_likelihood = log_normal(rotated_y, predicted, constants["sigma"] ** 2).sum(-1)

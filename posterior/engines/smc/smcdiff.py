@@ -124,9 +124,9 @@ def _forward_path(
     """
     steps = grid.shape[0]
     noise = torch.randn(
-        (num_chains, steps - 1, y.shape[0]), generator=generator, dtype=y.dtype, device=y.device
+        (num_chains, steps - 1, y.shape[-1]), generator=generator, dtype=y.dtype, device=y.device
     )
-    path = [y.expand(num_chains, -1)]
+    path = [y.expand(num_chains, -1)]  # y: (m,), or (chains, m) under a plate
     for k in range(steps - 2, -1, -1):  # times grid[k] > grid[k + 1]
         ratio, std = _forward_transition(schedule, grid[k + 1], grid[k])
         path.append(ratio.to(y) * path[-1] + std.to(y) * noise[:, k])
@@ -193,7 +193,8 @@ class SMCDiff(SMCEngine):
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=device)
         observed = operator.observed.to(device)
-        y = gaussian.y.to(dtype=dtype, device=device).flatten()
+        y = gaussian.y_for(num_chains).to(dtype=dtype, device=device)  # per chain under a plate
+        y = y.flatten() if gaussian.plate_size is None else y.flatten(1)
         path = _forward_path(schedule, grid, y, num_chains, generator)  # (chains, K + 1, m)
 
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)

@@ -196,7 +196,7 @@ class TDS(SMCEngine):
         tau2 = self.data_variance if self.data_variance is not None else _prior_variance(problem)
         inflation = (tau2 * ratio / (ratio + tau2)).to(x0)
         operator, sigma = gaussian.operator, gaussian.sigma.to(x0)
-        residual = gaussian.y.to(x0) - operator(x0)
+        residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
         svd = operator.svd() if isinstance(operator, LinearOperator) else None
         if svd is not None and sigma.numel() == 1:  # sigma^2 I + rho A A^T is diagonal in U
             rotated = svd.ut(residual)
@@ -218,7 +218,7 @@ class TDS(SMCEngine):
             return value
 
         x0, grad = problem.denoise_with_vjp(x_t, t, objective)
-        return x0, torch.cat(values), grad
+        return x0, problem.join_chunks(values, problem.chunks(x_t.shape[0])), grad
 
     # ------------------------------------------------------------------ set-up
     def init(

@@ -188,7 +188,8 @@ class REDDiff(Engine):
             and gaussian is not None
             and isinstance(gaussian.operator, LinearOperator)
         ):
-            return gaussian.operator.pinv(gaussian.y).to(**options).expand(shape).clone()
+            y = gaussian.y_for(shape[0])
+            return gaussian.operator.pinv(y).to(**options).expand(shape).clone()
         return torch.zeros(shape, **options)
 
     def iterations(self, state: REDDiffState) -> int:
