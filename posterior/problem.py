@@ -32,7 +32,7 @@ __all__ = ["Problem", "GaussianStructure", "CAPABILITIES", "NonFiniteParticles"]
 
 #: capability -> what an engine that requires it is told when the problem lacks it
 CAPABILITIES: dict[str, str] = {
-    "gaussian_observation": "a GaussianObservation of the latent at a single observed site",
+    "gaussian_observation": "a GaussianObservation of the latent itself at every observed site",
     "linear": "a linear operator (GaussianObservation with a LinearOperator)",
     "svd": "a linear operator with an SVD",
     "mask": "a Mask operator (inpainting)",
@@ -208,7 +208,9 @@ class Problem(GlobalLatentMethods):
         if self.gaussian is not None:
             operator = type(self.gaussian.operator).__name__
             sigma = self._sigma_text()
-            return f"GaussianObservation({operator}, sigma={sigma}) at site {self.gaussian.site!r}"
+            where = self.gaussian.site
+            where = f"sites {where}" if ", " in where else f"site {where!r}"
+            return f"GaussianObservation({operator}, sigma={sigma}) at {where}"
         parts = []
         for name in self.likelihood_sites:
             fn = self._trace_fn(name)
@@ -216,9 +218,9 @@ class Problem(GlobalLatentMethods):
             if isinstance(fn, GaussianObservation) and not self.global_latents and not self.second:
                 text += (
                     f" whose x is not the signal {self.latent_name!r} itself (a transformed "
-                    "signal, or one of several observed sites): the linear structure needs "
+                    "signal, or next to a non-Gaussian site): the linear structure needs "
                     f"GaussianObservation(A, {self.latent_name}, sigma) with the latent passed "
-                    "unchanged at a single observed site"
+                    "unchanged at every observed site"
                 )
             parts.append(text)
         return ", ".join(parts) or "no observed site"

@@ -16,6 +16,7 @@ from torch.distributions import biject_to
 
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.operators.base import Operator
+from diffpost.models.operators.compose import Stack
 from diffpost.models.priors import DiffusionPrior
 from diffpost.posterior.latents import GlobalLatent, classify_globals
 
@@ -24,13 +25,16 @@ __all__ = ["GaussianStructure", "Reading", "SetLatents", "is_deterministic", "re
 
 @dataclass(frozen=True)
 class GaussianStructure:
-    """A single observed site ``y ~ GaussianObservation(operator, x, sigma)`` of the latent ``x``.
+    """The observed sites ``y ~ GaussianObservation(operator, x, sigma)`` of the latent ``x``:
+    one site, or several stacked (:class:`~diffpost.models.operators.Stack`).
 
     Attributes:
-        site: the observed site's name.
-        operator: the forward model.
-        sigma: noise standard deviation (0-d or broadcastable to ``operator.out_shape``).
-        y: the observation, shape ``operator.out_shape``.
+        site: the observed site's name (several: ``"y1, y2"``).
+        operator: the forward model (several sites: their ``Stack``).
+        sigma: noise standard deviation (0-d or broadcastable to ``operator.out_shape``;
+            several sites with different levels: one per stacked measurement).
+        y: the observation, shape ``operator.out_shape`` (several sites: flattened and
+            concatenated); ``(B, ...)`` under a plate.
     """
 
     site: str
@@ -209,6 +213,7 @@ def read_model(
         value = site["value"]
         expected = tuple(site["fn"].shape())
         check_plated_site(site, plate)
+        check_operator_shape(site, tuple(prior.event_shape), plate)
         if plate is not None and (value.dim() == 0 or value.shape[0] != plate[1]):
             raise ValueError(
                 f"observed site {name!r} has value of shape {tuple(value.shape)}; inside plate "
@@ -229,45 +234,71 @@ def read_model(
             )
         observed[name] = value
     gaussian = None
-    if (known and bound is None) or len(likelihood_sites) != 1 or len(priors) > 1:
+    if (known and bound is None) or not likelihood_sites or len(priors) > 1:
         pass  # free global latents: the structure depends on them
-    elif likelihood_sites[0] in observed:
-        site = trace.nodes[likelihood_sites[0]]
-        fn = site["fn"]
-        if isinstance(fn, GaussianObservation) and observes_signal(fn, prior_site, read):
-            sigma = torch.as_tensor(fn.sigma)
-            if plate is not None and sigma.dim() > len(fn.operator.out_shape):
-                raise ValueError(
-                    f"observed site {site['name']!r}: sigma of shape {tuple(sigma.shape)} "
-                    f"differs between the problems of plate {plate[0]!r}; one noise level "
-                    "(or one per measurement, shared by the problems) is supported"
-                )
-            size = None if plate is None else plate[1]
-            gaussian = GaussianStructure(site["name"], fn.operator, fn.sigma, site["value"], size)
+    elif all(name in observed for name in likelihood_sites):
+        gaussian = gaussian_structure(
+            [trace.nodes[name] for name in likelihood_sites], prior_site, read, plate
+        )
     return Reading(
         prior_site["name"], prior, observed, likelihood_sites, gaussian, known, second, plate
     )
 
 
-def observes_signal(fn: GaussianObservation, prior_site: dict, read: Callable) -> bool:
+def gaussian_structure(
+    sites: list[dict], prior_site: dict, read: Callable, plate: tuple[str, int] | None
+) -> GaussianStructure | None:
+    """The linear-Gaussian structure of the observed sites, when every one is a
+    GaussianObservation of the signal itself; several sites are stacked
+    (:class:`~diffpost.models.operators.Stack`, per-measurement sigma, flattened ``y``)."""
+    if not all(isinstance(site["fn"], GaussianObservation) for site in sites):
+        return None
+    if not all(observes_signal(site, prior_site, read) for site in sites):
+        return None
+    size = None if plate is None else plate[1]
+    for site in sites:
+        sigma = torch.as_tensor(site["fn"].sigma)
+        if plate is not None and sigma.dim() > len(site["fn"].operator.out_shape):
+            raise ValueError(
+                f"observed site {site['name']!r}: sigma of shape {tuple(sigma.shape)} "
+                f"differs between the problems of plate {plate[0]!r}; one noise level "
+                "(or one per measurement, shared by the problems) is supported"
+            )
+    if len(sites) == 1:
+        fn = sites[0]["fn"]
+        return GaussianStructure(sites[0]["name"], fn.operator, fn.sigma, sites[0]["value"], size)
+    operators = [site["fn"].operator for site in sites]
+    sigmas = [torch.as_tensor(site["fn"].sigma) for site in sites]
+    if all(sigma.numel() == 1 for sigma in sigmas) and all(
+        bool(sigma.reshape(()) == sigmas[0].reshape(())) for sigma in sigmas
+    ):
+        sigma = sigmas[0].reshape(())  # one noise level: engines that need a scalar accept it
+    else:
+        sigma = torch.cat(
+            [
+                sigma.expand(tuple(op.out_shape)).reshape(-1)
+                for sigma, op in zip(sigmas, operators, strict=True)
+            ]
+        )
+    leading = 0 if plate is None else 1
+    y = torch.cat([site["value"].flatten(leading) for site in sites], dim=-1)
+    names = ", ".join(site["name"] for site in sites)
+    return GaussianStructure(names, Stack(*operators), sigma, y, size)
+
+
+def observes_signal(site: dict, prior_site: dict, read: Callable) -> bool:
     """Whether the observation's ``x`` is the signal itself: the same tensor, or (a clone, a
     view, a cast) equal to it at two different placeholder values of the signal."""
-    if fn.x is prior_site["value"]:
+    x = site["fn"].x
+    if x is prior_site["value"]:
         return True
-    if tuple(fn.x.shape) != tuple(prior_site["value"].shape):
+    if tuple(x.shape) != tuple(prior_site["value"].shape):
         return False
-    if not torch.equal(fn.x.to(prior_site["value"].dtype), prior_site["value"]):
+    if not torch.equal(x.to(prior_site["value"].dtype), prior_site["value"]):
         return False
     trace = read(signal_value=0.5)
-    site = trace.nodes[prior_site["name"]]
-    other = [s for s in trace.nodes.values() if s.get("fn") is not None and s["type"] == "sample"]
-    for s in other:
-        if isinstance(s["fn"], GaussianObservation) and s["is_observed"]:
-            x = s["fn"].x
-            return tuple(x.shape) == tuple(site["value"].shape) and torch.equal(
-                x.to(site["value"].dtype), site["value"]
-            )
-    return False
+    signal, other = trace.nodes[prior_site["name"]]["value"], trace.nodes[site["name"]]["fn"].x
+    return tuple(other.shape) == tuple(signal.shape) and torch.equal(other.to(signal.dtype), signal)
 
 
 def read_plate(trace, prior_site: dict) -> tuple[str, int] | None:
@@ -304,6 +335,26 @@ def read_plate(trace, prior_site: dict) -> tuple[str, int] | None:
             "the plate must be run"
         )
     return frame.name, int(frame.size)
+
+
+def check_operator_shape(site: dict, event: tuple[int, ...], plate: tuple[str, int] | None):
+    """Refuse a GaussianObservation whose operator does not take the signal's event shape (e.g.
+    one operator per problem of a plate, built from a batch of masks)."""
+    if not isinstance(site["fn"], GaussianObservation):
+        return
+    in_shape = tuple(site["fn"].operator.in_shape)
+    if in_shape == event:
+        return
+    hint = (
+        f"; one operator per problem of plate {plate[0]!r} is not supported yet (the operator "
+        "is shared by the problems)"
+        if plate is not None
+        else ""
+    )
+    raise ValueError(
+        f"observed site {site['name']!r}: the operator's input shape {in_shape} is not the "
+        f"signal's event shape {event}{hint}"
+    )
 
 
 def check_plated_site(site: dict, plate: tuple[str, int] | None) -> None:

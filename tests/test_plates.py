@@ -271,6 +271,13 @@ def _per_problem_sigma(y=None):
         return pyro.sample("y", GaussianObservation(A, x, sigma), obs=y)
 
 
+def _per_problem_masks(y=None):
+    masks = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    with pyro.plate("images", 3):
+        x = pyro.sample("x", PRIOR)
+        return pyro.sample("y", GaussianObservation(operators.Mask(masks), x, SIGMA), obs=y)
+
+
 def _left_plate(y=None):
     with pyro.plate("images", 3, dim=-2):
         x = pyro.sample("x", PRIOR)
@@ -292,6 +299,7 @@ def _left_plate(y=None):
         (_with_a_global, Y, "plate 'images' over problems and global latents"),
         (_per_problem_sigma, Y, "sigma of shape .* differs between the problems"),
         (_left_plate, Y, r"dim=-2; the plate over problems must be the rightmost"),
+        (_per_problem_masks, Y, "one operator per problem of plate 'images' is not supported"),
     ],
     ids=[
         "leading-size",
@@ -302,6 +310,7 @@ def _left_plate(y=None):
         "global",
         "sigma",
         "dim",
+        "per-problem-mask",
     ],
 )
 def test_misdeclared_plates_are_refused_naming_the_site_and_sizes(model, y, message):

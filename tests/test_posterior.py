@@ -97,7 +97,8 @@ def test_a_transformed_latent_has_no_gaussian_structure():
     assert problem.gaussian is None
     with pytest.raises(
         ValueError,
-        match=r"Exact needs a GaussianObservation of the latent.*GaussianObservation at site 'y'",
+        match=r"Exact needs a GaussianObservation of the latent itself.*GaussianObservation "
+        r"at site 'y' whose x is not the signal 'x' itself",
     ):
         problem.require(posterior.Exact())
 

@@ -1,12 +1,16 @@
-"""Composition of operators: :class:`Compose` applies ``inner`` then ``outer``."""
+"""Combinations of operators: :class:`Compose` applies ``inner`` then ``outer``; :class:`Stack`
+concatenates several observations of one signal."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
-from diffpost.models.operators.base import LinearOperator, Operator
+from diffpost.models.operators.base import SVD, LinearOperator, Operator
 
-__all__ = ["Compose", "LinearCompose"]
+__all__ = ["Compose", "LinearCompose", "LinearStack", "Stack"]
 
 
 class Compose(Operator):
@@ -57,3 +61,82 @@ class LinearCompose(Compose, LinearOperator):
 
     def _adjoint(self, y: Tensor) -> Tensor:
         return self.inner._adjoint(self.outer._adjoint(y))
+
+
+#: largest ``d`` (and ``m``) for which :class:`LinearStack` computes a dense SVD
+DENSE_SVD_LIMIT = 4096
+
+
+class Stack(Operator):
+    r"""Several observations of one signal as one: :math:`x \mapsto [A_1 x; \dots; A_k x]`.
+
+    ``(*batch, *in_shape) -> (*batch, m_1 + ... + m_k)``: each operator's output flattened and
+    concatenated in order. When every operator is linear the result is a :class:`LinearStack`
+    with adjoint :math:`\sum_i A_i^\top y_i` and, for ``d`` and ``m`` up to
+    :data:`DENSE_SVD_LIMIT`, the SVD of the dense stacked matrix (computed once, cached).
+
+    Args:
+        operators: at least one operator, all with the same ``in_shape``.
+
+    Raises:
+        ValueError: no operator, a non-operator, or different input shapes.
+    """
+
+    def __new__(cls, *operators: Operator):
+        linear = bool(operators) and all(getattr(op, "is_linear", False) for op in operators)
+        return super().__new__(LinearStack if cls is Stack and linear else cls)
+
+    def __init__(self, *operators: Operator):
+        if not operators:
+            raise ValueError("Stack needs at least one operator")
+        for index, operator in enumerate(operators):
+            if not isinstance(operator, Operator):
+                raise ValueError(
+                    f"Stack: operator {index} must be an Operator; got {type(operator).__name__}"
+                )
+            if operator.in_shape != operators[0].in_shape:
+                raise ValueError(
+                    f"Stack: operator {index} has in_shape {tuple(operator.in_shape)}; operator 0 "
+                    f"has {tuple(operators[0].in_shape)} (one signal is observed)"
+                )
+        self.operators = tuple(operators)
+        self.sizes = [math.prod(op.out_shape) for op in operators]
+        super().__init__(tuple(operators[0].in_shape), (sum(self.sizes),))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return torch.cat([op._forward(x).reshape(x.shape[0], -1) for op in self.operators], -1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(op) for op in self.operators)})"
+
+
+class LinearStack(Stack, LinearOperator):
+    """A stack of linear operators (what ``Stack`` returns for them)."""
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        parts = torch.split(y, self.sizes, dim=-1)
+        total = 0
+        for operator, part in zip(self.operators, parts, strict=True):
+            total = total + operator._adjoint(part.reshape(part.shape[0], *operator.out_shape))
+        return total
+
+    def svd(self) -> SVD | None:
+        cached = getattr(self, "_svd", None)
+        if cached is not None:
+            return cached
+        d, m = math.prod(self.in_shape), self.out_shape[0]
+        if max(d, m) > DENSE_SVD_LIMIT:
+            return None
+        dense = self.matrix()  # (m, d), float64
+        left, singular_values, right_t = torch.linalg.svd(dense, full_matrices=True)
+        shape = tuple(self.in_shape)
+        self._svd = SVD(
+            singular_values=singular_values,
+            vt=lambda x: x.reshape(x.shape[0], -1) @ right_t.to(x).T,
+            v=lambda z: (z @ right_t.to(z)).reshape(z.shape[0], *shape),
+            ut=lambda y: y @ left.to(y),
+            u=lambda z: z @ left.to(z).T,
+            leading_vt=lambda x, k: x.reshape(x.shape[0], -1) @ right_t[:k].to(x).T,
+            leading_v=lambda z, _: (z @ right_t[: z.shape[1]].to(z)).reshape(z.shape[0], *shape),
+        )
+        return self._svd
