@@ -205,6 +205,10 @@ class CalibrationStudy:
         )
 
 
+#: particles of one batched run of :func:`calibration_study` when ``trials_per_batch`` is ``None``
+MAX_BATCHED_PARTICLES = 2**16
+
+
 def _plated_model(model: Callable, size: int, data: dict[str, Tensor]) -> Callable:
     """``model`` conditioned on a batch of observations ``(size, *obs)``, inside a plate."""
     conditioned = poutine.condition(model, data=data)
@@ -231,7 +235,7 @@ def calibration_study(
     num_bins: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
-    trials_per_batch: int = 1,
+    trials_per_batch: int | None = None,
     progress: bool = True,
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
@@ -266,11 +270,12 @@ def calibration_study(
             :func:`diffpost.posterior.sample`).
         trials_per_batch: trials run together in one engine run, as a ``pyro.plate`` named
             ``"trials"`` around the model (one denoiser call per step for all of them; the
-            per-step Python overhead is paid once per batch). ``1`` (default) runs each trial
-            alone with its own seed; larger batches give results identical in distribution,
-            not draw for draw (one seed per batch). The model must be vectorisable (the latent
-            broadcasting over leading dims, as every engine already needs) and have no global
-            latents.
+            per-step Python overhead is paid once per batch); results are identical in
+            distribution to running them one by one, not draw for draw (one seed per batch).
+            ``None`` (default): as many as keep a run within :data:`MAX_BATCHED_PARTICLES`
+            particles (the denoiser's own memory is bounded by ``batch_size``), and 1 for models
+            that cannot be plated (global latents, a second signal, a plate of their own).
+            ``1`` runs each trial alone with its own seed.
         progress: show a progress bar over trials (off when ``CI`` is set).
         model_args: positional arguments of the model.
         model_kwargs: keyword arguments of the model, without observed values.
@@ -291,10 +296,14 @@ def calibration_study(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if isinstance(trials_per_batch, bool) or not isinstance(trials_per_batch, int):
-        raise ValueError(f"trials_per_batch must be a positive integer; got {trials_per_batch!r}")
-    if trials_per_batch < 1:
-        raise ValueError(f"trials_per_batch must be a positive integer; got {trials_per_batch!r}")
+    if trials_per_batch is not None and (
+        isinstance(trials_per_batch, bool)
+        or not isinstance(trials_per_batch, int)
+        or trials_per_batch < 1
+    ):
+        raise ValueError(
+            f"trials_per_batch must be a positive integer or None; got {trials_per_batch!r}"
+        )
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a posterior engine instance; got {engine!r}")
     summaries = check_summaries(summaries)
@@ -320,6 +329,11 @@ def calibration_study(
         **model_kwargs,
     )
     finite_likelihood = "finite_likelihood" in first.capabilities
+    if trials_per_batch is None:
+        plateable = not first.global_latents and first.second is None and first.plate is None
+        per_trial = num_chains * num_particles
+        trials_per_batch = max(1, MAX_BATCHED_PARTICLES // per_trial) if plateable else 1
+    trials_per_batch = min(trials_per_batch, num_trials)
     if summaries is None:
         summaries = [s for s in SUMMARIES if finite_likelihood or s != "log_likelihood"]
     elif "log_likelihood" in summaries and not finite_likelihood:

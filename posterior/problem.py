@@ -206,7 +206,8 @@ class Problem(GlobalLatentMethods):
     def describe_observation(self) -> str:
         """A short description of the observed sites, for error messages."""
         if self.gaussian is not None:
-            operator = type(self.gaussian.operator).__name__
+            operator = getattr(self.gaussian.operator, "display_name", None)
+            operator = operator or type(self.gaussian.operator).__name__
             sigma = self._sigma_text()
             where = self.gaussian.site
             where = f"sites {where}" if ", " in where else f"site {where!r}"

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from diffpost.models.observations import GaussianObservation
-from diffpost.models.operators.base import Operator
-from diffpost.models.operators.compose import Stack
+from diffpost.models.operators.base import LinearOperator, Operator
+from diffpost.models.operators.compose import PerProblem, Stack
 from diffpost.models.priors import DiffusionPrior
 from diffpost.posterior.latents import GlobalLatent, classify_globals
 
@@ -46,6 +46,13 @@ class GaussianStructure:
     @property
     def noiseless(self) -> bool:
         return bool((self.sigma == 0).all())
+
+    def problem_operator(self, index: int) -> Operator:
+        """The operator of problem ``index`` of a plate (the shared one unless the model gave
+        one per problem, :class:`~diffpost.models.operators.PerProblem`)."""
+        if isinstance(self.operator, RowsByProblem):
+            return self.operator.per_problem.operators[index]
+        return self.operator
 
     def y_for(self, n: int) -> Tensor:
         """The observation of each of ``n`` rows (particles or chains): ``y`` itself
@@ -266,7 +273,12 @@ def gaussian_structure(
             )
     if len(sites) == 1:
         fn = sites[0]["fn"]
-        return GaussianStructure(sites[0]["name"], fn.operator, fn.sigma, sites[0]["value"], size)
+        operator = fn.operator
+        if isinstance(operator, PerProblem):
+            operator = RowsByProblem(operator, plate, sites[0]["name"])
+        return GaussianStructure(sites[0]["name"], operator, fn.sigma, sites[0]["value"], size)
+    if any(isinstance(site["fn"].operator, PerProblem) for site in sites):
+        return None  # several sites with per-problem operators: the likelihood only
     operators = [site["fn"].operator for site in sites]
     sigmas = [torch.as_tensor(site["fn"].sigma) for site in sites]
     if all(sigma.numel() == 1 for sigma in sigmas) and all(
@@ -284,6 +296,48 @@ def gaussian_structure(
     y = torch.cat([site["value"].flatten(leading) for site in sites], dim=-1)
     names = ", ".join(site["name"] for site in sites)
     return GaussianStructure(names, Stack(*operators), sigma, y, size)
+
+
+class RowsByProblem(LinearOperator):
+    """A :class:`~diffpost.models.operators.PerProblem` operator on problem-major particle rows
+    ``(B * K, *in_shape)`` (the layout engines use), instead of the model's ``(K, B, *in_shape)``;
+    it has no SVD. Built by :func:`read_model` for the linear structure of a plated problem."""
+
+    display_name = "PerProblem"  # what error messages call it: the user's operator
+
+    def __init__(self, per_problem: PerProblem, plate: tuple[str, int] | None, site: str):
+        if plate is None or per_problem.num_problems != plate[1]:
+            where = "no plate" if plate is None else f"plate {plate[0]!r} of size {plate[1]}"
+            raise ValueError(
+                f"observed site {site!r}: a PerProblem operator of {per_problem.num_problems} "
+                f"problems needs a plate of that size around the signal; the model has {where}"
+            )
+        if not isinstance(per_problem, LinearOperator):
+            raise ValueError(
+                f"observed site {site!r}: a non-linear PerProblem operator has no linear structure"
+            )
+        super().__init__(tuple(per_problem.in_shape), tuple(per_problem.out_shape))
+        self.per_problem = per_problem
+
+    def _plated(self, rows: Tensor, shape) -> Tensor:
+        count = self.per_problem.num_problems
+        if rows.shape[0] % count:
+            raise ValueError(
+                f"{rows.shape[0]} rows cannot be split among the plate's {count} problems"
+            )
+        return rows.reshape(count, rows.shape[0] // count, *shape).transpose(0, 1)
+
+    def _rows(self, plated: Tensor) -> Tensor:
+        return plated.transpose(0, 1).reshape(-1, *plated.shape[2:])
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self._rows(self.per_problem.forward(self._plated(x, self.in_shape)))
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self._rows(self.per_problem.adjoint(self._plated(y, self.out_shape)))
+
+    def norm(self) -> float:
+        return self.per_problem.norm()
 
 
 def observes_signal(site: dict, prior_site: dict, read: Callable) -> bool:
@@ -346,8 +400,8 @@ def check_operator_shape(site: dict, event: tuple[int, ...], plate: tuple[str, i
     if in_shape == event:
         return
     hint = (
-        f"; one operator per problem of plate {plate[0]!r} is not supported yet (the operator "
-        "is shared by the problems)"
+        f"; for one operator per problem of plate {plate[0]!r}, give "
+        "operators.PerProblem([A_0, ..., A_B-1]), each taking the signal's event shape"
         if plate is not None
         else ""
     )

@@ -316,5 +316,5 @@ def test_batched_trials_keep_the_verdicts():
     assert not wrong.passed(0.01) and wrong.p_value() < 1e-10
     sequential = study(Exact())
     assert not torch.equal(exact.ranks, sequential.ranks)  # one seed per batch, not per trial
-    with pytest.raises(ValueError, match="trials_per_batch must be a positive integer"):
+    with pytest.raises(ValueError, match="trials_per_batch must be a positive integer or None"):
         study(Exact(), trials_per_batch=0)

@@ -299,7 +299,11 @@ def _left_plate(y=None):
         (_with_a_global, Y, "plate 'images' over problems and global latents"),
         (_per_problem_sigma, Y, "sigma of shape .* differs between the problems"),
         (_left_plate, Y, r"dim=-2; the plate over problems must be the rightmost"),
-        (_per_problem_masks, Y, "one operator per problem of plate 'images' is not supported"),
+        (
+            _per_problem_masks,
+            Y,
+            r"for one operator per problem of plate 'images', give operators.PerProblem",
+        ),
     ],
     ids=[
         "leading-size",
@@ -342,3 +346,89 @@ def test_a_cloned_signal_keeps_the_linear_structure():
 def test_a_transformed_signal_is_refused_saying_what_to_change():
     with pytest.raises(ValueError, match=r"whose x is not the signal 'x' itself.*unchanged"):
         _run(_scaled, posterior.MCGDiff(num_steps=5), Y[0])
+
+
+# --------------------------------------------------------------------------------------------
+# one operator per problem
+# --------------------------------------------------------------------------------------------
+
+MASKS = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+PER_PROBLEM = operators.PerProblem([operators.Mask(mask) for mask in MASKS])
+
+
+def per_problem_masks(y=None):
+    with pyro.plate("images", 3):
+        x = pyro.sample("x", PRIOR)
+        return pyro.sample("y", GaussianObservation(PER_PROBLEM, x, SIGMA), obs=y)
+
+
+def single_mask(y=None, b=0):
+    x = pyro.sample("x", PRIOR)
+    return pyro.sample("y", GaussianObservation(PER_PROBLEM.operators[b], x, SIGMA), obs=y)
+
+
+def test_per_problem_operator_applies_each_problems_operator():
+    x = torch.randn(5, 3, 3, dtype=D, generator=torch.Generator().manual_seed(0))  # (K, B, d)
+    expected = torch.stack([x[:, b][:, MASKS[b]] for b in range(3)], dim=1)
+    torch.testing.assert_close(PER_PROBLEM(x), expected)
+    operators.check_adjoint(PER_PROBLEM.operators[0])
+    y = torch.randn(5, 3, 2, dtype=D, generator=torch.Generator().manual_seed(1))
+    lhs = (PER_PROBLEM(x) * y).sum()
+    rhs = (x * PER_PROBLEM.adjoint(y)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    with pytest.raises(ValueError, match="last batch dim must be the plate's, of size 3"):
+        PER_PROBLEM(torch.zeros(4, 3, dtype=D))
+    with pytest.raises(ValueError, match="same shapes"):
+        operators.PerProblem([operators.Mask(MASKS[0]), operators.Identity((3,))])
+
+
+def test_exact_with_one_mask_per_problem_matches_each_closed_form():
+    """Means within 4.5 standard errors (sd <= 1, 4000 draws: 0.071); evidence exactly."""
+    result = _run(per_problem_masks, posterior.Exact(), Y, num_particles=2000)
+    for b in range(3):
+        operator = PER_PROBLEM.operators[b]
+        exact = PRIOR.posterior(operator, Y[b], torch.tensor(SIGMA, dtype=D))
+        torch.testing.assert_close(result.select_problem(b).mean(), exact.mean, atol=0.071, rtol=0)
+        evidence = PRIOR.log_evidence(operator, Y[b], torch.tensor(SIGMA, dtype=D))
+        torch.testing.assert_close(result.select_problem(b).log_evidence, evidence.expand(2))
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        posterior.PiGDM(num_steps=20),
+        posterior.DPS(num_steps=20),
+        posterior.DAPS(num_steps=5),
+        posterior.DDS(num_steps=20),
+        posterior.MMPS(num_steps=20),
+    ],
+    ids=lambda e: e.name,
+)
+def test_engines_with_one_mask_per_problem_match_single_runs(engine):
+    """As for a shared operator: problem b against a single run with mask b (2 x 100
+    particles); the bound 0.45 of the shared-operator test (measured here: at most 0.35, DAPS;
+    PiGDM and DPS have the same largest gap, on the coordinate a mask leaves unobserved, where
+    both follow the prior with the same noise)."""
+    result = _run(per_problem_masks, engine, Y, batch_size=64)
+    for b in range(3):
+        alone = posterior.sample(
+            single_mask,
+            engine,
+            num_particles=100,
+            num_chains=2,
+            seed=1,
+            model_kwargs={"y": Y[b], "b": b},
+        )
+        gap = (result.select_problem(b).mean() - alone.mean()).abs().max()
+        assert gap < 0.45, (b, float(gap))
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [posterior.MCGDiff(num_steps=5), posterior.DDRM(num_steps=5), posterior.FPS(num_steps=5)],
+    ids=lambda e: e.name,
+)
+def test_svd_engines_refuse_one_operator_per_problem(engine):
+    message = f"{engine.name} needs a linear operator with an SVD.*GaussianObservation\\(PerProblem"
+    with pytest.raises(ValueError, match=message):
+        _run(per_problem_masks, engine, Y)

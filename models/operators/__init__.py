@@ -20,7 +20,14 @@ from diffpost.models.operators.blur import (
     gaussian_kernel,
     uniform_kernel,
 )
-from diffpost.models.operators.compose import Compose, LinearCompose, LinearStack, Stack
+from diffpost.models.operators.compose import (
+    Compose,
+    LinearCompose,
+    LinearPerProblem,
+    LinearStack,
+    PerProblem,
+    Stack,
+)
 from diffpost.models.operators.fourier import Fourier
 from diffpost.models.operators.nonlinear import PhaseRetrieval, Saturation
 from diffpost.models.operators.radon import Radon
@@ -48,6 +55,8 @@ __all__ = [
     "Saturation",
     "Compose",
     "LinearCompose",
+    "LinearPerProblem",
     "LinearStack",
+    "PerProblem",
     "Stack",
 ]

@@ -4,13 +4,14 @@ concatenates several observations of one signal."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from diffpost.models.operators.base import SVD, LinearOperator, Operator
 
-__all__ = ["Compose", "LinearCompose", "LinearStack", "Stack"]
+__all__ = ["Compose", "LinearCompose", "LinearPerProblem", "LinearStack", "PerProblem", "Stack"]
 
 
 class Compose(Operator):
@@ -140,3 +141,102 @@ class LinearStack(Stack, LinearOperator):
             leading_v=lambda z, _: (z @ right_t[: z.shape[1]].to(z)).reshape(z.shape[0], *shape),
         )
         return self._svd
+
+
+class PerProblem(Operator):
+    r"""One operator per problem of a plate: :math:`A_b` acts on problem ``b``'s signal.
+
+    ``(*batch, B, *in_shape) -> (*batch, B, *out_shape)``: the last batch dim is the plate's
+    (``pyro.plate(..., B)`` with the default ``dim=-1``), and operator ``b`` is applied to its
+    slice ``b``, e.g. a different inpainting mask per image. Every operator must have the same
+    input and output shapes (masks with the same number of observed pixels). When all are linear
+    the result is a :class:`LinearPerProblem` (adjoint per problem; no SVD).
+
+    Args:
+        operators: ``B`` operators, in the plate's order.
+
+    Raises:
+        ValueError: no operator, a non-operator, or different shapes; at call time, a tensor
+            whose last batch dim is not of size ``B``.
+    """
+
+    def __new__(cls, operators: Sequence[Operator] = ()):
+        operators = list(operators)
+        linear = bool(operators) and all(getattr(op, "is_linear", False) for op in operators)
+        return super().__new__(LinearPerProblem if cls is PerProblem and linear else cls)
+
+    def __init__(self, operators: Sequence[Operator]):
+        operators = list(operators)
+        if not operators:
+            raise ValueError("PerProblem needs one operator per problem; got none")
+        for index, operator in enumerate(operators):
+            if not isinstance(operator, Operator):
+                raise ValueError(
+                    f"PerProblem: operator {index} must be an Operator; got "
+                    f"{type(operator).__name__}"
+                )
+            shapes = (tuple(operator.in_shape), tuple(operator.out_shape))
+            first = (tuple(operators[0].in_shape), tuple(operators[0].out_shape))
+            if shapes != first:
+                raise ValueError(
+                    f"PerProblem: operator {index} maps {shapes[0]} -> {shapes[1]}, operator 0 "
+                    f"{first[0]} -> {first[1]}; every problem's operator needs the same shapes "
+                    "(e.g. masks with the same number of observed pixels)"
+                )
+        self.operators = tuple(operators)
+        super().__init__(tuple(operators[0].in_shape), tuple(operators[0].out_shape))
+
+    @property
+    def num_problems(self) -> int:
+        return len(self.operators)
+
+    def _per_problem(self, name: str, value: Tensor, shape_in, shape_out, what: str) -> Tensor:
+        batch = self._check(value, shape_in, what)
+        if not batch or batch[-1] != self.num_problems:
+            raise ValueError(
+                f"PerProblem.{what}: the last batch dim must be the plate's, of size "
+                f"{self.num_problems}; got shape {tuple(value.shape)} for event "
+                f"{tuple(shape_in)}"
+            )
+        dim = len(batch) - 1
+        parts = [
+            getattr(operator, name)(value.select(dim, b))
+            for b, operator in enumerate(self.operators)
+        ]
+        return torch.stack(parts, dim=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(*batch, B, *in_shape) -> (*batch, B, *out_shape)``."""
+        return self._per_problem("forward", x, self.in_shape, self.out_shape, "forward")
+
+    __call__ = forward
+
+    def _forward(self, x: Tensor) -> Tensor:  # rows ordered (..., B): the plate's dim fastest
+        return self.forward(x.reshape(-1, self.num_problems, *self.in_shape)).reshape(
+            x.shape[0], *self.out_shape
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_problems} operators: {self.operators[0]!r}, ...)"
+
+
+class LinearPerProblem(PerProblem, LinearOperator):
+    """Linear operators, one per problem (what ``PerProblem`` returns for them)."""
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``(*batch, B, *out_shape) -> (*batch, B, *in_shape)``."""
+        return self._per_problem("adjoint", y, self.out_shape, self.in_shape, "adjoint")
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self.adjoint(y.reshape(-1, self.num_problems, *self.out_shape)).reshape(
+            y.shape[0], *self.in_shape
+        )
+
+    def norm(self) -> float:
+        """The largest of the problems' spectral norms."""
+        return max(operator.norm() for operator in self.operators)
+
+    def matrix(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        raise ValueError(
+            "a PerProblem operator has one matrix per problem: use .operators[b].matrix()"
+        )

@@ -59,10 +59,11 @@ class Exact(Engine):
         observations = gaussian.y[None] if problem.plate is None else gaussian.y  # (B, *out)
         runs = num_chains // problem.num_problems  # chains of each problem (problem-major)
         particles, log_evidence = [], []
-        for y in observations:
-            posterior = prior.posterior(gaussian.operator, y, gaussian.sigma)
+        for index, y in enumerate(observations):
+            operator = gaussian.problem_operator(index)  # shared, or one per problem
+            posterior = prior.posterior(operator, y, gaussian.sigma)
             particles.append(posterior.sample((runs * num_particles,), generator=generator))
-            evidence = prior.log_evidence(gaussian.operator, y, gaussian.sigma)
+            evidence = prior.log_evidence(operator, y, gaussian.sigma)
             log_evidence.append(evidence.expand(runs))
         particles = torch.cat(particles)
         log_weights = particles.new_full((num_chains, num_particles), -math.log(num_particles))
