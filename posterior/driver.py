@@ -149,7 +149,7 @@ def sample(
             None if log_likelihood is None else unfold_plate(log_likelihood, problem.num_problems)
         )
         stats = {
-            name: value.reshape(problem.num_problems, num_chains, -1).transpose(0, 1)
+            name: value.reshape(problem.num_problems, num_chains, *value.shape[1:]).transpose(0, 1)
             for name, value in stats.items()
         }
     return ParticleSet(

@@ -147,11 +147,14 @@ def inverse_data_curvature(problem: Problem, variance: float | None = None) -> f
 
     Args:
         problem: the problem.
-        variance: the data term's variance :math:`v`; default the smallest noise variance of the
-            model's GaussianObservation, or 1 for other observation models.
+        variance: the data term's variance :math:`v` (with the operator's gain); default the
+            model's own data term, :math:`1 / \lambda_{\max}` of
+            :meth:`~diffpost.posterior.Problem.likelihood_curvature` (for a GaussianObservation,
+            the smallest noise variance over :math:`\lVert A \rVert^2`; for other likelihoods
+            estimated by power iteration at ``x = 0``).
     """
     if variance is None:
-        variance = float(problem.gaussian.sigma.min()) ** 2 if problem.gaussian is not None else 1.0
+        return 1.0 / problem.likelihood_curvature()
     return variance / operator_gain(problem)
 
 

@@ -50,7 +50,9 @@ fraction of the inverse curvature of the Langevin target,
           \Big/ \Big(\frac{1}{r_i^2} + \frac{\lVert A \rVert^2}{v}\Big),
 
 with :math:`v` the data term's variance (:math:`\tau^2`, or the smallest :math:`\sigma_y^2` of the
-model's GaussianObservation; 1 for other observation models, whose curvature is unknown) and
+model's GaussianObservation; for other observation models :math:`\lVert A \rVert^2 / v` is the
+data term's largest curvature, estimated by power iteration at ``x = 0``,
+:meth:`~diffpost.posterior.Problem.likelihood_curvature`) and
 :math:`\lVert A \rVert` the spectral norm of a linear operator (1 for non-linear ones, taken as
 1-Lipschitz; without it a 6x6 :class:`~diffpost.models.operators.Radon` of norm 6.7 diverged). With
 :math:`\tau = 0.01` and :math:`r_i \ge 0.1` this is the official :math:`\eta_i` within 1% for
