@@ -23,14 +23,12 @@ from pathlib import Path
 
 from diffpost import __version__, posterior
 
-#: demo engine name -> (engine class name in :mod:`diffpost.posterior`, settings, whether it is a
-#: particle
-#: filter); fewer steps than the papers' defaults (MCGDiff 100, DPS 1000) keep the demo near a
-#: minute on two CPU cores
+#: demo engine name -> (engine class name in :mod:`diffpost.posterior`, settings); fewer steps
+#: than the papers' defaults (MCGDiff 100, DPS 1000) keep the demo near a minute on two CPU cores
 ENGINES = {
-    "mcgdiff": ("MCGDiff", {"num_steps": 50}, True),
-    "dps": ("DPS", {"num_steps": 250}, False),
-    "daps": ("DAPS", {}, False),
+    "mcgdiff": ("MCGDiff", {"num_steps": 50}),
+    "dps": ("DPS", {"num_steps": 250}),
+    "daps": ("DAPS", {}),
 }
 
 
@@ -82,16 +80,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     results = {}
     for name in names:
-        class_name, settings, particle_filter = ENGINES[name]
+        class_name, settings = ENGINES[name]
         if args.num_steps is not None:
             settings = {**settings, "num_steps": args.num_steps}
         engine = getattr(posterior, class_name)(**settings)
-        # a particle filter gives one posterior draw per filter: many small filters; the
-        # unweighted engines run four chains of independent draws
-        chains, particles = (
-            (args.num_draws, args.particles_per_filter)
-            if particle_filter
-            else (4, max(1, args.num_draws // 4))
+        # a particle filter gives one independent draw per filter: many small filters; the
+        # others run four chains of independent draws
+        chains, particles = posterior.draw_layout(
+            engine, args.num_draws, args.particles_per_filter, num_chains=4
         )
         print(f"running {class_name}: {chains} chains x {particles} particles", flush=True)
         result = posterior.sample(

@@ -8,7 +8,7 @@ Example::
     tree = result.to_datatree()
 """
 
-from diffpost.posterior.driver import sample
+from diffpost.posterior.driver import draw_layout, sample
 from diffpost.posterior.engines import (
     DAPS,
     DCDP,
@@ -39,6 +39,7 @@ from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
 
 __all__ = [
+    "draw_layout",
     "sample",
     "Problem",
     "ParticleSet",

@@ -16,7 +16,30 @@ from diffpost.posterior.engines.base import Engine, run
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
 
-__all__ = ["sample"]
+__all__ = ["draw_layout", "sample"]
+
+
+def draw_layout(
+    engine: Engine, num_draws: int, particles_per_chain: int = 8, num_chains: int = 1
+) -> tuple[int, int]:
+    """``(num_chains, num_particles)`` of a run that yields at least ``num_draws`` independent
+    draws (:meth:`~diffpost.posterior.ParticleSet.independent_draws`) from ``engine``.
+
+    Engines whose particles are independent draws run ``num_chains`` chains (default 1; several
+    let R-hat compare them) of ``ceil(num_draws / num_chains)`` particles; the others (resampling
+    filters, interacting particles, MCMC chains: ``engine.independent_particles`` is False) give
+    one draw per chain, so they run ``num_draws`` chains of ``particles_per_chain`` particles.
+    """
+    for name, value in (
+        ("num_draws", num_draws),
+        ("particles_per_chain", particles_per_chain),
+        ("num_chains", num_chains),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if engine.independent_particles:
+        return num_chains, -(-num_draws // num_chains)
+    return num_draws, particles_per_chain
 
 
 def _progress_enabled(progress: bool) -> bool:
@@ -170,6 +193,7 @@ def sample(
             "seed": seed,
             "latent_name": problem.latent_name,
             "device": str(problem.device),
+            "independent_particles": bool(engine.independent_particles),
             **({} if problem.plate is None else {"plate": list(problem.plate)}),
         },
         fitted=engine.fitted(problem, state),

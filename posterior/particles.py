@@ -246,6 +246,48 @@ class ParticleSet:
         chains = torch.arange(self.num_chains, device=pick.device)
         return {name: value[chains, pick] for name, value in self.values.items()}
 
+    def independent_draws(self, num_draws: int | None = None, seed: int | None = None):
+        """Independent, equal-weight posterior draws, whatever the engine.
+
+        Where the run's particles are independent (``info["independent_particles"]``, recorded
+        from the engine; for a set without it, uniform weights count as independent), the
+        equal-weight draws of :meth:`get_samples`; otherwise (resampling filters, interacting
+        particles, MCMC chains) one draw per chain (:meth:`one_draw_per_chain`).
+        :func:`~diffpost.posterior.draw_layout` gives a run layout that yields enough of them.
+
+        Args:
+            num_draws: how many (default: all there are), the first ones in chain order.
+            seed: seed of the resampling or per-chain draw (default: the run's).
+
+        Returns:
+            Site name -> ``(num_draws, *event)`` (``(num_draws, B, *event)`` with a plate).
+
+        Raises:
+            ValueError: more draws asked for than the run holds, naming what to change.
+        """
+        independent = self.info.get("independent_particles")
+        if independent is None:
+            uniform = torch.full_like(self.log_weights, -math.log(self.num_draws))
+            independent = bool(torch.allclose(self.log_weights, uniform))
+        if independent:
+            draws, available = self.get_samples(seed=seed), self.num_chains * self.num_draws
+        else:
+            draws, available = self.one_draw_per_chain(seed), self.num_chains
+        count = available if num_draws is None else num_draws
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"num_draws must be a positive integer or None; got {num_draws!r}")
+        if count > available:
+            engine = self.info.get("engine", "this engine")
+            why = (
+                f"{self.num_chains} chains x {self.num_draws} particles"
+                if independent
+                else f"{engine}'s particles are correlated within a chain, so a run gives one "
+                f"independent draw per chain, and it has {self.num_chains}; run with "
+                f"num_chains >= {count} (posterior.draw_layout)"
+            )
+            raise ValueError(f"independent_draws: {count} asked for, {available} available ({why})")
+        return {name: value[:count] for name, value in draws.items()}
+
     def to_datatree(self, **kwargs):
         """This set as an ``xarray.DataTree`` in the ArviZ 1.x layout (see
         :func:`diffpost.diagnostics.to_datatree` for the arguments)."""

@@ -86,6 +86,10 @@ class Engine:
     estimates_evidence: ClassVar[bool] = False
     #: whether the engine infers two signals with diffusion priors (an image and its kernel)
     infers_two_signals: ClassVar[bool] = False
+    #: whether the particles of one chain are independent draws (after their weights); False for
+    #: resampling filters, interacting particles and MCMC chains, whose independent draws are one
+    #: per chain (:meth:`~diffpost.posterior.ParticleSet.independent_draws`)
+    independent_particles: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:

@@ -150,6 +150,11 @@ class EM(Engine):
     m_steps: int = field(default=50, kw_only=True)
     infers_globals: ClassVar[bool] = True
 
+    @property
+    def independent_particles(self) -> bool:  # type: ignore[override]
+        """As the inner engine's particles."""
+        return self.inner.independent_particles
+
     def __post_init__(self):
         super().__post_init__()
         check_positive_integers("EM", num_steps=self.num_steps, m_steps=self.m_steps)

@@ -100,6 +100,11 @@ class Gibbs(Engine):
     step_size: float = field(default=0.01, kw_only=True)
     infers_globals: ClassVar[bool] = True
 
+    @property
+    def independent_particles(self) -> bool:  # type: ignore[override]
+        """As the inner engine's particles."""
+        return self.inner.independent_particles
+
     def __post_init__(self):
         super().__post_init__()
         if self.num_steps != 0:

@@ -114,6 +114,7 @@ class PMMH(Engine):
     warmup: int = field(default=500, kw_only=True)
     target_acceptance: float | None = field(default=None, kw_only=True)
     infers_globals: ClassVar[bool] = True
+    independent_particles: ClassVar[bool] = False  # draws of a Metropolis-Hastings chain
 
     def __post_init__(self):
         super().__post_init__()

@@ -77,6 +77,7 @@ class SMCEngine(Engine):
 
     reorders_particles: ClassVar[bool] = True
     estimates_evidence: ClassVar[bool] = True
+    independent_particles: ClassVar[bool] = False  # resampled particles share ancestors
 
     def iterations(self, state: SMCState) -> int:
         return state.grid.shape[0] - 1

@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -119,6 +120,8 @@ class RSLD(REDDiff):
         features: optional differentiable feature map :math:`\\phi` for the kernel,
             ``(n, *event) -> (n, ...)``; ``None`` uses the noised particles themselves.
     """
+
+    independent_particles: ClassVar[bool] = False  # the particles repel each other
 
     num_steps: int = 200
     learning_rate: float = 0.2
