@@ -241,8 +241,9 @@ def to_datatree(
         * ``posterior``: every site of ``particles.values`` as *equal-weight* draws
           ``(chain, draw, *event)`` (:meth:`ParticleSet.get_samples` with ``group_by_chain=True``:
           the particles themselves for uniform weights, a systematic resample seeded by
-          ``info["seed"]`` otherwise). Event dims are named by rank: ``coordinate``;
-          ``row, column``; ``channel, row, column``; else ``{site}_dim_{k}``.
+          ``info["seed"]``, in random order within each chain, otherwise). Event dims are named
+          by rank: ``coordinate``; ``row, column``; ``channel, row, column``; else
+          ``{site}_dim_{k}``.
         * ``sample_stats``: ``log_weight`` ``(chain, draw)``, the normalised log-weights of the
           **raw particles before equal-weight resampling**; ``log_likelihood`` ``(chain, draw)``
           of the raw particles when known; ``ancestor`` ``(chain, draw)``, the raw particle each

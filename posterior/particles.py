@@ -174,7 +174,12 @@ class ParticleSet:
     def equal_weight_ancestors(self, seed: int | None = None) -> Tensor | None:
         """Ancestors of the equal-weight draws of :meth:`get_samples`, or ``None`` if uniform.
 
-        Systematic resampling per chain with :meth:`_generator` (``seed``, default the run's).
+        Systematic resampling per chain with :meth:`_generator` (``seed``, default the run's),
+        then a random order within each chain (systematic resampling sorts the ancestors; a
+        sorted chain reads as autocorrelated and non-stationary to ArviZ's ESS and split R-hat).
+        The draws of one particle filter still share ancestors: ArviZ's ESS of them counts
+        exchangeable draws and overstates the information; :meth:`independent_draws` (one per
+        chain) and the weights' ESS (:meth:`ess`) do not.
 
         Returns:
             ``long`` tensor ``(chains, draws)`` of indices into each chain's particles, on the
@@ -188,7 +193,13 @@ class ParticleSet:
         uniform = torch.full_like(self.log_weights, -math.log(self.num_draws))
         if torch.allclose(self.log_weights, uniform):
             return None
-        return systematic(self.log_weights, self._generator(seed, "equal_weight_draws"))
+        generator = self._generator(seed, "equal_weight_draws")
+        ancestors = systematic(self.log_weights, generator)
+        # systematic resampling returns each chain's ancestors sorted; shuffled within the chain,
+        # the draws' order carries no information, so ArviZ's split R-hat and autocorrelation
+        # ESS do not read the sort as non-stationarity or autocorrelation
+        noise = torch.rand(ancestors.shape, generator=generator, device=ancestors.device)
+        return torch.gather(ancestors, 1, torch.argsort(noise, dim=1))
 
     def get_samples(
         self, group_by_chain: bool = False, seed: int | None = None

@@ -86,3 +86,26 @@ def test_asking_for_more_draws_than_a_run_holds_says_what_to_change():
     info = {k: v for k, v in unweighted.info.items() if k != "independent_particles"}
     legacy = posterior.ParticleSet(unweighted.values, unweighted.log_weights, info=info)
     assert legacy.independent_draws()["x"].shape == (10, 3)  # uniform weights: independent
+
+
+def test_resampled_draws_are_in_random_order_within_a_chain():
+    """Systematic resampling sorts each chain's ancestors; the equal-weight draws (and the
+    DataTree's posterior) are shuffled within the chain, so ArviZ's autocorrelation ESS does not
+    read the sort as autocorrelation. Measured with 4 x 256 MCGDiff particles over seeds 0-2: bulk
+    ESS of the sorted draws 202-409 of 1024, of the shuffled ones 787-1117 (787 at seed 0); the
+    bound 600 separates the two."""
+    import arviz_stats
+
+    result = posterior.sample(
+        model,
+        posterior.MCGDiff(num_steps=20),
+        num_particles=256,
+        num_chains=4,
+        seed=0,
+        model_kwargs={"y": Y},
+    )
+    ancestors = result.equal_weight_ancestors()
+    assert ancestors is not None
+    assert not bool((ancestors.diff(dim=1) >= 0).all())  # not sorted
+    ess = arviz_stats.ess(result.to_datatree(), var_names=["x"])["x"].values
+    assert float(ess.min()) > 600, ess
