@@ -72,7 +72,7 @@ from diffpost.diagnostics.ranks import (
 )
 from diffpost.diagnostics.scores import central_intervals
 from diffpost.diagnostics.simulation import prior_predictive
-from diffpost.posterior.driver import _progress_enabled
+from diffpost.posterior.driver import progress_enabled
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.problem import Problem
 
@@ -355,7 +355,7 @@ def calibration_study(
     bar = tqdm(
         range(num_trials),
         desc=f"calibration {engine.name}",
-        disable=not _progress_enabled(progress),
+        disable=not progress_enabled(progress),
     )
     runs = {"num_particles": num_particles, "num_chains": num_chains, "batch_size": batch_size}
     runs.update(progress=False, model_args=model_args, model_kwargs=model_kwargs)

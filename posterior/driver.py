@@ -42,7 +42,9 @@ def draw_layout(
     return num_draws, particles_per_chain
 
 
-def _progress_enabled(progress: bool) -> bool:
+def progress_enabled(progress: bool) -> bool:
+    """Whether to show a progress bar: asked for, and not under ``CI`` or a pytest-xdist
+    worker (shared by :func:`sample` and :func:`~diffpost.diagnostics.calibration_study`)."""
     return progress and not any(key in os.environ for key in ("CI", "PYTEST_XDIST_WORKER"))
 
 
@@ -141,7 +143,7 @@ def sample(
         return tqdm(
             indices,
             desc=engine.name,
-            disable=len(indices) == 0 or not _progress_enabled(progress),
+            disable=len(indices) == 0 or not progress_enabled(progress),
         )
 
     # a plate of B problems runs as B * num_chains chains, problem-major
