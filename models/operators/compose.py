@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from diffpost.models.operators.base import SVD, LinearOperator, Operator
+from diffpost.models.operators.basic import Matrix
 
 __all__ = ["Compose", "LinearCompose", "LinearPerProblem", "LinearStack", "PerProblem", "Stack"]
 
@@ -128,17 +129,24 @@ class LinearStack(Stack, LinearOperator):
         d, m = math.prod(self.in_shape), self.out_shape[0]
         if max(d, m) > DENSE_SVD_LIMIT:
             return None
-        dense = self.matrix()  # (m, d), float64
-        left, singular_values, right_t = torch.linalg.svd(dense, full_matrices=True)
+        # the dense stack's SVD is Matrix's; only the signal's shape is added around it
+        flat = Matrix(self.matrix()).svd()  # (m, d), float64
         shape = tuple(self.in_shape)
+
+        def rows(x: Tensor) -> Tensor:
+            return x.reshape(x.shape[0], -1)
+
+        def signal(z: Tensor) -> Tensor:
+            return z.reshape(z.shape[0], *shape)
+
         self._svd = SVD(
-            singular_values=singular_values,
-            vt=lambda x: x.reshape(x.shape[0], -1) @ right_t.to(x).T,
-            v=lambda z: (z @ right_t.to(z)).reshape(z.shape[0], *shape),
-            ut=lambda y: y @ left.to(y),
-            u=lambda z: z @ left.to(z).T,
-            leading_vt=lambda x, k: x.reshape(x.shape[0], -1) @ right_t[:k].to(x).T,
-            leading_v=lambda z, _: (z @ right_t[: z.shape[1]].to(z)).reshape(z.shape[0], *shape),
+            singular_values=flat.singular_values,
+            vt=lambda x: flat.vt(rows(x)),
+            v=lambda z: signal(flat.v(z)),
+            ut=flat.ut,
+            u=flat.u,
+            leading_vt=lambda x, k: flat.leading_vt(rows(x), k),
+            leading_v=lambda z, _: signal(flat.leading_v(z, None)),
         )
         return self._svd
 
