@@ -1,24 +1,26 @@
 """What users declare: schedules, denoisers, priors, operators, observations, ready-made problems,
 the shipped priors (``zoo``) and the training utility (``training``).
 
-``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training`` and ``networks``
-are imported on first use, so that ``import models`` stays fast.
+``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``networks``
+and ``flows`` are imported on first use, so that ``import models`` stays fast.
 """
 
 import importlib
 
-from diffpost.models import denoisers, operators, samplers, schedules
+from diffpost.models import denoisers, densities, operators, samplers, schedules
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.priors import DiffusionPrior, Gaussian, GaussianMixture
 
-_LAZY_MODULES = ("networks", "training", "zoo")
+_LAZY_MODULES = ("flows", "networks", "training", "zoo")
 
 __all__ = [
     "DiffusionPrior",
     "Gaussian",
     "GaussianMixture",
     "GaussianObservation",
+    "densities",
     "denoisers",
+    "flows",
     "networks",
     "operators",
     "samplers",

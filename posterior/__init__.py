@@ -9,62 +9,20 @@ Example::
 """
 
 from diffpost.posterior.driver import draw_layout, sample
-from diffpost.posterior.engines import (
-    DAPS,
-    DCDP,
-    DDRM,
-    DDS,
-    DPS,
-    EM,
-    FPS,
-    MMPS,
-    PMMH,
-    RSLD,
-    SNIPS,
-    TDS,
-    BlindDPS,
-    Engine,
-    EngineFailed,
-    Exact,
-    FKSteering,
-    FlowVI,
-    Gibbs,
-    MCGDiff,
-    PiGDM,
-    REDDiff,
-    ScoreALD,
-    SMCDiff,
-)
+from diffpost.posterior.engines import ENGINES, Engine, EngineFailed, EngineState, registry
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
+
+globals().update(ENGINES)
 
 __all__ = [
     "draw_layout",
     "sample",
+    "registry",
     "Problem",
     "ParticleSet",
     "EngineFailed",
     "Engine",
-    "Exact",
-    "FKSteering",
-    "FPS",
-    "MCGDiff",
-    "SMCDiff",
-    "TDS",
-    "DDRM",
-    "DDS",
-    "DPS",
-    "MMPS",
-    "PiGDM",
-    "SNIPS",
-    "DAPS",
-    "DCDP",
-    "ScoreALD",
-    "FlowVI",
-    "REDDiff",
-    "RSLD",
-    "PMMH",
-    "Gibbs",
-    "EM",
-    "BlindDPS",
+    "EngineState",
+    *ENGINES,
 ]

@@ -386,8 +386,7 @@ class Problem(GlobalLatentMethods):
     def _log_likelihood_chunk(self, x: Tensor) -> Tensor:
         gaussian = self.gaussian
         if gaussian is not None:
-            y = gaussian.y_for(x.shape[0])
-            return GaussianObservation(gaussian.operator, x, gaussian.sigma).log_prob(y)
+            return gaussian.log_likelihood(x)
         return self._likelihood_of_trace(self.trace_signal(x), x.shape[0])
 
     def trace_signal(self, x: Tensor):

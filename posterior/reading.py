@@ -3,6 +3,7 @@ classified, the observed values checked, the linear-Gaussian structure detected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -53,6 +54,25 @@ class GaussianStructure:
         if isinstance(self.operator, RowsByProblem):
             return self.operator.per_problem.operators[index]
         return self.operator
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        r""":math:`\log \mathcal{N}(y; A(x), \sigma^2 I)` of ``n`` particles ``(n, *event)``,
+        ``(n,)``: :meth:`GaussianObservation.log_prob
+        <diffpost.models.observations.GaussianObservation.log_prob>`'s arithmetic without building
+        the distribution (its checks were made when the model was read). Every ``sigma`` must be
+        positive."""
+        mean = self.operator(x)
+        y = self.y_for(x.shape[0])
+        out_dims = len(self.operator.out_shape)
+        if self.sigma.dim() > out_dims:  # one level per row: the distribution broadcasts it
+            return GaussianObservation(self.operator, x, self.sigma).log_prob(y)
+        variance = (self.sigma**2).expand(mean.shape)
+        event_dims = tuple(range(-out_dims, 0))
+        quadratic = ((y - mean) ** 2 / variance).sum(event_dims)
+        normaliser = variance.log().sum(event_dims) + math.prod(self.operator.out_shape) * math.log(
+            2 * math.pi
+        )
+        return -0.5 * (quadratic + normaliser)
 
     def y_for(self, n: int) -> Tensor:
         """The observation of each of ``n`` rows (particles or chains): ``y`` itself

@@ -96,7 +96,7 @@ def test_a_plate_of_one_problem_is_the_single_run(engine):
 # 16 independent chains (their weights degenerate within a chain), Langevin engines with enough
 # steps to converge
 PER_PROBLEM = [
-    (engine, 16, 50) if engine.name in ("MCGDiff", "FPS", "TDS", "FKSteering") else (engine, 2, 100)
+    (engine, 16, 50) if engine.family == "smc" else (engine, 2, 100)
     for engine in ENGINES
     if engine.name not in ("SNIPS", "ScoreALD")
 ] + [(posterior.SNIPS(num_steps=100), 2, 100), (posterior.ScoreALD(num_steps=200), 2, 100)]

@@ -1,36 +1,22 @@
-"""Inference engines: one file per algorithm, grouped by family."""
+"""Inference engines: one file per algorithm, grouped by family.
 
-from diffpost.posterior.engines.base import Engine, EngineFailed
-from diffpost.posterior.engines.exact import Exact
-from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
-from diffpost.posterior.engines.hierarchical import EM, PMMH, BlindDPS, Gibbs
-from diffpost.posterior.engines.langevin import DAPS, DCDP, ScoreALD
-from diffpost.posterior.engines.smc import FPS, TDS, FKSteering, MCGDiff, SMCDiff
-from diffpost.posterior.engines.variational import RSLD, FlowVI, REDDiff
+Every engine registers itself with the class keyword ``family=`` (``class MCGDiff(SMCEngine,
+family="smc")``); :func:`registry` lists them, and this package, its family packages and
+:mod:`diffpost.posterior` export them by name. Adding an engine is adding its file.
+"""
 
-__all__ = [
-    "Engine",
-    "EngineFailed",
-    "Exact",
-    "FKSteering",
-    "FPS",
-    "MCGDiff",
-    "SMCDiff",
-    "TDS",
-    "DDRM",
-    "DDS",
-    "DPS",
-    "MMPS",
-    "PiGDM",
-    "SNIPS",
-    "DAPS",
-    "DCDP",
-    "ScoreALD",
-    "FlowVI",
-    "REDDiff",
-    "RSLD",
-    "PMMH",
-    "Gibbs",
-    "EM",
-    "BlindDPS",
-]
+from diffpost.posterior.engines.base import (
+    FAMILIES,
+    Engine,
+    EngineFailed,
+    EngineState,
+    import_engines,
+    registry,
+)
+
+import_engines(__name__, __path__)
+#: every registered engine, name -> class (:func:`registry` order)
+ENGINES = registry()
+globals().update(ENGINES)
+
+__all__ = ["FAMILIES", "Engine", "EngineFailed", "EngineState", "registry", *ENGINES]

@@ -16,16 +16,33 @@ and ``step(problem, state, generator) -> (state, info)`` advances it by one iter
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from diffpost.posterior.problem import NonFiniteParticles, Problem
 
-__all__ = ["Draws", "Engine", "EngineFailed", "check_state", "run"]
+__all__ = [
+    "FAMILIES",
+    "Draws",
+    "Engine",
+    "EngineFailed",
+    "EngineState",
+    "check_state",
+    "import_engines",
+    "registry",
+    "run",
+]
+
+#: engine families, in the order :func:`registry` lists them
+FAMILIES = ("exact", "smc", "explicit", "langevin", "variational", "hierarchical")
+
+_REGISTRY: dict[str, type[Engine]] = {}
 
 
 class EngineFailed(RuntimeError):
@@ -42,6 +59,23 @@ class EngineFailed(RuntimeError):
         self.engine, self.step, self.t, self.reason = engine, step, t, reason
         where = f"step {step}" + (f" (t = {t:.4g})" if t is not None else "")
         super().__init__(f"{engine} failed at {where}: {reason}")
+
+
+@runtime_checkable
+class EngineState(Protocol):
+    """The fields every engine's state shares (each engine's state is its own ``NamedTuple`` with
+    these first, then what its algorithm carries).
+
+    Attributes:
+        particles: ``(num_chains * num_particles, *event)``, chains stacked along the first dim.
+        log_weights: ``(num_chains, num_particles)``, normalised per chain (``-log N`` for
+            unweighted engines).
+        log_evidence: ``(num_chains,)`` running estimate of ``log p(y)``, or ``None``.
+    """
+
+    particles: Tensor
+    log_weights: Tensor
+    log_evidence: Tensor | None
 
 
 class Draws(NamedTuple):
@@ -90,6 +124,30 @@ class Engine:
     #: resampling filters, interacting particles and MCMC chains, whose independent draws are one
     #: per chain (:meth:`~diffpost.posterior.ParticleSet.independent_draws`)
     independent_particles: ClassVar[bool] = True
+
+    #: the engine's family (one of :data:`FAMILIES`), set by the class keyword ``family=`` that
+    #: also registers the engine (:func:`registry`); ``None`` for bases and unregistered engines
+    family: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, family: str | None = None, **kwargs):
+        """``class MyEngine(Engine, family="smc")`` registers ``MyEngine`` under its class name:
+        it then appears in :func:`registry`, in :mod:`diffpost.posterior` and in the conformance
+        suite. Subclasses without the keyword inherit the family and are not registered."""
+        super().__init_subclass__(**kwargs)
+        if family is None:
+            return
+        if family not in FAMILIES:
+            raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}; got {family!r}")
+        known = _REGISTRY.get(cls.__name__)
+        if known is not None and (known.__module__, known.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(
+                f"an engine named {cls.__name__!r} is already registered (from {known.__module__})"
+            )
+        cls.family = family
+        _REGISTRY[cls.__name__] = cls
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -143,8 +201,43 @@ class Engine:
         return {}
 
 
+def registry(family: str | None = None) -> dict[str, type[Engine]]:
+    """The registered engines, name -> class, by family (in :data:`FAMILIES` order) then name.
+
+    Args:
+        family: only this family's engines (default all).
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    ordered = sorted(_REGISTRY.items(), key=lambda item: (FAMILIES.index(item[1].family), item[0]))
+    return {name: cls for name, cls in ordered if family in (None, cls.family)}
+
+
+def import_engines(package: str, path: Iterable[str]) -> dict[str, type[Engine]]:
+    """Import every module under ``package`` (``__name__`` and ``__path__`` of a package's
+    ``__init__``) and return the engines registered from it: how the engine packages export
+    their engines without a hand-kept list."""
+    for module in pkgutil.walk_packages(path, prefix=package + "."):
+        importlib.import_module(module.name)
+    return {
+        name: cls
+        for name, cls in registry().items()
+        if cls.__module__ == package or cls.__module__.startswith(package + ".")
+    }
+
+
 def check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
-    """Raise :class:`EngineFailed` on non-finite particles or collapsed weights."""
+    """Raise :class:`EngineFailed` on non-finite particles or collapsed weights, and
+    ``TypeError`` on a state without the shared fields of :class:`EngineState`."""
+    if not isinstance(state, EngineState):
+        missing = [f for f in ("particles", "log_weights", "log_evidence") if not hasattr(state, f)]
+        raise TypeError(
+            f"{engine.name}.{'init' if step == 0 else 'step'} returned a {type(state).__name__} "
+            f"without the EngineState fields {missing}"
+        )
     if not torch.isfinite(state.particles).all():
         raise EngineFailed(engine.name, step, t, "non-finite particles")
     log_weights = state.log_weights

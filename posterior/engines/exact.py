@@ -22,7 +22,7 @@ class ExactState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Exact(Engine):
+class Exact(Engine, family="exact"):
     r"""Exact posterior sampling for a :class:`~diffpost.models.priors.GaussianMixture` (or
     Gaussian) prior and a linear Gaussian observation :math:`y = A x + \sigma e`, ``sigma = 0``
     included.

@@ -3,11 +3,10 @@ from the Tweedie estimate (DPS, ΠGDM, MMPS, DDS) or by the observation in the S
 SNIPS). Unweighted: every particle is one approximate posterior draw (uniform log-weights, no
 evidence estimate)."""
 
-from diffpost.posterior.engines.explicit.ddrm import DDRM
-from diffpost.posterior.engines.explicit.dds import DDS
-from diffpost.posterior.engines.explicit.dps import DPS
-from diffpost.posterior.engines.explicit.mmps import MMPS
-from diffpost.posterior.engines.explicit.pigdm import PiGDM
-from diffpost.posterior.engines.explicit.snips import SNIPS
+from diffpost.posterior.engines.base import import_engines
 
-__all__ = ["DDRM", "DDS", "DPS", "MMPS", "PiGDM", "SNIPS"]
+#: every engine of this family, imported from its modules (an engine registers itself with
+#: the class keyword ``family=``; nothing to list here)
+ENGINES = import_engines(__name__, __path__)
+globals().update(ENGINES)
+__all__ = list(ENGINES)

@@ -78,7 +78,7 @@ __all__ = ["DDRM"]
 
 
 @dataclass(frozen=True)
-class DDRM(ExplicitEngine):
+class DDRM(ExplicitEngine, family="explicit"):
     """Denoising diffusion restoration models (see the module docstring).
 
     Attributes:

@@ -75,7 +75,7 @@ __all__ = ["DDS"]
 
 
 @dataclass(frozen=True)
-class DDS(ExplicitEngine):
+class DDS(ExplicitEngine, family="explicit"):
     """Decomposed diffusion sampling (see the module docstring).
 
     Attributes:

@@ -73,7 +73,7 @@ __all__ = ["DPS"]
 
 
 @dataclass(frozen=True)
-class DPS(ExplicitEngine):
+class DPS(ExplicitEngine, family="explicit"):
     """Diffusion posterior sampling (see the module docstring).
 
     Attributes:

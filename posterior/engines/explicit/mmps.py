@@ -86,7 +86,7 @@ CG_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
-class MMPS(ExplicitEngine):
+class MMPS(ExplicitEngine, family="explicit"):
     """Moment-matching posterior sampling (see the module docstring).
 
     Attributes:

@@ -96,7 +96,7 @@ __all__ = ["PiGDM"]
 
 
 @dataclass(frozen=True)
-class PiGDM(ExplicitEngine):
+class PiGDM(ExplicitEngine, family="explicit"):
     """Pseudoinverse-guided diffusion (see the module docstring).
 
     Attributes:

@@ -83,7 +83,7 @@ __all__ = ["SNIPS"]
 
 
 @dataclass(frozen=True)
-class SNIPS(ExplicitEngine):
+class SNIPS(ExplicitEngine, family="explicit"):
     """SNIPS annealed Langevin sampling in the SVD basis (see the module docstring).
 
     Attributes:

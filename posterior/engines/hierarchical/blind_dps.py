@@ -78,7 +78,7 @@ class BlindDPSState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class BlindDPS(Engine):
+class BlindDPS(Engine, family="hierarchical"):
     """BlindDPS for an image and a kernel with diffusion priors (see the module docstring).
 
     Args:

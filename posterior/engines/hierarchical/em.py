@@ -136,7 +136,7 @@ class EMState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class EM(Engine):
+class EM(Engine, family="hierarchical"):
     """Monte Carlo EM for the global latents (see the module docstring).
 
     Args:

@@ -82,7 +82,7 @@ class GibbsState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Gibbs(Engine):
+class Gibbs(Engine, family="hierarchical"):
     """Gibbs updates of the global latents along any in-place engine's trajectory (see the module
     docstring).
 

@@ -97,7 +97,7 @@ class PMMHState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class PMMH(Engine):
+class PMMH(Engine, family="hierarchical"):
     """Particle marginal Metropolis–Hastings on the global latents (see the module docstring).
 
     Args:

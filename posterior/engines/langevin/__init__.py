@@ -8,8 +8,10 @@ They need :math:`\\nabla_x \\log p(y \\mid x)` but no vector-Jacobian product th
 so they work with any differentiable likelihood (non-linear operators, Poisson, ...).
 """
 
-from diffpost.posterior.engines.langevin.daps import DAPS
-from diffpost.posterior.engines.langevin.dcdp import DCDP
-from diffpost.posterior.engines.langevin.score_ald import ScoreALD
+from diffpost.posterior.engines.base import import_engines
 
-__all__ = ["DAPS", "DCDP", "ScoreALD"]
+#: every engine of this family, imported from its modules (an engine registers itself with
+#: the class keyword ``family=``; nothing to list here)
+ENGINES = import_engines(__name__, __path__)
+globals().update(ENGINES)
+__all__ = list(ENGINES)

@@ -130,7 +130,7 @@ RHO = 7.0
 
 
 @dataclass(frozen=True)
-class DAPS(Engine):
+class DAPS(Engine, family="langevin"):
     """Decoupled annealing posterior sampling (see the module docstring for the algorithm).
 
     Attributes:

@@ -110,7 +110,7 @@ def _per_particle_norm(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ScoreALD(Engine):
+class ScoreALD(Engine, family="langevin"):
     """Annealed Langevin dynamics with an annealed likelihood (see the module docstring).
 
     Attributes:

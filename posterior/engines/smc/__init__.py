@@ -1,10 +1,10 @@
 """Sequential Monte Carlo engines on one Feynman–Kac core
 (:mod:`diffpost.posterior.engines.smc.core`)."""
 
-from diffpost.posterior.engines.smc.fk_steering import FKSteering
-from diffpost.posterior.engines.smc.fps import FPS
-from diffpost.posterior.engines.smc.mcgdiff import MCGDiff
-from diffpost.posterior.engines.smc.smcdiff import SMCDiff
-from diffpost.posterior.engines.smc.tds import TDS
+from diffpost.posterior.engines.base import import_engines
 
-__all__ = ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]
+#: every engine of this family, imported from its modules (an engine registers itself with
+#: the class keyword ``family=``; nothing to list here)
+ENGINES = import_engines(__name__, __path__)
+globals().update(ENGINES)
+__all__ = list(ENGINES)

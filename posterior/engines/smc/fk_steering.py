@@ -86,7 +86,7 @@ POTENTIALS = ("difference", "max", "sum", "immediate")
 
 
 @dataclass(frozen=True)
-class FKSteering(SMCEngine):
+class FKSteering(SMCEngine, family="smc"):
     """FK steering with a likelihood reward (see the module docstring for the algorithm and
     choices).
 

@@ -128,7 +128,7 @@ def _condition(
 
 
 @dataclass(frozen=True)
-class FPS(SMCEngine):
+class FPS(SMCEngine, family="smc"):
     """FPS-SMC (see the module docstring for the algorithm, the caveat and the choices made).
 
     Attributes:

@@ -101,7 +101,7 @@ def _masked_sum(mask: Tensor, values: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class MCGDiff(SMCEngine):
+class MCGDiff(SMCEngine, family="smc"):
     """MCGDiff (see the module docstring for the algorithm and the choices made).
 
     Attributes:

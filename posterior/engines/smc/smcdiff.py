@@ -141,7 +141,7 @@ def _forward_transition(schedule, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
 
 
 @dataclass(frozen=True)
-class SMCDiff(SMCEngine):
+class SMCDiff(SMCEngine, family="smc"):
     """SMCDiff for noiseless inpainting (see the module docstring for the algorithm and choices).
 
     Attributes:

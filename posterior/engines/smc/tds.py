@@ -138,7 +138,7 @@ def _prior_variance(problem: Problem) -> float:
 
 
 @dataclass(frozen=True)
-class TDS(SMCEngine):
+class TDS(SMCEngine, family="smc"):
     """Twisted diffusion sampler (see the module docstring for the algorithm and the choices made).
 
     Attributes:

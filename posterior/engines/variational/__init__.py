@@ -1,10 +1,10 @@
-"""Variational engines: sampling turned into optimisation (RED-diff, RSLD, normalising-flow VI),
-and the diffusion log-density estimates they share
-(:mod:`diffpost.posterior.engines.variational.common`)."""
+"""Variational engines: sampling turned into optimisation (RED-diff, RSLD, normalising-flow VI)
+(their diffusion log-density estimates are in :mod:`diffpost.models.densities`)."""
 
-from diffpost.posterior.engines.variational.common import diffusion_elbo, probability_flow_log_prob
-from diffpost.posterior.engines.variational.flow_vi import FlowVI
-from diffpost.posterior.engines.variational.red_diff import REDDiff
-from diffpost.posterior.engines.variational.rsld import RSLD
+from diffpost.posterior.engines.base import import_engines
 
-__all__ = ["FlowVI", "REDDiff", "RSLD", "diffusion_elbo", "probability_flow_log_prob"]
+#: every engine of this family, imported from its modules (an engine registers itself with
+#: the class keyword ``family=``; nothing to list here)
+ENGINES = import_engines(__name__, __path__)
+globals().update(ENGINES)
+__all__ = list(ENGINES)

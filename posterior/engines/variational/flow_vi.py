@@ -16,11 +16,11 @@ and entropy terms are all 1). The prior log-density :math:`\log p_\theta` is
   (:class:`~diffpost.models.priors.GaussianMixture`, :class:`~diffpost.models.priors.Gaussian`); the
   default for those priors, and the set-up of the RealNVP baseline of Cardoso et al. (2024);
 - ``"dsm"``: the denoising lower bound
-  :func:`~diffpost.posterior.engines.variational.common.diffusion_elbo` (Feng & Bouman 2024, the
+  :func:`~diffpost.models.densities.diffusion_elbo` (Feng & Bouman 2024, the
   official default ``optim.prior = 'dsm'``), whose gradient in :math:`x` costs one NFE and one VJP
   per step; the default for learned priors. The objective is then a lower bound of the ELBO;
 - ``"ode"``: the probability-flow ODE density
-  :func:`~diffpost.posterior.engines.variational.common.probability_flow_log_prob` (Feng et al.
+  :func:`~diffpost.models.densities.probability_flow_log_prob` (Feng et al.
   2023). The paper back-propagates through the ODE solve (diffrax ``BacksolveAdjoint``, a double
   backward through the Hutchinson estimator); the library's denoiser entry point offers first-order
   VJPs only, so the gradient of :math:`\mathbb{E}_q[\log p_\theta]` is the score-function identity
@@ -28,7 +28,8 @@ and entropy terms are all 1). The prior log-density :math:`\log p_\theta` is
   baseline :math:`b` (unbiased, noisier; the data and entropy terms keep their reparameterised
   gradients). ``2 * ode_steps`` NFEs and VJPs per step: small problems only.
 
-**Flow** (official ``realnvp_model.py``, rebuilt from Pyro's transforms). ``num_flow_steps`` steps,
+**Flow** (:class:`~diffpost.models.flows.RealNVP`: official ``realnvp_model.py``, rebuilt from
+Pyro's transforms). ``num_flow_steps`` steps,
 each an :class:`~pyro.distributions.transforms.AffineCoupling` of one half of the coordinates given
 the other, a reversal, a coupling of the other half and a reversal, then a fixed random permutation
 (official ``permute='random'``); a final learnable elementwise affine map. Coupling networks are
@@ -47,8 +48,14 @@ flow), 20000 steps of 64 draws. These are image-scale settings; on small problem
 Gaussian-mixture benchmark) the RealNVP baseline of Cardoso et al. uses 200 steps of 10 draws at
 learning rate ``1e-3``, 10 couplings of 128 units.
 
-**Chains and draws.** Each chain fits its own flow (the flows train together, one optimiser over all
-parameters: Adam and the clipping act per flow, so the fits are independent). The particles are
+**State.** The flows (:class:`~diffpost.models.flows.RealNVP`, one per chain) are kept for their
+architecture only; their parameters and Adam's moment estimates are tensors of the state, the flows
+are called with them through :func:`torch.func.functional_call`, and ``step`` returns new ones:
+nothing in a state is updated in place, so a state can be stepped again (the same seed gives the
+same fit).
+
+**Chains and draws.** Each chain fits its own flow (Adam and the clipping act per flow, so the fits
+are independent). The particles are
 ``N`` draws of each chain's fitted flow, taken at ``init`` and again after the last step (callbacks
 during the run see the initial draws); :meth:`FlowVI.fitted` returns the flows as Pyro distributions
 (``result.fitted["flow"][chain].sample((n,))``) for more draws. The flow's reverse KL is
@@ -74,107 +81,26 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import pyro.distributions as dist
-import pyro.distributions.transforms as T
 import torch
-from pyro.nn import DenseNN
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from diffpost.models.densities import diffusion_elbo, probability_flow_log_prob
+from diffpost.models.flows import RealNVP
 from diffpost.models.priors import GaussianMixture
 from diffpost.posterior.engines.base import Engine, EngineFailed
 from diffpost.posterior.engines.common import uniform_log_weights
-from diffpost.posterior.engines.variational.common import diffusion_elbo, probability_flow_log_prob
+from diffpost.posterior.engines.variational.common import AdamMoments
 from diffpost.posterior.problem import Problem
 
-__all__ = ["FlowVI", "FlowVIState", "RealNVP", "PRIOR_DENSITIES"]
+__all__ = ["FlowVI", "FlowVIState", "PRIOR_DENSITIES"]
 
 PRIOR_DENSITIES = ("auto", "exact", "dsm", "ode")
-
-#: standard deviation of the coupling networks' hidden weights at initialisation (official init_std)
-_INIT_STD = 0.05
-
-
-class RealNVP(nn.Module):
-    """A RealNVP flow on flat vectors of size ``dim`` built from Pyro's transforms.
-
-    Args:
-        dim: the flattened signal size (at least 2).
-        num_flow_steps: flow steps of two couplings each.
-        hidden_features: width of the coupling networks' two hidden layers.
-        generator: draws the fixed permutations and the initial hidden weights.
-    """
-
-    def __init__(
-        self, dim: int, num_flow_steps: int, hidden_features: int, generator: torch.Generator
-    ):
-        super().__init__()
-        self.dim = dim
-        split = dim // 2
-        couplings = []
-        for _ in range(2 * num_flow_steps):
-            # DenseNN initialises itself from the global RNG: leave it as it was (weights redrawn
-            # below)
-            with torch.random.fork_rng(devices=[]):
-                network = DenseNN(
-                    split,
-                    [hidden_features, hidden_features],
-                    [dim - split, dim - split],
-                    nonlinearity=nn.LeakyReLU(0.01),
-                )
-            *hidden, output = [m for m in network.modules() if isinstance(m, nn.Linear)]
-            with torch.no_grad():
-                for layer in hidden:
-                    layer.weight.copy_(
-                        torch.randn(layer.weight.shape, generator=generator) * _INIT_STD
-                    )
-                    layer.bias.zero_()
-                output.weight.zero_()
-                output.bias.zero_()
-            couplings.append(T.AffineCoupling(split, network))
-        self.couplings = nn.ModuleList(couplings)
-        reversal = torch.arange(dim - 1, -1, -1)
-        self.register_buffer("reversal", reversal)
-        self.register_buffer(
-            "permutations",
-            torch.stack([torch.randperm(dim, generator=generator) for _ in range(num_flow_steps)]),
-        )
-        self.loc = nn.Parameter(torch.zeros(dim))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
-
-    def transforms(self) -> list[T.Transform]:
-        """The flow's bijections, base to output, on ``(..., dim)``."""
-        parts: list[T.Transform] = []
-        for index, permutation in enumerate(self.permutations):
-            first, second = self.couplings[2 * index], self.couplings[2 * index + 1]
-            parts += [first, T.Permute(self.reversal), second, T.Permute(self.reversal)]
-            parts.append(T.Permute(permutation))
-        parts.append(T.AffineTransform(self.loc, self.log_scale.exp(), event_dim=1, cache_size=1))
-        return parts
-
-    def base(self) -> dist.Distribution:
-        """The standard normal base distribution on ``(dim,)``."""
-        zeros = self.loc.new_zeros(self.dim)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
-
-    def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x, log q(x))`` for base draws ``z`` of shape ``(B, dim)``, differentiable in the
-        parameters."""
-        log_q = self.base().log_prob(z)
-        x = z
-        for part in self.transforms():
-            y = part(x)
-            log_q = log_q - part.log_abs_det_jacobian(x, y)
-            x = y
-        return x, log_q
-
-    def distribution(self, event_shape: tuple[int, ...]) -> dist.TransformedDistribution:
-        """The fitted :math:`q` as a Pyro distribution over signals of shape ``event_shape``."""
-        reshape = T.ReshapeTransform((self.dim,), tuple(event_shape))
-        return dist.TransformedDistribution(self.base(), self.transforms() + [reshape])
 
 
 class FlowVIState(NamedTuple):
@@ -185,9 +111,10 @@ class FlowVIState(NamedTuple):
             step).
         log_weights: ``(chains, N)``, uniform.
         log_evidence: ``None``.
-        flows: one :class:`RealNVP` per chain.
-        optimizer: Adam over every flow's parameters.
-        scheduler: the linear learning-rate warm-up.
+        flows: one :class:`~diffpost.models.flows.RealNVP` per chain: the architecture and the
+            initial parameters, never updated (the flows are called with ``parameters``).
+        parameters: name in ``flows`` -> the current value of that parameter.
+        adam: name -> Adam's moment estimates of that parameter's gradient.
         prior_density: the resolved ``"exact"``, ``"dsm"`` or ``"ode"``.
         step: number of optimiser steps taken.
     """
@@ -196,14 +123,14 @@ class FlowVIState(NamedTuple):
     log_weights: Tensor
     log_evidence: None
     flows: nn.ModuleList
-    optimizer: torch.optim.Adam
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    parameters: dict[str, Tensor]
+    adam: dict[str, AdamMoments]
     prior_density: str
     step: int
 
 
 @dataclass(frozen=True)
-class FlowVI(Engine):
+class FlowVI(Engine, family="variational"):
     """Normalising-flow VI with a diffusion prior (see the module docstring).
 
     Attributes:
@@ -310,18 +237,14 @@ class FlowVI(Engine):
         flows = nn.ModuleList(
             RealNVP(dim, self.num_flow_steps, hidden, cpu) for _ in range(num_chains)
         ).to(dtype=problem.dtype, device=problem.device)
-        optimizer = torch.optim.Adam(flows.parameters(), lr=self.learning_rate, betas=(0.9, 0.999))
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
-        )
+        parameters = {name: value.detach() for name, value in flows.named_parameters()}
         return FlowVIState(
-            particles=self._draw(problem, flows, num_particles, generator),
+            particles=self._draw(problem, flows, parameters, num_particles, generator),
             log_weights=uniform_log_weights(num_chains, num_particles, flows[0].loc),
             log_evidence=None,
             flows=flows,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            parameters=parameters,
+            adam={name: AdamMoments.zeros_like(value) for name, value in parameters.items()},
             prior_density=prior_density,
             step=0,
         )
@@ -336,16 +259,58 @@ class FlowVI(Engine):
             device=reference.device,
         )
 
+    @staticmethod
+    def _call(
+        flows: nn.ModuleList, parameters: dict[str, Tensor], chain: int, *args, **kwargs
+    ) -> Any:
+        """Chain ``chain``'s flow called with its entries of ``parameters``."""
+        prefix = f"{chain}."
+        own = {k[len(prefix) :]: v for k, v in parameters.items() if k.startswith(prefix)}
+        return functional_call(flows[chain], own, args, kwargs)
+
     def _draw(
-        self, problem: Problem, flows: nn.ModuleList, count: int, generator: torch.Generator
+        self,
+        problem: Problem,
+        flows: nn.ModuleList,
+        parameters: dict[str, Tensor],
+        count: int,
+        generator: torch.Generator,
     ) -> Tensor:
         with torch.no_grad():
             z = self._base_draws(flows, count, generator)
-            x = torch.cat([flow.push_forward(z[c])[0] for c, flow in enumerate(flows)])
+            x = torch.cat([self._call(flows, parameters, c, z[c])[0] for c in range(len(flows))])
         return x.reshape((-1,) + tuple(problem.event_shape))
 
+    def _learning_rate(self, step: int) -> float:
+        """The rate of optimiser step ``step`` (from 0): linear warm-up from 0, as the official
+        schedule (and ``LambdaLR(lambda s: min(1, s / warmup))``)."""
+        if self.warmup_steps == 0:
+            return self.learning_rate
+        return self.learning_rate * min(1.0, step / self.warmup_steps)
+
+    def _clipped(self, gradients: dict[str, Tensor], chains: int) -> dict[str, Tensor]:
+        """The gradients with each flow's global norm clipped at ``gradient_clip`` (as
+        ``torch.nn.utils.clip_grad_norm_`` per flow)."""
+        if self.gradient_clip is None:
+            return gradients
+        clipped = dict(gradients)
+        for chain in range(chains):
+            names = [name for name in gradients if name.startswith(f"{chain}.")]
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(gradients[name]) for name in names])
+            )
+            scale = (self.gradient_clip / (norm + 1e-6)).clamp(max=1.0)
+            for name in names:
+                clipped[name] = gradients[name] * scale
+        return clipped
+
     def _prior_terms(
-        self, problem: Problem, state: FlowVIState, x: Tensor, generator: torch.Generator
+        self,
+        problem: Problem,
+        state: FlowVIState,
+        parameters: dict[str, Tensor],
+        x: Tensor,
+        generator: torch.Generator,
     ) -> tuple[Tensor, Tensor]:
         """``(log_prior, surrogate)``: the estimate of :math:`\\log p_\\theta(x)` per draw
         (detached) and a per-draw term whose gradient in the flow parameters is that of
@@ -355,32 +320,33 @@ class FlowVI(Engine):
             return log_prior.detach(), -log_prior
         if state.prior_density == "dsm":
             log_prior, gradient = diffusion_elbo(
-                problem,
+                problem.prior,
                 x.detach(),
                 generator,
                 num_samples=self.num_time_samples,
                 noise_min=self.noise_min,
                 with_gradient=True,
+                calls=problem,
             )
             return log_prior, -(gradient * x).flatten(1).sum(-1)
         log_prior = probability_flow_log_prob(
-            problem,
+            problem.prior,
             x.detach(),
             generator,
             num_steps=self.ode_steps,
             num_probes=self.num_probes,
             noise_min=self.noise_min,
+            calls=problem,
         )
         # score-function gradient of -E_q[log p] with a leave-one-out baseline, per chain
         chains = len(state.flows)
         values = log_prior.reshape(chains, -1)
         baseline = (values.sum(-1, keepdim=True) - values) / (values.shape[-1] - 1)
+        parts = x.detach().flatten(1).reshape(chains, -1, x[0].numel())
         log_q_detached_x = torch.cat(
             [
-                flow.distribution((flow.dim,)).log_prob(part.detach())
-                for flow, part in zip(
-                    state.flows, x.flatten(1).reshape(chains, -1, x[0].numel()), strict=True
-                )
+                self._call(state.flows, parameters, c, parts[c], log_density=True)
+                for c in range(chains)
             ]
         )
         return log_prior, -((values - baseline).reshape(-1) * log_q_detached_x)
@@ -393,35 +359,46 @@ class FlowVI(Engine):
         event = tuple(problem.event_shape)
         z = self._base_draws(flows, self.batch_size, generator)
         with torch.enable_grad():
-            pushed = [flow.push_forward(z[c]) for c, flow in enumerate(flows)]
+            parameters = {k: v.detach().requires_grad_(True) for k, v in state.parameters.items()}
+            pushed = [self._call(flows, parameters, c, z[c]) for c in range(chains)]
             x = torch.cat([draws for draws, _ in pushed]).reshape((-1,) + event)
             log_q = torch.cat([log_q for _, log_q in pushed])
             log_likelihood = problem.log_likelihood(x)
-            log_prior, prior_surrogate = self._prior_terms(problem, state, x, generator)
+            log_prior, prior_surrogate = self._prior_terms(problem, state, parameters, x, generator)
             surrogate = (-log_likelihood + prior_surrogate + log_q).reshape(chains, -1).mean(-1)
-            state.optimizer.zero_grad(set_to_none=True)
-            surrogate.sum().backward()
+            gradients = torch.autograd.grad(
+                surrogate.sum(), list(parameters.values()), allow_unused=True
+            )
         elbo = (log_likelihood.detach() + log_prior - log_q.detach()).reshape(chains, -1).mean(-1)
         if not bool(torch.isfinite(elbo).all()):
             raise EngineFailed(self.name, state.step + 1, None, "non-finite ELBO estimate")
-        if self.gradient_clip is not None:
-            for flow in flows:
-                nn.utils.clip_grad_norm_(flow.parameters(), self.gradient_clip)
-        state.optimizer.step()
-        state.scheduler.step()
+        gradients = {
+            name: torch.zeros_like(value) if gradient is None else gradient
+            for (name, value), gradient in zip(parameters.items(), gradients, strict=True)
+        }
+        rate, betas = self._learning_rate(state.step), (0.9, 0.999)
+        updated, adam = {}, {}
+        for name, gradient in self._clipped(gradients, chains).items():
+            update, adam[name] = state.adam[name].update(gradient, state.step + 1, rate, betas)
+            updated[name] = state.parameters[name] + update
         step = state.step + 1
         particles = state.particles
         if step == self.num_steps:
-            particles = self._draw(problem, flows, state.log_weights.shape[1], generator)
+            count = state.log_weights.shape[1]
+            particles = self._draw(problem, flows, updated, count, generator)
         info = {
             "loss": -elbo,
             "elbo": elbo,
             "log_prior": log_prior.reshape(chains, -1).mean(-1),
         }
-        return state._replace(particles=particles, step=step), info
+        return state._replace(particles=particles, parameters=updated, adam=adam, step=step), info
 
     def fitted(self, problem: Problem, state: FlowVIState) -> dict[str, Any]:
         """``{"flow": [q_chain, ...]}``: each chain's fitted flow as a Pyro distribution over
         signals of the prior's event shape (``sample``, ``log_prob``)."""
         event = tuple(problem.event_shape)
-        return {"flow": [flow.distribution(event) for flow in state.flows]}
+        flows = copy.deepcopy(state.flows)
+        with torch.no_grad():
+            for name, value in flows.named_parameters():
+                value.copy_(state.parameters[name])
+        return {"flow": [flow.distribution(event) for flow in flows]}

@@ -19,8 +19,11 @@ reversed: ``t = 1000 - skip, ..., skip, 0`` in 0-based DDPM indices, i.e.
 :func:`~diffpost.posterior.engines.common.sampling_grid` without its final 0; a
 :class:`~diffpost.models.schedules.DiscreteVP` uses its own number of training steps, which also
 caps ``num_steps``), coarse to fine: the paper ablates random against descending times and keeps
-descending. The optimiser is Adam with the
-official betas ``(0.9, 0.99)``.
+descending. On a schedule whose first grid time carries no signal (:math:`\alpha_1 = 0`: rectified
+flow), the weight :math:`w(\sigma/\alpha)` is infinite there and :math:`x_t` says nothing of
+:math:`\mu`; that first time is moved to the middle of the first interval (same number of steps;
+the paper's VP schedules never reach :math:`\alpha = 0`). The optimiser is Adam with the
+official betas ``(0.9, 0.99)``, its moments kept in the state as tensors.
 
 **Data term (a choice).** The paper's objective weighs the data misfit by the noise,
 :math:`\lVert y - f(\mu) \rVert^2 / (2\sigma_y^2)`; the official code drops :math:`\sigma_y` and
@@ -71,9 +74,10 @@ from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.operators.base import LinearOperator
+from diffpost.models.schedules import Schedule
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import sampling_grid, uniform_log_weights
-from diffpost.posterior.engines.variational.common import SNR_WEIGHTINGS
+from diffpost.posterior.engines.variational.common import SNR_WEIGHTINGS, AdamMoments
 from diffpost.posterior.problem import Problem
 
 __all__ = ["REDDiff", "REDDiffState", "INITIALIZATIONS"]
@@ -85,19 +89,18 @@ class REDDiffState(NamedTuple):
     """State of RED-diff (and RSLD).
 
     Attributes:
-        particles: ``(chains * N, *event)`` variational means, a leaf tensor that the optimiser
-            updates in place.
+        particles: ``(chains * N, *event)`` variational means.
         log_weights: ``(chains, N)``, uniform.
         log_evidence: ``None`` (no evidence estimate).
-        optimizer: the Adam optimiser over ``particles``.
+        adam: Adam's moment estimates of the means' gradient (:class:`AdamMoments`).
         times: ``(K,)`` the descending times, one per step.
-        step: index of the next time.
+        step: index of the next time (also Adam's count of updates done).
     """
 
     particles: Tensor
     log_weights: Tensor
     log_evidence: None
-    optimizer: torch.optim.Adam
+    adam: AdamMoments
     times: Tensor
     step: int
 
@@ -107,7 +110,7 @@ def _flat_sum(value: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class REDDiff(Engine):
+class REDDiff(Engine, family="variational"):
     """RED-diff (see the module docstring for the algorithm, the choices made and what it does not
     approximate).
 
@@ -162,19 +165,26 @@ class REDDiff(Engine):
     ) -> REDDiffState:
         count = num_chains * num_particles
         shape = (count,) + tuple(problem.event_shape)
-        means = self._initial_means(problem, shape, generator).requires_grad_(True)
-        optimizer = torch.optim.Adam(
-            [means], lr=self.learning_rate, betas=tuple(self.adam_betas), weight_decay=0.0
-        )
-        times = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)[:-1]
+        means = self._initial_means(problem, shape, generator)
+        times = self.optimisation_times(problem.prior.schedule, problem.device)
         return REDDiffState(
             particles=means,
             log_weights=uniform_log_weights(num_chains, num_particles, means),
             log_evidence=None,
-            optimizer=optimizer,
+            adam=AdamMoments.zeros_like(means),
             times=times.to(problem.dtype),
             step=0,
         )
+
+    def optimisation_times(self, schedule: Schedule, device=None) -> Tensor:
+        """The descending times, one per step, ``(K,)`` float64: the sampling grid without its
+        final 0, its first time moved to the middle of the first interval where
+        :math:`\alpha = 0` there (see the module docstring)."""
+        grid = sampling_grid(schedule, self.num_steps, device=device)
+        times = grid[:-1].clone()
+        if float(schedule.alpha(times[:1])[0]) == 0.0:
+            times[0] = 0.5 * (grid[0] + grid[1])
+        return times
 
     def _initial_means(
         self, problem: Problem, shape: tuple[int, ...], generator: torch.Generator
@@ -223,11 +233,13 @@ class REDDiff(Engine):
         weight = self.regularization * SNR_WEIGHTINGS[self.weighting](sigma / alpha)
         direction, direction_info = self.distillation_direction(x_t, sigma, noise_error, num_chains)
         with torch.enable_grad():
-            log_likelihood = problem.log_likelihood(means)
-            (data_gradient,) = torch.autograd.grad(log_likelihood.sum(), means)
-        state.optimizer.zero_grad(set_to_none=True)
-        means.grad = -data_gradient + weight * direction
-        state.optimizer.step()
+            leaf = means.detach().requires_grad_(True)
+            log_likelihood = problem.log_likelihood(leaf)
+            (data_gradient,) = torch.autograd.grad(log_likelihood.sum(), leaf)
+        gradient = -data_gradient + weight * direction
+        update, adam = state.adam.update(
+            gradient, state.step + 1, self.learning_rate, tuple(self.adam_betas)
+        )
         data_loss = -log_likelihood.detach().reshape(num_chains, -1).mean(-1)
         denoising_loss = weight * _flat_sum(noise_error**2).reshape(num_chains, -1).mean(-1)
         info = {
@@ -237,4 +249,4 @@ class REDDiff(Engine):
             "denoising_loss": denoising_loss,
             **direction_info,
         }
-        return state._replace(step=state.step + 1), info
+        return state._replace(particles=means + update, adam=adam, step=state.step + 1), info

@@ -106,7 +106,7 @@ def repulsion(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
-class RSLD(REDDiff):
+class RSLD(REDDiff, family="variational"):
     """Repulsive score distillation in pixel space (see the module docstring).
 
     Attributes:
