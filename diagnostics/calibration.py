@@ -72,7 +72,7 @@ from diffpost.diagnostics.ranks import (
 )
 from diffpost.diagnostics.scores import central_intervals
 from diffpost.diagnostics.simulation import prior_predictive
-from diffpost.posterior.driver import progress_enabled
+from diffpost.posterior.driver import check_seed, progress_enabled
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.problem import Problem
 
@@ -306,6 +306,9 @@ def calibration_study(
         )
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a posterior engine instance; got {engine!r}")
+    check_seed(seed)
+    if seed is None:
+        raise TypeError("seed must be an integer (a study is reproducible by design); got None")
     summaries = check_summaries(summaries)
     levels_list = [float(q) for q in levels]
     if not levels_list or any(not 0 < q < 1 for q in levels_list):

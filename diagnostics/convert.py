@@ -50,6 +50,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from diffpost.posterior.files import read_file, write_atomically
 from diffpost.posterior.particles import ParticleSet
 
 __all__ = ["to_datatree", "save_datatree", "load_datatree", "equal_weight_ancestors"]
@@ -222,6 +223,20 @@ def _drop_empty_sample_dims(dataset: xr.Dataset) -> xr.Dataset:
 # --------------------------------------------------------------------------------------------
 
 
+def check_coords(coords: Mapping[str, Sequence[Any]], sizes: Mapping[str, int]) -> None:
+    """Refuse ``coords`` whose values do not match the size of their dim (xarray's own error
+    names neither the argument nor the sizes' origin).
+
+    Raises:
+        ValueError: naming the dim, its size and the number of coordinate values given.
+    """
+    for name, values in coords.items():
+        if name in sizes and len(values) != sizes[name]:
+            raise ValueError(
+                f"coords[{name!r}] has {len(values)} values; dim {name!r} has size {sizes[name]}"
+            )
+
+
 def to_datatree(
     particles: ParticleSet | Sequence[ParticleSet],
     *,
@@ -355,6 +370,10 @@ def to_datatree(
         data["weighted_posterior"] = {name: _numpy(v) for name, v in particles.values.items()}
         group_attrs["weighted_posterior"] = dict(library)
 
+    sizes = {"chain": num_chains, "draw": num_draws}
+    for name, values in posterior.items():
+        sizes.update(zip(value_dims[name], values.shape[2:], strict=True))
+    check_coords(coords, sizes)
     tree = arviz_base.from_dict(
         data, sample_dims=SAMPLE_DIMS, dims=value_dims, coords=coords, attrs=group_attrs
     )
@@ -536,9 +555,10 @@ def save_datatree(tree: xr.DataTree, path: str | Path) -> None:
 
     Args:
         tree: a tree from :func:`to_datatree` (or any tree with netCDF-serialisable attrs).
-        path: the file to write (overwritten if it exists).
+        path: the file to write (overwritten if it exists, atomically: written to a temporary
+            file renamed into place, so an interrupted save keeps the previous file).
     """
-    tree.to_netcdf(Path(path), engine="h5netcdf")
+    write_atomically(path, lambda temporary: tree.to_netcdf(temporary, engine="h5netcdf"))
 
 
 def load_datatree(path: str | Path) -> xr.DataTree:
@@ -549,8 +569,16 @@ def load_datatree(path: str | Path) -> xr.DataTree:
 
     Returns:
         The ``xarray.DataTree`` (no lazy arrays, no open file handle).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a truncated file or one of another format, naming the path.
     """
-    tree = xr.open_datatree(Path(path), engine="h5netcdf")
+    tree = read_file(
+        path,
+        "netCDF-4 DataTree (written by save_datatree)",
+        lambda file: xr.open_datatree(file, engine="h5netcdf"),
+    )
     try:
         # Not ``tree.load()``: in xarray 2026.9 it skips every variable whose name equals a
         # group's name (it tests ``k not in lazy_data``, a dict keyed by group path), so

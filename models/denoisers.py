@@ -140,7 +140,16 @@ class Denoiser(nn.Module):
 
     Args:
         schedule: the noise schedule of ``x_t``.
+
+    Attributes:
+        event_shape: the signal shape the network was trained on, when known (the zoo and
+            :func:`~diffpost.models.training.train` set it); a
+            :class:`~diffpost.models.priors.DiffusionPrior` of another shape is refused. ``None``
+            (the default): not declared, and the prior's construction only checks that one call
+            on its shape works.
     """
+
+    event_shape: tuple[int, ...] | None = None
 
     def __init__(self, schedule: Schedule):
         super().__init__()

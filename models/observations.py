@@ -46,7 +46,21 @@ class GaussianObservation(TorchDistribution):
                 "GaussianObservation needs a models.operators.Operator; got "
                 f"{type(operator).__name__}"
             )
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"GaussianObservation: x must be a torch.Tensor; got {type(x).__name__}"
+            )
+        if isinstance(sigma, (str, bytes, bool)) or sigma is None:
+            raise TypeError(
+                f"GaussianObservation: sigma must be a number or a tensor; got {sigma!r}"
+            )
+        try:
+            sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"GaussianObservation: sigma must be a number or a tensor; got "
+                f"{type(sigma).__name__} ({error})"
+            ) from error
         if not torch.isfinite(sigma).all() or (sigma < 0).any():
             raise ValueError(f"sigma must be finite and non-negative; got {sigma.tolist()}")
         self.mean_value = operator(x)

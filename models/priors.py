@@ -81,11 +81,44 @@ class DiffusionPrior(TorchDistribution):
             raise ValueError(
                 f"event_shape must be a non-empty shape of positive sizes; got {tuple(event_shape)}"
             )
+        declared = getattr(denoiser, "event_shape", None)
+        if declared is not None and torch.Size(declared) != event_shape:
+            raise ValueError(
+                f"event_shape {tuple(event_shape)} does not match the shape the denoiser was "
+                f"trained on, {tuple(declared)} (its event_shape)"
+            )
         self.denoiser = denoiser
         self.sampler = sampler
         self.num_steps = num_steps
         self.eta = eta
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
+        if self.probe_at_construction:
+            self._probe_denoiser()
+
+    #: whether construction calls the denoiser once on a signal of the declared shape (network
+    #: denoisers; the exact mixtures' own denoiser is shaped by construction)
+    probe_at_construction: bool = True
+
+    def _probe_denoiser(self) -> None:
+        """One call of the denoiser on a zero signal ``(1, *event_shape)`` at ``t = 0.5``, so that
+        a network that cannot take the declared shape is refused now, not at an engine's first
+        step."""
+        x = torch.zeros((1,) + tuple(self.event_shape), dtype=self.dtype, device=self.device)
+        t = torch.full((1,), 0.5, dtype=self.dtype, device=self.device)
+        try:
+            with torch.no_grad():
+                out = self.denoiser(x, t)
+        except Exception as error:  # the network's own shape errors, of any type
+            raise ValueError(
+                f"the denoiser cannot take signals of event_shape {tuple(self.event_shape)}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the denoiser maps signals of shape {tuple(x.shape)} (event_shape "
+                f"{tuple(self.event_shape)}) to {shape}; it must return the shape it is given"
+            )
 
     @property
     def schedule(self) -> Schedule:
@@ -335,6 +368,8 @@ class GaussianMixture(DiffusionPrior):
         self.means = means
         self.covariances = covariances
         super().__init__(denoiser, event_shape, sampler=sampler, num_steps=num_steps, eta=eta)
+
+    probe_at_construction = False  # the exact denoiser is built for event_shape
 
     @property
     def mean(self) -> Tensor:

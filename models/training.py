@@ -288,6 +288,8 @@ def train(
     finally:
         bar.close()
     save(generator.get_state())
+    for trained in (ema, denoiser):  # what a prior built on them must declare
+        trained.event_shape = tuple(data.shape[1:])
     return TrainingResult(ema.eval(), denoiser.eval(), losses)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 import os
 import secrets
 import time
@@ -16,7 +19,7 @@ from diffpost.posterior.engines.base import Engine, run
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
 
-__all__ = ["draw_layout", "sample"]
+__all__ = ["check_model_arguments", "check_seed", "draw_layout", "sample"]
 
 
 def draw_layout(
@@ -40,6 +43,118 @@ def draw_layout(
     if engine.independent_particles:
         return num_chains, -(-num_draws // num_chains)
     return num_draws, particles_per_chain
+
+
+#: seeds are 64-bit unsigned (what ``torch.Generator.manual_seed`` takes)
+SEED_RANGE = 2**64
+
+
+def check_seed(seed: Any) -> None:
+    """Refuse a ``seed`` that is not ``None`` or an integer in ``[0, 2**64)`` (``1.5`` would
+    silently equal ``1``, ``"abc"`` and ``2**70`` fail deep inside torch).
+
+    Raises:
+        TypeError: not an integer (bools and floats included).
+        ValueError: outside ``[0, 2**64)``.
+    """
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < SEED_RANGE:
+        raise ValueError(f"seed must be in [0, 2**64); got {seed}")
+
+
+def check_model_arguments(model: Any, model_args: Any, model_kwargs: Any) -> None:
+    """Refuse a model that is not callable, ``model_args`` that is not a tuple or list, and
+    ``model_kwargs`` that is not a dict of names the model accepts (a misspelled key would
+    otherwise fail inside the model, or be swallowed by ``**kwargs``-free models with a
+    ``TypeError`` that does not say which argument)."""
+    if not callable(model):
+        raise TypeError(f"model must be a callable Pyro model; got {type(model).__name__}")
+    if not isinstance(model_args, (tuple, list)):
+        raise TypeError(f"model_args must be a tuple; got {type(model_args).__name__}")
+    if model_kwargs is None:
+        return
+    if not isinstance(model_kwargs, dict):
+        raise TypeError(
+            f"model_kwargs must be a dict of the model's keyword arguments (e.g. {{'y': y}}); "
+            f"got {type(model_kwargs).__name__}"
+        )
+    try:
+        parameters = inspect.signature(model).parameters
+    except (TypeError, ValueError):  # builtins and some callables have no signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = {
+        name
+        for name, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(model_kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"model_kwargs has {unknown}, which the model does not accept; its keyword "
+            f"arguments are {sorted(accepted)}"
+        )
+
+
+#: copies of the particles an engine holds at once (state, proposal, Tweedie estimate, noise,
+#: gradient, cache, resampling buffer, ...): the floor of a run's memory
+PARTICLE_COPIES = 8
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: the allocator's free memory; CPU: available physical
+    memory), or ``None`` where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def particle_bytes(problem: Problem, count: int) -> int:
+    """Bytes of ``PARTICLE_COPIES`` copies of ``count`` particles of the problem's signal."""
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    return PARTICLE_COPIES * count * math.prod(problem.event_shape) * itemsize
+
+
+def check_memory(problem: Problem, count: int) -> None:
+    """Refuse a run whose particles alone cannot fit in the device's free memory, before any
+    work (the allocator would fail deep inside the sampler).
+
+    Raises:
+        MemoryError: with the estimate, the free memory and the particle count that would fit.
+    """
+    free = available_memory(problem.device)
+    need = particle_bytes(problem, count)
+    if free is None or need <= free:
+        return
+    fits = max(1, count * free // need)
+    raise MemoryError(
+        f"{count} particles of shape {tuple(problem.event_shape)} ({problem.dtype}) need about "
+        f"{need / 2**30:.3g} GiB ({PARTICLE_COPIES} copies held by the engines) and "
+        f"{problem.device} has {free / 2**30:.3g} GiB free: use at most about {fits} particles "
+        "in all (num_chains * num_particles, times the plate's problems)"
+    )
+
+
+def out_of_memory(
+    problem: Problem, count: int, batch_size: int | None, error: BaseException
+) -> MemoryError:
+    """The error to raise when a run ran out of memory: the particles fitted (checked before),
+    so the denoiser's activations did not; a smaller ``batch_size`` chunks them."""
+    current = count if batch_size is None else min(batch_size, count)
+    return MemoryError(
+        f"the run ran out of memory on {problem.device} ({type(error).__name__}: {error}); the "
+        f"denoiser is called on {current} particles at once: pass batch_size={max(1, current // 4)}"
+        " (or smaller) to chunk its calls"
+    )
 
 
 def progress_enabled(progress: bool) -> bool:
@@ -127,6 +242,10 @@ def sample(
     for name, value in (("num_particles", num_particles), ("num_chains", num_chains)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    check_seed(seed)
+    check_model_arguments(model, model_args, model_kwargs)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None; got {type(callback).__name__}")
     problem = Problem.from_model(model, *model_args, batch_size=batch_size, **(model_kwargs or {}))
     if device is not None and torch.device(device) != problem.device:
         raise ValueError(
@@ -134,7 +253,7 @@ def sample(
             "(and the observations) there instead"
         )
     problem.require(engine)
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    seed = secrets.randbits(63) if seed is None else int(seed)  # checked above
     generator = torch.Generator(device=problem.device).manual_seed(seed)
 
     start = time.perf_counter()
@@ -148,9 +267,13 @@ def sample(
 
     # a plate of B problems runs as B * num_chains chains, problem-major
     runs = num_chains * problem.num_problems
-    state, records = run(
-        engine, problem, runs, num_particles, generator, steps=steps, callback=callback
-    )
+    check_memory(problem, runs * num_particles)
+    try:
+        state, records = run(
+            engine, problem, runs, num_particles, generator, steps=steps, callback=callback
+        )
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        raise out_of_memory(problem, runs * num_particles, batch_size, error) from error
     if problem.device.type == "cuda":
         torch.cuda.synchronize(problem.device)
     wall_time = time.perf_counter() - start
@@ -187,6 +310,7 @@ def sample(
         info={
             "engine": engine.name,
             "config": engine.config(),
+            "uses_noise_level": engine.uses_noise_level,
             "num_particles": num_particles,
             "num_chains": num_chains,
             "nfe": problem.nfe,

@@ -18,10 +18,71 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffpost.posterior.files import read_file, write_atomically
 from diffpost.posterior.resampling import ess as _ess
 from diffpost.posterior.resampling import systematic
 
-__all__ = ["ParticleSet"]
+__all__ = ["ParticleSet", "normalised_log_weights"]
+
+#: the format tag :meth:`ParticleSet.save` writes (files of earlier versions have none)
+SAVE_FORMAT = "diffpost.ParticleSet/1"
+
+#: largest |logsumexp| of a chain's log-weights taken as normalised (float32 round-off of the
+#: engines' own normalisation stays far below it)
+NORMALISATION_TOLERANCE = 1e-4
+
+
+def check_same_run_kind(first: ParticleSet, other: ParticleSet) -> None:
+    """Refuse to join sets of different problems or engines: their observations (every observed
+    site, by value), their engine and its configuration must agree, or the joined set would keep
+    only the first's and say nothing of the rest.
+
+    Raises:
+        ValueError: naming what differs.
+    """
+    if first.observed.keys() != other.observed.keys():
+        raise ValueError(
+            f"ParticleSet.concat: sets observe different sites ({sorted(first.observed)} and "
+            f"{sorted(other.observed)})"
+        )
+    for name, value in first.observed.items():
+        theirs = other.observed[name]
+        if value.shape != theirs.shape or not torch.equal(value, theirs.to(value)):
+            raise ValueError(
+                f"ParticleSet.concat: sets differ in the observed value of site {name!r}: they are "
+                "runs on different problems (join runs of one problem, or compare them side by "
+                "side with diagnostics.compare)"
+            )
+    for key in ("engine", "config"):
+        if first.info.get(key) != other.info.get(key):
+            raise ValueError(
+                f"ParticleSet.concat: sets differ in their {key} ({first.info.get(key)!r} and "
+                f"{other.info.get(key)!r}); R-hat over the joined chains would compare engines"
+            )
+
+
+def normalised_log_weights(log_weights: Tensor) -> Tensor:
+    """``log_weights`` ``(chains, draws[, B])`` normalised over draws (``logsumexp == 0`` per
+    chain): returned as given when they already are (to ``NORMALISATION_TOLERANCE``), shifted
+    when not (a set built from unnormalised weights, e.g. log-likelihoods, would otherwise give
+    wrong means).
+
+    Raises:
+        ValueError: NaN entries, or a chain (a problem) whose weights are all zero.
+    """
+    if not log_weights.is_floating_point():
+        raise ValueError(f"ParticleSet.log_weights must be floating point; got {log_weights.dtype}")
+    if bool(torch.isnan(log_weights).any()):
+        raise ValueError("ParticleSet.log_weights has NaN entries")
+    totals = torch.logsumexp(log_weights, dim=1, keepdim=True)
+    if not bool(torch.isfinite(totals).all()):
+        raise ValueError(
+            "ParticleSet.log_weights: some chain has no draw with a positive, finite weight "
+            "(every log-weight -inf, or one +inf)"
+        )
+    if bool((totals.abs() <= NORMALISATION_TOLERANCE).all()):
+        return log_weights
+    return log_weights - totals
 
 
 @dataclass
@@ -31,7 +92,8 @@ class ParticleSet:
     Attributes:
         values: site name -> tensor ``(chains, draws, *event)``; the latent site of the prior
             (``problem.latent_name``) is always present.
-        log_weights: ``(chains, draws)``, normalised per chain (``logsumexp == 0`` over draws).
+        log_weights: ``(chains, draws)``, normalised per chain (``logsumexp == 0`` over draws;
+            weights given unnormalised are normalised at construction, NaN refused).
         log_evidence: ``(chains,)`` estimate of ``log p(y)`` per chain, or ``None``.
         log_likelihood: ``(chains, draws)`` total ``log p(y | x)`` of each particle, or ``None``
             when the likelihood is degenerate (noiseless observation).
@@ -71,6 +133,7 @@ class ParticleSet:
                     f"ParticleSet value {name!r} has shape {tuple(value.shape)}; expected leading "
                     f"{expected} = {tuple(self.log_weights.shape)}"
                 )
+        self.log_weights = normalised_log_weights(self.log_weights)
 
     @property
     def plate(self) -> tuple[str, int] | None:
@@ -327,26 +390,41 @@ class ParticleSet:
         )
 
     def save(self, path: str | Path) -> None:
-        """Save with ``torch.save`` (tensors moved to the CPU); read back with :meth:`load`."""
+        """Save with ``torch.save`` (tensors moved to the CPU), atomically (a temporary file
+        renamed into place, so an interrupted save keeps the previous file); read back with
+        :meth:`load`."""
         cpu = self.to("cpu")
-        torch.save(
-            {
-                "values": cpu.values,
-                "log_weights": cpu.log_weights,
-                "log_evidence": cpu.log_evidence,
-                "log_likelihood": cpu.log_likelihood,
-                "observed": cpu.observed,
-                "stats": cpu.stats,
-                "info": cpu.info,
-            },
-            Path(path),
-        )
+        data = {
+            "format": SAVE_FORMAT,
+            "values": cpu.values,
+            "log_weights": cpu.log_weights,
+            "log_evidence": cpu.log_evidence,
+            "log_likelihood": cpu.log_likelihood,
+            "observed": cpu.observed,
+            "stats": cpu.stats,
+            "info": cpu.info,
+        }
+        write_atomically(path, lambda temporary: torch.save(data, temporary))
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> ParticleSet:
-        """Load a set written by :meth:`save`, onto ``device`` (default CPU)."""
-        data = torch.load(Path(path), map_location=device or "cpu", weights_only=True)
-        return cls(**data)
+        """Load a set written by :meth:`save`, onto ``device`` (default CPU).
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: a truncated file, or one that :meth:`save` did not write.
+        """
+
+        def read(file: Path) -> dict:
+            data = torch.load(file, map_location=device or "cpu", weights_only=True)
+            if not isinstance(data, dict) or data.pop("format", SAVE_FORMAT) != SAVE_FORMAT:
+                raise ValueError("not a dict written by ParticleSet.save")
+            missing = {"values", "log_weights"} - set(data)
+            if missing:
+                raise ValueError(f"missing {sorted(missing)}")
+            return data
+
+        return cls(**read_file(path, "ParticleSet file (written by ParticleSet.save)", read))
 
     def select_chains(self, chains: int | list[int] | Tensor) -> ParticleSet:
         """A set with only the given chains, in that order (e.g. the best of several EM
@@ -395,6 +473,7 @@ class ParticleSet:
                 )
             if other.values.keys() != first.values.keys() or other.num_draws != first.num_draws:
                 raise ValueError("ParticleSet.concat: sets differ in sites or number of draws")
+            check_same_run_kind(first, other)
 
         def join(getter) -> Tensor | None:
             parts = [getter(s) for s in sets]

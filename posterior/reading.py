@@ -238,6 +238,11 @@ def read_model(
         if site["infer"].get("is_auxiliary"):  # pyro.factor: a likelihood term without data
             continue
         value = site["value"]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"observed site {name!r}: the observed value is a {type(value).__name__}; pass a "
+                f"torch.Tensor (e.g. torch.as_tensor(y, dtype={prior.dtype}))"
+            )
         expected = tuple(site["fn"].shape())
         check_plated_site(site, plate)
         check_operator_shape(site, tuple(prior.event_shape), plate)

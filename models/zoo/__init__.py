@@ -114,6 +114,7 @@ def load_prior(
     net.load_state_dict({k: v.to(torch.float32) for k, v in saved["state_dict"].items()})
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
     denoiser = VDenoiser(net, VP(**saved["schedule"]))
+    denoiser.event_shape = tuple(saved["event_shape"])  # what it was trained on
     return DiffusionPrior(
         denoiser, tuple(saved["event_shape"]), sampler=sampler, num_steps=num_steps
     )

@@ -124,6 +124,10 @@ class Engine:
     #: resampling filters, interacting particles and MCMC chains, whose independent draws are one
     #: per chain (:meth:`~diffpost.posterior.ParticleSet.independent_draws`)
     independent_particles: ClassVar[bool] = True
+    #: whether the update reads the observation's noise level; False for DPS and BlindDPS,
+    #: whose step normalises by the residual norm (the official rule): their draws do not
+    #: change with sigma, which the run records as ``info["uses_noise_level"]``
+    uses_noise_level: ClassVar[bool] = True
 
     #: the engine's family (one of :data:`FAMILIES`), set by the class keyword ``family=`` that
     #: also registers the engine (:func:`registry`); ``None`` for bases and unregistered engines
@@ -150,7 +154,11 @@ class Engine:
         _REGISTRY[cls.__name__] = cls
 
     def __post_init__(self):
-        if not isinstance(self.num_steps, int) or self.num_steps < 0:
+        if (
+            isinstance(self.num_steps, bool)
+            or not isinstance(self.num_steps, int)
+            or self.num_steps < 0
+        ):
             raise ValueError(
                 f"{self.name}: num_steps must be a non-negative integer; got {self.num_steps!r}"
             )

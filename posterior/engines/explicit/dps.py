@@ -31,6 +31,12 @@ the official code divides the norm by :math:`|y|`, which is infinite for a zero 
 the plain residual norm for every distribution, so one step-size rule covers all of them.
 The step is scale-dependent: the norm is in the units of ``y``, so ``scale`` is too.
 
+**Noise level.** The step does not read :math:`\sigma_y` (the residual norm normalises it away,
+as in the official code): draws at :math:`\sigma_y = 0.1` and :math:`10` are the same, and the
+run records ``info["uses_noise_level"] = False``. A noiseless observation (:math:`\sigma_y = 0`
+at any measurement) is refused (``requires = {"finite_likelihood"}``): there the Jensen
+approximation stands for no density, and the draws would silently be those of a noisy one.
+
 No clipping of :math:`\hat x_0` to :math:`[-1, 1]` (the official pixel-range clipping): the
 library's signals have no fixed range. Cost: one NFE and one VJP per step; the default 1000 steps
 on the DDPM grid (:func:`~diffpost.posterior.engines.common.sampling_grid`) are the paper's.
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -87,6 +94,8 @@ class DPS(ExplicitEngine, family="explicit"):
 
     num_steps: int = 1000
     scale: float = 0.5
+    requires: ClassVar[frozenset[str]] = frozenset({"finite_likelihood"})
+    uses_noise_level: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()

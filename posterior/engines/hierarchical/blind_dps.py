@@ -88,6 +88,8 @@ class BlindDPS(Engine, family="hierarchical"):
         sparsity: weight of the L1 norm of the kernel estimate in the loss (official: 1.0).
     """
 
+    uses_noise_level: ClassVar[bool] = False  # the DPS step: the residual norm normalises it
+
     num_steps: int = 1000
     scale: float = 0.3
     kernel_scale: float = 0.3
