@@ -265,6 +265,9 @@ def read_model(
                 f"{prior.device}; move the observation to the prior's device"
             )
         observed[name] = value
+    if likelihood_sites and len(priors) == 1 and known is None:  # checked at the first read
+        others = [read(signal_value=value) for value in (0.5, -1.37)]
+        check_observes_the_signal(trace, others, likelihood_sites, prior_site)
     gaussian = None
     if (known and bound is None) or not likelihood_sites or len(priors) > 1:
         pass  # free global latents: the structure depends on them
@@ -363,6 +366,46 @@ class RowsByProblem(LinearOperator):
 
     def norm(self) -> float:
         return self.per_problem.norm()
+
+
+def _site_summary(site: dict) -> Tensor | None:
+    """What a site's distribution says of the signal: its mean, else its log-density at the
+    observation, else ``None`` (neither can be computed)."""
+    fn = site["fn"]
+    for compute in (lambda: fn.mean, lambda: fn.log_prob(site["value"])):
+        try:
+            value = compute()
+        except Exception:  # noqa: BLE001 - distributions raise many types for either
+            continue
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+def check_observes_the_signal(
+    trace, other_traces: list, likelihood_sites: list[str], prior_site: dict
+) -> None:
+    """Refuse a model none of whose observed sites depends on the signal: their distributions
+    (means, or log-densities at the data) are the same at three constant values of the signal
+    (0 in ``trace``, the others in ``other_traces``).
+
+    Raises:
+        ValueError: naming the sites and the signal.
+    """
+    for name in likelihood_sites:
+        first = _site_summary(trace.nodes[name])
+        for other_trace in other_traces:
+            second = _site_summary(other_trace.nodes[name])
+            if first is None or second is None or first.shape != second.shape:
+                return  # cannot tell: assume it does
+            if not torch.equal(first, second):
+                return
+    raise ValueError(
+        f"no observed site ({', '.join(repr(n) for n in likelihood_sites)}) depends on the signal "
+        f"{prior_site['name']!r}: their distributions are the same whatever its value. Pass the "
+        f"sampled signal (or a function of it) to the observation, e.g. "
+        f"GaussianObservation(A, {prior_site['name']}, sigma)"
+    )
 
 
 def observes_signal(site: dict, prior_site: dict, read: Callable) -> bool:

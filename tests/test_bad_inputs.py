@@ -205,6 +205,16 @@ def _unobserved():
     sample(nothing, engine=posterior.DPS(num_steps=2), model_kwargs={})
 
 
+@case("observation that ignores the signal", ValueError, "no observed site .*'y'.* depends on")
+def _ignores_signal():
+    def ignoring(y=None):
+        pyro.sample("x", PRIOR)
+        zero = torch.zeros(2, dtype=D)
+        return pyro.sample("y", GaussianObservation(operators.Identity((2,)), zero, 0.5), obs=y)
+
+    sample(ignoring, engine=posterior.DPS(num_steps=2))
+
+
 @case("discrete global latent", ValueError, "'k'")
 def _discrete():
     def discrete(y=None):
@@ -316,6 +326,19 @@ CASES += [
         "adam_betas",
     ),
     ("RSLD(gamma=-1)", lambda: posterior.RSLD(gamma=-1.0), ValueError, "gamma"),
+    (
+        "REDDiff(learning_rate=inf)",
+        lambda: posterior.REDDiff(learning_rate=float("inf")),
+        ValueError,
+        "learning_rate must be finite",
+    ),
+    ("DPS(scale=nan)", lambda: posterior.DPS(scale=float("nan")), ValueError, "scale"),
+    (
+        "DAPS(step_size=inf)",
+        lambda: posterior.DAPS(step_size=float("inf")),
+        ValueError,
+        "step_size must be finite",
+    ),
     (
         "FlowVI(prior_density='score')",
         lambda: posterior.FlowVI(prior_density="score"),

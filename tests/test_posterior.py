@@ -44,6 +44,8 @@ def test_problem_reads_the_model_without_running_the_prior_sampler():
             return super().forward(x_t, t)
 
     prior = DiffusionPrior(CountingDenoiser(lambda x, t: torch.zeros_like(x), VP()), (4,))
+    assert calls == [1]  # the construction's one check that the network takes the shape
+    calls.clear()
     operator = operators.Identity((4,))
 
     def model(y=None):

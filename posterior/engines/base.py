@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -162,6 +163,10 @@ class Engine:
             raise ValueError(
                 f"{self.name}: num_steps must be a non-negative integer; got {self.num_steps!r}"
             )
+        for field in dataclasses.fields(self):  # e.g. learning_rate=inf, which fails at step 1
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{self.name}: {field.name} must be finite; got {value}")
 
     @property
     def name(self) -> str:
