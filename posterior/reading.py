@@ -213,6 +213,7 @@ def read_model(
     others = [
         s for s in sites if s not in priors and not is_deterministic(s) and not s["is_observed"]
     ]
+    first_read = known is None  # not a re-read at bound global values (with_globals)
     if known is None:
         known = classify_globals(others, trace, prior_site, read)
     if plate is not None and (known or second is not None):
@@ -265,7 +266,7 @@ def read_model(
                 f"{prior.device}; move the observation to the prior's device"
             )
         observed[name] = value
-    if likelihood_sites and len(priors) == 1 and known is None:  # checked at the first read
+    if likelihood_sites and len(priors) == 1 and first_read:
         others = [read(signal_value=value) for value in (0.5, -1.37)]
         check_observes_the_signal(trace, others, likelihood_sites, prior_site)
     gaussian = None
