@@ -55,6 +55,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--engines", default=None, help="comma-separated (default all)")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--start", type=int, default=0, help="first seed (to extend a run)")
+    parser.add_argument(
+        "--all-seeds", action="store_true", help="--seeds for every engine, the slow ones too"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = args.engines.split(",") if args.engines else conformance.ENGINES
@@ -67,13 +71,16 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name in names:
-        count = min(args.seeds, EXPENSIVE.get(name, args.seeds))
+        count = args.seeds if args.all_seeds else min(args.seeds, EXPENSIVE.get(name, args.seeds))
+        seeds = range(args.start, count)
+        count = len(seeds)
         start = time.perf_counter()
-        failures = [(seed, run_once(name, seed)) for seed in range(count)]
+        failures = [(seed, run_once(name, seed)) for seed in seeds]
         failures = [(seed, message) for seed, message in failures if message is not None]
         seconds = (time.perf_counter() - start) / count
         first = "" if not failures else f"seed {failures[0][0]}: {failures[0][1][:200]}"
-        line = f"| {name} | {count} | {len(failures)} | {seconds:.2f} | {first} |"
+        label = f"{count}" if args.start == 0 else f"{args.start}-{args.start + count - 1}"
+        line = f"| {name} | {label} | {len(failures)} | {seconds:.2f} | {first} |"
         print(line, flush=True)
         lines.append(line)
     write_report(lines, args.output)
