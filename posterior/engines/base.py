@@ -244,11 +244,12 @@ def import_engines(package: str, path: Iterable[str]) -> dict[str, type[Engine]]
 
 def check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
     """Raise :class:`EngineFailed` on non-finite particles or collapsed weights, and
-    ``TypeError`` on a state without the shared fields of :class:`EngineState`."""
-    if not isinstance(state, EngineState):
+    ``TypeError`` on an initial state without the shared fields of :class:`EngineState` (checked
+    once: the Protocol check costs more than the step of a small problem's cheap engines)."""
+    if step == 0 and not isinstance(state, EngineState):  # the type is fixed by init
         missing = [f for f in ("particles", "log_weights", "log_evidence") if not hasattr(state, f)]
         raise TypeError(
-            f"{engine.name}.{'init' if step == 0 else 'step'} returned a {type(state).__name__} "
+            f"{engine.name}.init returned a {type(state).__name__} "
             f"without the EngineState fields {missing}"
         )
     if not torch.isfinite(state.particles).all():
