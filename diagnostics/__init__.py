@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffpost.diagnostics.comparison import compare
     from diffpost.diagnostics.convert import load_datatree, save_datatree, to_datatree
     from diffpost.diagnostics.plots import plot_image_grid, plot_projection, plot_traces
+    from diffpost.diagnostics.reference import ReferenceNotConverged, nuts_reference
     from diffpost.diagnostics.simulation import prior_predictive
     from diffpost.diagnostics.weights import pareto_khat
 
@@ -51,6 +52,8 @@ __all__ = [
     "prior_predictive",
     "rank_uniformity_test",
     "compare",
+    "nuts_reference",
+    "ReferenceNotConverged",
     "plot_image_grid",
     "plot_traces",
     "plot_calibration",
@@ -68,6 +71,8 @@ _LAZY = {
     "prior_predictive": "diffpost.diagnostics.simulation",
     "rank_uniformity_test": "diffpost.diagnostics.calibration",
     "compare": "diffpost.diagnostics.comparison",
+    "nuts_reference": "diffpost.diagnostics.reference",
+    "ReferenceNotConverged": "diffpost.diagnostics.reference",
     "plot_image_grid": "diffpost.diagnostics.plots",
     "plot_traces": "diffpost.diagnostics.plots",
     "plot_calibration": "diffpost.diagnostics.calibration_plots",

@@ -31,8 +31,9 @@ draw by draw (as ``arviz_stats.loo`` expects).
 
 Several independent runs of one problem go in one tree along ``chain`` (pass a list of sets), so
 ``arviz_stats.rhat`` compares them. The importance-weight diagnostics work on the raw
-log-weights: ``tree["sample_stats"]["log_weight"].azstats.psislw(dim="draw")`` and
-:func:`diffpost.diagnostics.pareto_khat`.
+log-weights: :func:`diffpost.diagnostics.pareto_khat`, or ArviZ's accessor on them negated
+(``arviz_stats``' ``psislw`` takes log-likelihood-like values, the weights being their negated
+exponential): ``(-tree["sample_stats"]["log_weight"]).azstats.psislw(dim="draw")``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ MIN_DRAWS = 21
 def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
     r"""Pareto :math:`\hat k` of the raw log-weights of each chain (PSIS, via ArviZ).
 
-    Runs ``log_weight.azstats.psislw(dim="draw")`` of ``arviz_stats`` on the raw particles'
+    Runs ``(-log_weight).azstats.psislw(dim="draw")`` of ``arviz_stats`` on the raw particles'
     normalised log-weights (``ParticleSet.log_weights``, or ``sample_stats.log_weight`` of a
     tree from :func:`diffpost.diagnostics.to_datatree`).
 
@@ -60,17 +60,22 @@ def pareto_khat(result: ParticleSet | xr.DataTree) -> np.ndarray:
     spread = log_weights.max(1) - log_weights.min(1)
     varying = spread > 1e-12 * np.maximum(1.0, np.abs(log_weights).max(1))
     if varying.any():
-        khat[varying] = [_chain_khat(row) for row in log_weights[varying]]
+        khat[varying] = [chain_khat(row) for row in log_weights[varying]]
     return khat
 
 
-def _chain_khat(log_weights: np.ndarray) -> float:
+def chain_khat(log_weights: np.ndarray) -> float:
     r"""ArviZ's Pareto :math:`\hat k` of one chain's log-weights ``(draws,)``; NaN where it
-    cannot fit a tail (e.g. "All tail values are the same" for nearly uniform, tied weights)."""
+    cannot fit a tail (e.g. "All tail values are the same" for nearly uniform, tied weights).
+
+    ``arviz_stats``' ``psislw`` takes log-likelihood-like values, the importance weights being
+    :math:`\exp(-\text{ary})` (as in PSIS-LOO, where the ratios are :math:`1 / p(y_i \mid
+    \theta)`); the log-weights are therefore passed negated.
+    """
     import arviz_stats  # noqa: F401  (registers the ``azstats`` accessor)
 
     try:
-        _, k = xr.DataArray(log_weights, dims=("draw",)).azstats.psislw(dim="draw")
+        _, k = xr.DataArray(-log_weights, dims=("draw",)).azstats.psislw(dim="draw")
     except ValueError:
         return float("nan")
     return float(k)
