@@ -1,0 +1,311 @@
+"""NUTS reference posteriors (diagnostics.nuts_reference) against closed forms and quadrature.
+
+Each reference runs at its defaults (1000 warm-up and 1000 kept draws, 4 chains per mixture
+component), so these are the settings that are checked. The tolerances are Monte Carlo errors of
+measured runs (seeds 0-4, numbers beside each assertion), two-sided.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+pytest.importorskip("numpyro")
+
+from diffpost import diagnostics, posterior  # noqa: E402
+from diffpost.diagnostics import reference  # noqa: E402
+from diffpost.diagnostics.reference import ReferenceNotConverged, nuts_reference  # noqa: E402
+from diffpost.models import GaussianObservation, operators, problems  # noqa: E402
+from diffpost.models.priors import Gaussian, GaussianMixture  # noqa: E402
+
+DTYPE = torch.float64
+
+
+def three_mode_problem():
+    """A 4-d three-component mixture seen through a random 2 x 4 matrix, sigma 0.3; the
+    observation leaves all three modes in the posterior (weights 0.46, 0.22, 0.32)."""
+    g = torch.Generator().manual_seed(3)
+    means = torch.tensor([[2.0, 0, 0, 0], [-2.0, 0, 0, 0], [0, 2.5, -1.0, 0]], dtype=DTYPE)
+    covariances = torch.stack([torch.eye(4, dtype=DTYPE) * s for s in (0.5, 0.3, 0.4)])
+    prior = GaussianMixture(torch.tensor([0.3, 0.3, 0.4], dtype=DTYPE), means, covariances)
+    A = operators.Matrix(torch.randn(2, 4, generator=g, dtype=DTYPE))
+    y = torch.tensor([0.19, -0.82], dtype=DTYPE)
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, x, sigma=0.3), obs=y)
+
+    return prior, A, y, model
+
+
+def poisson_problem():
+    """A 2-d two-component mixture observed through three Poisson counts with a log link."""
+    prior = GaussianMixture(
+        torch.tensor([0.4, 0.6], dtype=DTYPE),
+        torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=DTYPE),
+        torch.stack(
+            [
+                torch.eye(2, dtype=DTYPE) * 0.3,
+                torch.tensor([[0.4, 0.2], [0.2, 0.3]], dtype=DTYPE),
+            ]
+        ),
+    )
+    B = torch.tensor([[1.0, 0.5], [-0.5, 1.0], [0.8, -0.6]], dtype=DTYPE)
+    y = torch.tensor([3.0, 1.0, 2.0], dtype=DTYPE)
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", dist.Poisson(torch.exp(x @ B.T)).to_event(1), obs=y)
+
+    return prior, B, y, model
+
+
+def poisson_quadrature(prior, B, y, n: int = 801, limit: float = 6.0):
+    """Posterior mean, variance, component weights and log-evidence on an ``n x n`` grid over
+    ``[-limit, limit]^2`` (the posterior sds are about 0.45: the grid error is negligible)."""
+    t = torch.linspace(-limit, limit, n, dtype=DTYPE)
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    log_likelihood = dist.Poisson(torch.exp(grid @ B.T)).log_prob(y).sum(-1)
+    log_joint = torch.stack(
+        [
+            torch.distributions.MultivariateNormal(prior.means[k], prior.covariances[k]).log_prob(
+                grid
+            )
+            + prior.weights[k].log()
+            + log_likelihood
+            for k in range(prior.num_components)
+        ]
+    )  # (K, n * n)
+    cell = float(t[1] - t[0]) ** 2
+    log_evidence = float(log_joint.logsumexp((0, 1))) + math.log(cell)
+    p = torch.softmax(log_joint.logsumexp(0), 0)
+    mean = p @ grid
+    return mean, p @ (grid - mean) ** 2, torch.softmax(log_joint.logsumexp(1), 0), log_evidence
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="module")
+def three_mode(cache):
+    prior, A, y, model = three_mode_problem()
+    return prior, A, y, model, nuts_reference(model, model_kwargs={"y": y}, cache=cache)
+
+
+def test_three_mode_mixture_matches_the_exact_posterior(three_mode):
+    prior, A, y, _, result = three_mode
+    exact = prior.posterior(A, y, 0.3)
+    info = result.info
+    assert info["accepted"] and info["checked_components"] == [0, 1, 2]
+    # every chain of every component started in that component and stayed there
+    assert result.values["x"].shape == (4, 3 * 1000, 4)
+    # Component weights from the importance-sampled evidences: measured errors over seeds 0-4
+    # at most 9e-4 (sd 5e-4 at weights 0.46, 0.22, 0.32); bound 4 sd = 0.002.
+    weights = torch.tensor(info["component_weights"], dtype=DTYPE)
+    torch.testing.assert_close(weights, exact.weights, atol=0.002, rtol=0)
+    # log p(y): measured errors -0.0025 ... 0.0028 (sd 0.002); bound 0.01.
+    assert abs(float(result.log_evidence[0]) - float(prior.log_evidence(A, y, 0.3))) < 0.01
+    # Moments: the bulk ESS is about 4000 per component, so the mean's Monte Carlo sd is about
+    # 0.016 posterior sds and the variance ratio's about 0.022 (measured: mean errors at most
+    # 0.013 sd, variance ratios 0.98-1.03); bounds 4 sd.
+    sd = exact.variance.sqrt()
+    assert float(((result.mean() - exact.mean) / sd).abs().max()) < 0.064
+    ratio = result.var() / exact.variance
+    assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
+    # Sliced Wasserstein at the noise floor (two exact sets of the same size): measured SW
+    # 0.021-0.032 against a floor of 0.026; the bound is twice the floor.
+    g = torch.Generator().manual_seed(99)
+    first, second = exact.sample((4000,), generator=g), exact.sample((4000,), generator=g)
+    draws = result.get_samples()["x"]
+    draws = draws[torch.randperm(draws.shape[0], generator=g)[:4000]]
+    floor = diagnostics.sliced_wasserstein(second, first)
+    assert diagnostics.sliced_wasserstein(draws, first) < 2 * floor
+
+
+def test_the_reference_is_a_particle_set_every_diagnostic_reads(three_mode):
+    *_, result = three_mode
+    assert result.info["engine"] == "NUTSReference" and result.num_chains == 4
+    # chain j holds the j-th chain of each component, each draw weighted pi_k / S
+    stats = result.stats
+    assert torch.equal(stats["component"][0], torch.arange(3).repeat_interleave(1000))
+    weights = result.log_weights.exp()
+    pi = torch.tensor(result.info["component_weights"], dtype=DTYPE)
+    torch.testing.assert_close(weights[1, :1000].sum(), pi[0])
+    tree = result.to_datatree()
+    assert tree.attrs["engine"] == "NUTSReference"
+    assert "log_weight" in tree["sample_stats"] and "diverging" in tree["sample_stats"]
+    # the log-likelihood of each draw is the model's
+    problem = posterior.Problem.from_model(three_mode[3], y=three_mode[2])
+    some = result.values["x"][2, :50]
+    torch.testing.assert_close(result.log_likelihood[2, :50], problem.log_likelihood(some))
+
+
+def test_the_cache_returns_the_stored_reference_without_running(three_mode, cache, monkeypatch):
+    prior, A, y, model, first = three_mode
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the cached reference was recomputed")
+
+    monkeypatch.setattr(reference, "run_nuts", no_run)
+    again = nuts_reference(model, model_kwargs={"y": y}, cache=cache)
+    assert torch.equal(again.values["x"], first.values["x"])
+    assert again.info["component_weights"] == first.info["component_weights"]
+    # another observation, another seed or other settings are other keys
+    problem = posterior.Problem.from_model(model, y=y)
+    settings = reference.NUTSSettings()
+    key = reference.problem_fingerprint(problem, settings, 0)
+    assert (cache / f"{key}.pt").exists()
+    other = posterior.Problem.from_model(model, y=y + 0.1)
+    assert reference.problem_fingerprint(other, settings, 0) != key
+    assert reference.problem_fingerprint(problem, settings, 1) != key
+    longer = reference.NUTSSettings(num_samples=2000)
+    assert reference.problem_fingerprint(problem, longer, 0) != key
+
+    # the likelihood is part of the key, not only the observed values: same y, other sigma
+    def noisier(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, x, sigma=0.4), obs=y)
+
+    assert (
+        reference.problem_fingerprint(posterior.Problem.from_model(noisier, y=y), settings, 0)
+        != key
+    )
+
+
+def test_poisson_counts_match_quadrature(tmp_path):
+    prior, B, y, model = poisson_problem()
+    mean, var, weights, log_evidence = poisson_quadrature(prior, B, y)
+    result = nuts_reference(model, model_kwargs={"y": y}, cache=tmp_path)
+    info = result.info
+    # The log link gives this posterior a prior-like tail on the low-rate side, where the
+    # defensive share of the evidence proposal keeps the weights' variance finite: measured
+    # Pareto k-hat ... and importance ESS ... of 8192.
+    assert info["accepted"]
+    # measured over seeds 0-4: mean errors at most ... sd, variance ratios ..., weight errors
+    # at most ..., log-evidence errors ...
+    sd = var.sqrt()
+    assert float(((result.mean() - mean) / sd).abs().max()) < 0.064
+    ratio = result.var() / var
+    assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
+    torch.testing.assert_close(
+        torch.tensor(info["component_weights"], dtype=DTYPE), weights, atol=0.002, rtol=0
+    )
+    assert abs(float(result.log_evidence[0]) - log_evidence) < 0.01
+
+
+def test_unknown_noise_level_matches_quadrature(tmp_path):
+    problem = problems.noise_level_problem()
+    result = nuts_reference(problem.model, model_kwargs=problem.model_kwargs, cache=tmp_path)
+    grid, weights = problem.exact_marginal()
+    mean = float(weights @ grid)
+    sd = float((weights @ (grid - mean) ** 2).sqrt())
+    sigma = result.values["sigma"]
+    w = result.log_weights.exp() / result.num_chains
+    # measured over seeds 0-4: ...
+    assert abs(float((w * sigma).sum()) - mean) / sd < 0.1
+    sigma_sd = float((w * (sigma - (w * sigma).sum()) ** 2).sum().sqrt())
+    assert 0.9 < sigma_sd / sd < 1.1
+    exact_x = problem.exact_signal_mean(stride=1)
+    assert float((result.mean() - exact_x).abs().max()) < 0.05
+
+
+def test_a_model_that_broadcasts_no_per_particle_values_is_evaluated_row_by_row():
+    # the gain problem builds Matrix(gain * M): one gain per particle does not broadcast
+    problem = posterior.Problem.from_model(
+        problems.gain_problem().model, **problems.gain_problem().model_kwargs
+    )
+    target = reference.WhitenedTarget(problem)
+    assert target.one_row_at_a_time
+    u = torch.randn(3, target.dim, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    k = torch.tensor([0, 1, 1])
+    log_target, log_likelihood = target.log_density(u, k)
+    x = target.signal(u[:, :2], k)
+    values, _ = target.globals(u[:, 2:])
+    for i in range(3):
+        _, alone = problem.log_joint_globals(x[i : i + 1], {"gain": values["gain"][i]})
+        torch.testing.assert_close(log_likelihood[i : i + 1], alone)
+
+
+def test_failed_checks_raise_with_the_diagnostics(tmp_path):
+    prior, A, y, model = three_mode_problem()
+    # 60 draws per chain cannot give a bulk ESS of 400 per component
+    with pytest.raises(ReferenceNotConverged, match="bulk ESS") as caught:
+        nuts_reference(model, model_kwargs={"y": y}, num_warmup=100, num_samples=60, cache=tmp_path)
+    assert max(caught.value.diagnostics["ess_bulk_min"]) < 400
+    # check=False returns it, marked; the cached copy raises again when checked
+    result = nuts_reference(
+        model, model_kwargs={"y": y}, num_warmup=100, num_samples=60, cache=tmp_path, check=False
+    )
+    assert not result.info["accepted"] and "bulk ESS" in result.info["verdict"]
+    with pytest.raises(ReferenceNotConverged):
+        nuts_reference(model, model_kwargs={"y": y}, num_warmup=100, num_samples=60, cache=tmp_path)
+
+
+def refusal_cases():
+    prior, A, y, model = three_mode_problem()
+    gaussian = Gaussian(torch.zeros(4, dtype=DTYPE), torch.eye(4, dtype=DTYPE))
+
+    def noiseless(y=None):
+        x = pyro.sample("x", gaussian)
+        return pyro.sample("y", GaussianObservation(A, x, sigma=0.0), obs=y)
+
+    def plated(y=None):
+        with pyro.plate("problems", 2):
+            x = pyro.sample("x", gaussian)
+            return pyro.sample("y", GaussianObservation(A, x, sigma=0.3), obs=y)
+
+    kwargs = {"model_kwargs": {"y": y}, "cache": False}
+    return [
+        (noiseless, kwargs, ValueError, "finite log-likelihood"),
+        (plated, {"model_kwargs": {"y": y.expand(2, 2)}, "cache": False}, ValueError, "plate"),
+        (model, kwargs | {"chains_per_component": 1}, ValueError, "at least 2"),
+        (model, kwargs | {"num_samples": 0}, ValueError, "num_samples"),
+        (model, kwargs | {"target_accept_prob": 1.0}, ValueError, "target_accept_prob"),
+        (model, kwargs | {"dense_mass": 1}, TypeError, "dense_mass"),
+        (model, kwargs | {"seed": 1.5}, TypeError, "seed"),
+        (model, kwargs | {"seed": None}, TypeError, "seed"),
+        (model, kwargs | {"check": "yes"}, TypeError, "check"),
+        (model, {"model_kwargs": {"y": y}, "cache": 3}, TypeError, "cache"),
+        (model, {"model_kwargs": [y], "cache": False}, TypeError, "model_kwargs"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(refusal_cases())))
+def test_refusals_before_any_work(case, monkeypatch):
+    model, kwargs, error, match = refusal_cases()[case]
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("NUTS ran before the input was checked")
+
+    monkeypatch.setattr(reference, "run_nuts", no_run)
+    with pytest.raises(error, match=match):
+        nuts_reference(model, **kwargs)
+
+
+def test_a_network_prior_is_refused_by_name():
+    from diffpost.models import zoo
+
+    prior = zoo.digits()
+    A = operators.Identity((1, 8, 8))
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, x, 0.1), obs=y)
+
+    with pytest.raises(ValueError, match="Gaussian or GaussianMixture prior .* at the signal site"):
+        nuts_reference(model, model_kwargs={"y": torch.zeros(1, 8, 8)}, cache=False)
+
+
+def test_without_numpyro_the_error_says_what_to_install(monkeypatch):
+    prior, A, y, model = three_mode_problem()
+    monkeypatch.setitem(sys.modules, "numpyro", None)
+    monkeypatch.setitem(sys.modules, "numpyro.infer.hmc", None)
+    with pytest.raises(ImportError, match=r"diffpost\[reference\]"):
+        nuts_reference(model, model_kwargs={"y": y}, cache=False)
