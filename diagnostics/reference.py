@@ -61,6 +61,8 @@ KHAT_MAX = 0.7
 CHECK_WEIGHT = 0.01
 #: components whose posterior weight is below this are left out of the particle set
 KEEP_WEIGHT = 1e-8
+#: components whose pilot (Laplace) weight is below this get no chains
+RUN_WEIGHT = 1e-6
 #: the evidence proposal: the draws' covariance times INFLATION, with a DEFENSIVE share of
 #: the whitened prior
 INFLATION = 1.1
@@ -250,12 +252,14 @@ class WhitenedTarget:
 def run_nuts(
     target: WhitenedTarget,
     positions: np.ndarray,
+    inverse_mass: np.ndarray,
     components: np.ndarray,
     settings: NUTSSettings,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Run one NUTS chain per row of ``positions`` ``(n, D)`` on its component's target, all
-    vectorised; returns the kept draws ``z`` ``(n, S, D)`` and per-draw statistics."""
+    """Run one NUTS chain per row of ``positions`` ``(n, D)`` on its component's target, from
+    the initial inverse mass matrices ``(n, D, D)`` (dense) or ``(n, D)``, all vectorised;
+    returns the kept draws ``z`` ``(n, S, D)`` and per-draw statistics."""
     try:
         import jax
         import jax.numpy as jnp
@@ -285,11 +289,12 @@ def run_nuts(
     potential.defvjp(potential_forward, potential_backward)
     init_kernel, sample_kernel = hmc(potential_fn_gen=lambda k: lambda u: potential(u, k))
 
-    def chain(key, start, k):
+    def chain(key, start, mass, k):
         init_key, _ = jax.random.split(key)
         state = init_kernel(
             start,
             settings.num_warmup,
+            inverse_mass_matrix=mass,
             dense_mass=settings.dense_mass,
             target_accept_prob=settings.target_accept_prob,
             max_tree_depth=settings.max_tree_depth,
@@ -314,7 +319,12 @@ def run_nuts(
             keys = jax.random.split(jax.random.PRNGKey(seed % 2**32), positions.shape[0])
             run = jax.jit(jax.vmap(chain))
             try:
-                out = run(keys, jnp.asarray(positions, dtype), jnp.asarray(components, jnp.int32))
+                out = run(
+                    keys,
+                    jnp.asarray(positions, dtype),
+                    jnp.asarray(inverse_mass, dtype),
+                    jnp.asarray(components, jnp.int32),
+                )
                 out = [np.asarray(part) for part in out]
             except Exception:
                 if target.error is not None:
@@ -324,6 +334,78 @@ def run_nuts(
         jax.config.update("jax_enable_x64", previous)
     names = ("z", "diverging", "num_steps", "accept_prob", "step_size")
     return dict(zip(names, out, strict=True))
+
+
+def laplace_starts(
+    target: WhitenedTarget,
+    starts: Tensor,
+    components: Tensor,
+    dense: bool,
+    generator: torch.Generator,
+    iterations: int = 200,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Starting points and initial inverse mass matrices from Laplace approximations.
+
+    Every row of ``starts`` ``(n, D)`` climbs (L-BFGS, the rows' potentials summed: they are
+    independent) to a mode of its component posterior, where the Hessian :math:`H` of the
+    potential gives :math:`\mathcal N(\hat u, H^{-1})`; the chain starts from one draw of it with
+    :math:`H^{-1}` (eigenvalues of :math:`H` clamped to at least 0.01) as its initial inverse
+    mass matrix, ``(n, D, D)`` when ``dense`` else its diagonal ``(n, D)``. Warm-up otherwise
+    begins at a prior draw with the identity, where an informative likelihood forces tiny steps
+    and trees of the maximum depth. Each row climbs from its own prior draw, so chains that
+    reach different modes of one component stay apart and R-hat reports it. A row whose climb
+    fails (a non-finite potential) keeps its prior draw and the identity.
+
+    Returns:
+        ``(starts, inverse_mass, modes, covariances, potentials)``: the modes ``(n, D)``, the
+        Laplace covariances ``(n, D, D)`` and the potentials there ``(n,)`` (``inf`` where the
+        climb failed) are also the pilot evidence estimate's proposals.
+    """
+    n, dim = starts.shape
+
+    def potentials(u: Tensor) -> Tensor:
+        inside = target.representable(u.detach())
+        values = torch.full_like(u[:, 0], 1e300)
+        if bool(inside.any()):
+            values = values.masked_scatter(
+                inside, -target.log_density(u[inside], components[inside])[0]
+            )
+        return values
+
+    u = starts.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS(
+        [u], max_iter=iterations, line_search_fn="strong_wolfe", tolerance_change=1e-12
+    )
+
+    def closure():
+        optimiser.zero_grad()
+        total = potentials(u).sum()
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+        mode = u.detach().clone().requires_grad_(True)
+        potential = potentials(mode)
+        (grad,) = torch.autograd.grad(potential.sum(), mode, create_graph=True)
+        rows = [
+            torch.autograd.grad(grad[:, j].sum(), mode, retain_graph=True)[0] for j in range(dim)
+        ]
+    hessian = torch.stack(rows, dim=1).detach()  # (n, D, D)
+    hessian = 0.5 * (hessian + hessian.transpose(1, 2))
+    ok = torch.isfinite(potential.detach()) & (potential.detach() < 1e299)
+    ok &= torch.isfinite(hessian).flatten(1).all(1)
+    eye = torch.eye(dim, dtype=starts.dtype, device=starts.device)
+    hessian = torch.where(ok[:, None, None], hessian, eye)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    scale = eigenvalues.clamp_min(0.01).rsqrt()  # H^{-1/2} = V diag(scale) V^T
+    covariance = eigenvectors @ torch.diag_embed(scale**2) @ eigenvectors.transpose(1, 2)
+    noise = torch.randn(n, dim, generator=generator, dtype=starts.dtype).to(starts.device)
+    draws = mode.detach() + torch.einsum("nde,ne->nd", eigenvectors, scale * noise)
+    draws = torch.where(ok[:, None] & target.representable(draws)[:, None], draws, starts)
+    mass = covariance if dense else covariance.diagonal(dim1=1, dim2=2)
+    best = torch.where(ok, potential.detach(), math.inf)
+    return draws, mass, mode.detach(), covariance, best
 
 
 def component_diagnostics(draws: np.ndarray) -> tuple[float, float, int]:
@@ -338,23 +420,27 @@ def component_diagnostics(draws: np.ndarray) -> tuple[float, float, int]:
 
 
 def component_evidence(
-    target: WhitenedTarget, k: int, draws: Tensor, count: int, generator: torch.Generator
+    target: WhitenedTarget,
+    k: int,
+    mean: Tensor,
+    covariance: Tensor,
+    count: int,
+    generator: torch.Generator,
 ) -> tuple[float, float, float]:
     r""":math:`\log Z_k` by defensive importance sampling, with the weights' ESS and Pareto
     :math:`\hat k`.
 
-    The proposal is :math:`0.9\, \mathcal N(m, 1.1\, C) + 0.1\, q_0`, with ``m, C`` the mean and
-    covariance of the component's NUTS draws ``(n, D)`` and :math:`q_0` the whitened prior
+    The proposal is :math:`0.9\, \mathcal N(m, 1.1\, C) + 0.1\, q_0`, with ``m`` ``(D,)`` and
+    ``C`` ``(D, D)`` the mean and covariance of the component's NUTS draws (or of its Laplace
+    approximation, for the pilot estimate) and :math:`q_0` the whitened prior
     :math:`\mathcal N(v; 0, I)` times :math:`\mathcal N(z; m_z, 4 C_{zz})` for the global
     latents: where the posterior's tails follow the prior's (a weakly informative likelihood
     direction, e.g. a Poisson count's low-rate side) a fitted Gaussian alone has lighter tails
     than the target, and the weights' variance is infinite (Hesterberg 1995).
     """
-    n, dim = draws.shape
-    mean = draws.mean(0)
-    centred = draws - mean
-    covariance = INFLATION * (centred.T @ centred) / (n - 1)
-    eye = torch.eye(dim, dtype=draws.dtype, device=draws.device)
+    dim = mean.shape[0]
+    covariance = INFLATION * covariance
+    eye = torch.eye(dim, dtype=mean.dtype, device=mean.device)
     fitted = torch.distributions.MultivariateNormal(
         mean, covariance + 1e-10 * covariance.diagonal().mean().clamp_min(1e-300) * eye
     )
@@ -362,8 +448,8 @@ def component_evidence(
     wide_mean[target.d :] = mean[target.d :]
     wide_covariance[target.d :, target.d :] = 4 * covariance[target.d :, target.d :] / INFLATION
     wide = torch.distributions.MultivariateNormal(wide_mean, wide_covariance)
-    noise = torch.randn(count, dim, generator=generator, dtype=draws.dtype).to(draws.device)
-    defensive = torch.rand(count, generator=generator, dtype=draws.dtype).to(draws.device)
+    noise = torch.randn(count, dim, generator=generator, dtype=mean.dtype).to(mean.device)
+    defensive = torch.rand(count, generator=generator, dtype=mean.dtype).to(mean.device)
     defensive = (defensive < DEFENSIVE)[:, None]
     u = torch.where(
         defensive,
@@ -373,7 +459,7 @@ def component_evidence(
     log_proposal = torch.logaddexp(
         math.log(1 - DEFENSIVE) + fitted.log_prob(u), math.log(DEFENSIVE) + wide.log_prob(u)
     )
-    components = torch.full((count,), k, dtype=torch.long, device=draws.device)
+    components = torch.full((count,), k, dtype=torch.long, device=mean.device)
     log_target = torch.full_like(log_proposal, -math.inf)
     inside = target.representable(u)
     with torch.no_grad():
@@ -553,7 +639,8 @@ def nuts_reference(
 
 
 def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> ParticleSet:
-    """Run the chains, estimate the component weights, check, and assemble the ParticleSet."""
+    """Climb to the modes, estimate pilot component weights, run the chains of the components
+    that matter, estimate their weights again, check, and assemble the ParticleSet."""
     start = time.perf_counter()
     target = WhitenedTarget(problem)
     prior = problem.prior
@@ -566,36 +653,71 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
     if target.space is not None:
         values = problem.sample_globals(K * C, generator)
         starts = torch.cat([starts, target.space.unconstrain(values)], dim=1)
-    out = run_nuts(target, starts.cpu().numpy(), components.cpu().numpy(), settings, seed)
+    starts, inverse_mass, modes, covariances, potentials = laplace_starts(
+        target, starts, components, settings.dense_mass, generator
+    )
 
-    z = torch.tensor(out["z"], dtype=problem.dtype, device=problem.device)  # (K C, S, D)
-    rows = z.reshape(K * C * S, target.dim)
-    draw_components = components.repeat_interleave(S)
-    with torch.no_grad():
-        x = target.signal(rows[:, : target.d], draw_components)  # (K C S, *event)
-        values = target.globals(rows[:, target.d :])[0] if target.space is not None else {}
-        _, log_likelihood = target.log_density(rows, draw_components)
-
-    quantities = [x.reshape(K * C * S, -1)] + [v.reshape(K * C * S, -1) for v in values.values()]
-    quantities = torch.cat(quantities, dim=1).reshape(K, C, S, -1).cpu().double().numpy()
-    log_z, evidence_ess, evidence_khat, rhat_max, ess_min, worst = [], [], [], [], [], []
+    # pilot weights from the Laplace approximation at each component's best mode
+    log_prior_weights = prior.weights.double().cpu().log()
+    log_z, pilot_ess = [], []
     for k in range(K):
-        r, e, q = component_diagnostics(quantities[k])
-        rhat_max.append(r)
-        ess_min.append(e)
-        worst.append(q)
-        lz, ie, kh = component_evidence(
-            target, k, z[k * C : (k + 1) * C].reshape(C * S, -1), settings.evidence_draws, generator
+        best = k * C + int(potentials[k * C : (k + 1) * C].argmin())
+        estimate = component_evidence(
+            target, k, modes[best], covariances[best], settings.evidence_draws, generator
         )
-        log_z.append(lz)
-        evidence_ess.append(ie)
-        evidence_khat.append(kh)
-    log_joint = prior.weights.double().cpu().log() + torch.tensor(log_z, dtype=torch.float64)
+        log_z.append(estimate[0])
+        pilot_ess.append(estimate[1])
+    pilot = torch.softmax(log_prior_weights + torch.tensor(log_z, dtype=torch.float64), 0)
+    # a component is skipped only on a pilot estimate that can be trusted
+    active = [k for k in range(K) if pilot[k] >= RUN_WEIGHT or pilot_ess[k] < EVIDENCE_ESS_MIN]
+    rows = torch.cat([torch.arange(k * C, (k + 1) * C) for k in active])
+    out = run_nuts(
+        target,
+        starts[rows].cpu().numpy(),
+        inverse_mass[rows].cpu().numpy(),
+        components[rows].cpu().numpy(),
+        settings,
+        seed,
+    )
+
+    A = len(active)
+    z = torch.tensor(out["z"], dtype=problem.dtype, device=problem.device)  # (A C, S, D)
+    flat = z.reshape(A * C * S, target.dim)
+    draw_components = components[rows].repeat_interleave(S)
+    with torch.no_grad():
+        x = target.signal(flat[:, : target.d], draw_components)  # (A C S, *event)
+        values = target.globals(flat[:, target.d :])[0] if target.space is not None else {}
+        _, log_likelihood = target.log_density(flat, draw_components)
+
+    quantities = [x.reshape(A * C * S, -1)] + [v.reshape(A * C * S, -1) for v in values.values()]
+    quantities = torch.cat(quantities, dim=1).reshape(A, C, S, -1).cpu().double().numpy()
+    nan = [math.nan] * K
+    evidence_ess, evidence_khat, rhat_max, ess_min, divergences = (
+        list(nan),
+        list(nan),
+        list(nan),
+        list(nan),
+        [0] * K,
+    )
+    worst = [0] * K
+    for a, k in enumerate(active):
+        rhat_max[k], ess_min[k], worst[k] = component_diagnostics(quantities[a])
+        draws = z[a * C : (a + 1) * C].reshape(C * S, -1)
+        centred = draws - draws.mean(0)
+        log_z[k], evidence_ess[k], evidence_khat[k] = component_evidence(
+            target,
+            k,
+            draws.mean(0),
+            centred.T @ centred / (C * S - 1),
+            settings.evidence_draws,
+            generator,
+        )
+        divergences[k] = int(out["diverging"][a * C : (a + 1) * C].sum())
+    log_joint = log_prior_weights + torch.tensor(log_z, dtype=torch.float64)
     log_evidence = float(torch.logsumexp(log_joint, 0))
     weights = (log_joint - log_evidence).exp()
-    divergences = out["diverging"].reshape(K, C * S).sum(1)
 
-    checked = [k for k in range(K) if weights[k] >= CHECK_WEIGHT]
+    checked = [k for k in active if weights[k] >= CHECK_WEIGHT]
     problems = []
     names = quantity_names(problem, values)
     for k in checked:
@@ -610,6 +732,12 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
                 f"component {k}: evidence importance ESS {evidence_ess[k]:.0f} (needs >= "
                 f"{EVIDENCE_ESS_MIN}), Pareto k-hat {evidence_khat[k]:.2f} (needs < {KHAT_MAX})"
             )
+    skipped = float(weights[[k for k in range(K) if k not in active]].sum())
+    if skipped >= CHECK_WEIGHT:
+        problems.append(
+            f"components without chains (pilot weight < {RUN_WEIGHT}) carry weight "
+            f"{skipped:.3f} after all: the Laplace pilot missed them"
+        )
     accepted = not problems
     verdict = (
         "accepted"
@@ -620,19 +748,20 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
         "target_accept_prob"
     )
 
-    kept = [k for k in range(K) if weights[k] >= KEEP_WEIGHT]
+    kept = [a for a, k in enumerate(active) if weights[k] >= KEEP_WEIGHT]
 
     def by_chain(tensor: Tensor) -> Tensor:
-        """``(K C S, ...)`` -> ``(C, K' S, ...)``: chain j holds chain j of each kept component."""
-        parts = tensor.reshape(K, C, S, *tensor.shape[1:])[kept]
+        """``(A C S, ...)`` -> ``(C, A' S, ...)``: chain j holds chain j of each kept component."""
+        parts = tensor.reshape(A, C, S, *tensor.shape[1:])[kept]
         return parts.transpose(0, 1).reshape(C, len(kept) * S, *tensor.shape[1:])
 
-    log_weights = (weights[kept].log() - math.log(S)).repeat_interleave(S)
+    kept_components = [active[a] for a in kept]
+    log_weights = (weights[kept_components].log() - math.log(S)).repeat_interleave(S)
     log_weights = log_weights.to(problem.dtype).to(problem.device).expand(C, -1)
     stats = {
-        "diverging": torch.tensor(out["diverging"]).reshape(K * C * S),
-        "tree_size": torch.tensor(out["num_steps"]).reshape(K * C * S),
-        "accept_prob": torch.tensor(out["accept_prob"]).reshape(K * C * S),
+        "diverging": torch.tensor(out["diverging"]).reshape(A * C * S),
+        "tree_size": torch.tensor(out["num_steps"]).reshape(A * C * S),
+        "accept_prob": torch.tensor(out["accept_prob"]).reshape(A * C * S),
         "component": draw_components.cpu(),
     }
     return ParticleSet(
@@ -657,16 +786,19 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
             "independent_particles": False,
             "accepted": accepted,
             "verdict": verdict,
+            "pilot_weights": pilot.tolist(),
+            "pilot_evidence_ess": pilot_ess,
+            "sampled_components": active,
             "checked_components": checked,
-            "kept_components": kept,
+            "kept_components": kept_components,
             "component_weights": weights.tolist(),
             "component_log_evidence": log_z,
             "rhat_max": rhat_max,
             "ess_bulk_min": ess_min,
             "evidence_ess": evidence_ess,
             "evidence_khat": evidence_khat,
-            "divergences": divergences.tolist(),
-            "step_size": out["step_size"].reshape(K, C).tolist(),
+            "divergences": divergences,
+            "step_size": out["step_size"].reshape(A, C).tolist(),
         },
     )
 

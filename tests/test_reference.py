@@ -106,11 +106,11 @@ def test_three_mode_mixture_matches_the_exact_posterior(three_mode):
     assert info["accepted"] and info["checked_components"] == [0, 1, 2]
     # every chain of every component started in that component and stayed there
     assert result.values["x"].shape == (4, 3 * 1000, 4)
-    # Component weights from the importance-sampled evidences: measured errors over seeds 0-4
-    # at most 9e-4 (sd 5e-4 at weights 0.46, 0.22, 0.32); bound 4 sd = 0.002.
+    # Component weights from the importance-sampled evidences: measured errors over seeds 0-3
+    # at most 1.7e-3 (sd 1.1e-3 at weights 0.46, 0.22, 0.32); bound about 4 sd = 0.005.
     weights = torch.tensor(info["component_weights"], dtype=DTYPE)
-    torch.testing.assert_close(weights, exact.weights, atol=0.002, rtol=0)
-    # log p(y): measured errors -0.0025 ... 0.0028 (sd 0.002); bound 0.01.
+    torch.testing.assert_close(weights, exact.weights, atol=0.005, rtol=0)
+    # log p(y): measured errors -0.0029 ... 0.0001 (sd 0.0015); bound 0.01.
     assert abs(float(result.log_evidence[0]) - float(prior.log_evidence(A, y, 0.3))) < 0.01
     # Moments: the bulk ESS is about 4000 per component, so the mean's Monte Carlo sd is about
     # 0.016 posterior sds and the variance ratio's about 0.022 (measured: mean errors at most
@@ -186,10 +186,12 @@ def test_poisson_counts_match_quadrature(tmp_path):
     info = result.info
     # The log link gives this posterior a prior-like tail on the low-rate side, where the
     # defensive share of the evidence proposal keeps the weights' variance finite: measured
-    # Pareto k-hat ... and importance ESS ... of 8192.
+    # Pareto k-hat -0.85 ... -0.95 and importance ESS about 7700 of 8192 (a Gaussian fitted to
+    # the draws alone gave k-hat 0.93).
     assert info["accepted"]
-    # measured over seeds 0-4: mean errors at most ... sd, variance ratios ..., weight errors
-    # at most ..., log-evidence errors ...
+    # measured over seeds 0-2: mean errors at most 0.016 sd, variance ratios 1.005-1.03, weight
+    # errors at most 3e-4, log-evidence errors at most 6e-4; the bounds are those of the
+    # three-mode test (4 Monte Carlo sds at a bulk ESS of about 3000).
     sd = var.sqrt()
     assert float(((result.mean() - mean) / sd).abs().max()) < 0.064
     ratio = result.var() / var
@@ -202,18 +204,24 @@ def test_poisson_counts_match_quadrature(tmp_path):
 
 def test_unknown_noise_level_matches_quadrature(tmp_path):
     problem = problems.noise_level_problem()
-    result = nuts_reference(problem.model, model_kwargs=problem.model_kwargs, cache=tmp_path)
+    # 2000 draws per chain: at 1000 one seed in five missed R-hat <= 1.01 (1.011; sigma and the
+    # signal's scale mix slowly), which the checks duly refused
+    result = nuts_reference(
+        problem.model, model_kwargs=problem.model_kwargs, num_samples=2000, cache=tmp_path
+    )
     grid, weights = problem.exact_marginal()
     mean = float(weights @ grid)
     sd = float((weights @ (grid - mean) ** 2).sqrt())
     sigma = result.values["sigma"]
     w = result.log_weights.exp() / result.num_chains
-    # measured over seeds 0-4: ...
+    # Measured over seeds 0-4 against quadrature: sigma's mean off by 0.001-0.032 posterior sds
+    # (bulk ESS about 2300: Monte Carlo sd 0.021), its sd ratio 0.956-1.040 (sd 0.03), the
+    # signal's mean off by 0.002-0.006. Bounds: 0.1 sd, 1 +- 0.12 (4 sd), 0.02.
     assert abs(float((w * sigma).sum()) - mean) / sd < 0.1
     sigma_sd = float((w * (sigma - (w * sigma).sum()) ** 2).sum().sqrt())
-    assert 0.9 < sigma_sd / sd < 1.1
+    assert 0.88 < sigma_sd / sd < 1.12
     exact_x = problem.exact_signal_mean(stride=1)
-    assert float((result.mean() - exact_x).abs().max()) < 0.05
+    assert float((result.mean() - exact_x).abs().max()) < 0.02
 
 
 def test_a_model_that_broadcasts_no_per_particle_values_is_evaluated_row_by_row():

@@ -1,0 +1,280 @@
+"""Engines against NUTS reference posteriors on problems without a closed form.
+
+The prior is the shipped 8x8 digits Gaussian mixture (``zoo.digits_gmm(20)``, float64): its
+density is exact, so :func:`diffpost.diagnostics.nuts_reference` gives a reference posterior for
+any likelihood. On held-out digits (``zoo.digits_data("heldout")``, values in ``[-1, 1]``):
+
+- ``phase``: Fourier phase retrieval, ``y = |F_P x| + 0.05 e`` (2x oversampled,
+  :class:`~diffpost.models.operators.PhaseRetrieval`);
+- ``poisson``: photon counts, ``y ~ Poisson(10 exp(x - 1))`` per pixel (rate 1.4 on the
+  background, 10 on the strokes);
+- ``noise``: an unknown noise level, ``sigma ~ LogNormal(log 0.1, 0.5)``, half of the pixels
+  observed (a fixed random mask) with ``sigma = 0.1``; here the reference is also checked
+  against quadrature over ``sigma`` (its exact marginal is closed form for each ``sigma``).
+
+Every engine that can run a problem runs it at its defaults (``--particles`` particles, one
+chain): for ``phase`` and ``poisson`` the engines that need only a finite likelihood, for
+``noise`` the hierarchical mechanisms around inner engines. Reported per engine, as
+mean ± 1.96 sd / sqrt(images):
+
+- ``sw``: sliced Wasserstein (256 projections) between the engine's equal-weight draws and as
+  many reference draws, with ``floor``, the same distance between two disjoint sets of reference
+  draws of that size: an engine at the floor is indistinguishable from the reference;
+- ``coverage``: the fraction of reference draws inside the engine's central 90% interval,
+  averaged over pixels: 0.90 for a right spread, below for too narrow or shifted, above for too
+  wide;
+- ``psnr``: of the engine's posterior mean against the truth (for orientation), and the
+  reference's own;
+- for ``noise``, ``sigma err``: the error of the engine's posterior mean of sigma in reference
+  posterior sds;
+- wall time per image.
+
+References are cached (``--cache``, default ``benchmarks/.cache``), so a rerun only runs the
+engines. Run::
+
+    .venv/bin/python benchmarks/reference.py --images 3 --output benchmarks/results/reference.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from reporting import interval, write_report  # benchmarks/reporting.py (the script's own folder)
+
+from diffpost import posterior
+from diffpost.diagnostics import nuts_reference, psnr, sliced_wasserstein
+from diffpost.models import GaussianObservation, operators, zoo
+
+SIGMA = 0.05
+NOISE = 0.1
+HERE = Path(__file__).resolve().parent
+
+
+def phase_problem(prior, x, seed):
+    A = operators.PhaseRetrieval((1, 8, 8))
+    g = torch.Generator().manual_seed(seed)
+    y = A(x[None])[0] + SIGMA * torch.randn(A.out_shape, generator=g, dtype=x.dtype)
+
+    def model(y=None):
+        signal = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, signal, SIGMA), obs=y)
+
+    return model, {"y": y}
+
+
+def poisson_problem(prior, x, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
+        y = dist.Poisson(10 * torch.exp(x - 1)).sample()
+
+    def model(y=None):
+        signal = pyro.sample("x", prior)
+        return pyro.sample("y", dist.Poisson(10 * torch.exp(signal - 1)).to_event(3), obs=y)
+
+    return model, {"y": y}
+
+
+def noise_mask() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(1, 8, 8, generator=g) < 0.5
+
+
+def noise_problem(prior, x, seed):
+    A = operators.Mask(noise_mask())
+    g = torch.Generator().manual_seed(seed)
+    y = A(x[None])[0] + NOISE * torch.randn(A.out_shape, generator=g, dtype=x.dtype)
+    scale = torch.tensor(0.5, dtype=x.dtype)
+    location = torch.tensor(math.log(NOISE), dtype=x.dtype)
+
+    def model(y=None):
+        sigma = pyro.sample("sigma", dist.LogNormal(location, scale))
+        signal = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, signal, sigma[..., None]), obs=y)
+
+    def exact_sigma():
+        grid = torch.linspace(0.02, 0.4, 600, dtype=x.dtype)
+        log_density = torch.stack([prior.log_evidence(A, y, v) for v in grid]) + dist.LogNormal(
+            location, scale
+        ).log_prob(grid)
+        weights = torch.softmax(log_density, 0)
+        mean = float(weights @ grid)
+        return mean, float((weights @ (grid - mean) ** 2).sqrt())
+
+    return model, {"y": y}, exact_sigma
+
+
+def engines(problem: str) -> dict[str, posterior.Engine]:
+    if problem == "noise":
+        return {
+            "PMMH(Exact)": posterior.PMMH(posterior.Exact()),
+            "PMMH(MCGDiff, 20 steps)": posterior.PMMH(posterior.MCGDiff(num_steps=20)),
+            "Gibbs(DPS)": posterior.Gibbs(posterior.DPS()),
+            "EM(MCGDiff, 50 steps)": posterior.EM(posterior.MCGDiff(num_steps=50)),
+        }
+    chosen = {}
+    for name, cls in posterior.registry().items():
+        if cls.infers_globals or cls.infers_two_signals:
+            continue
+        if set(cls.requires) <= {"finite_likelihood"}:
+            chosen[name] = cls()
+    return chosen
+
+
+def weighted_moments(values: torch.Tensor, log_weights: torch.Tensor) -> tuple[float, float]:
+    w = log_weights.exp() / log_weights.shape[0]
+    mean = float((w * values).sum())
+    return mean, float((w * (values - mean) ** 2).sum().sqrt())
+
+
+def reference_coverage(draws: torch.Tensor, reference: torch.Tensor, level: float = 0.9) -> float:
+    """Fraction of reference draws inside the engine's per-pixel central ``level`` interval."""
+    flat = draws.flatten(1)
+    low = torch.quantile(flat, (1 - level) / 2, dim=0)
+    high = torch.quantile(flat, (1 + level) / 2, dim=0)
+    ref = reference.flatten(1)
+    return float(((ref >= low) & (ref <= high)).double().mean())
+
+
+def run(args) -> list[str]:
+    torch.set_num_threads(args.threads)
+    prior = zoo.digits_gmm(20)
+    images, _ = zoo.digits_data("heldout", dtype=torch.float64)
+    makers = {"phase": phase_problem, "poisson": poisson_problem, "noise": noise_problem}
+    lines = [
+        "# Engines against NUTS reference posteriors (digits mixture prior, 8x8)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/reference.py {' '.join(args.argv)}`",
+        f"Date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}; images: the first {args.images} "
+        f"held-out digits; {args.particles} particles per engine, one chain, engine seed 0.",
+        "",
+    ]
+    for name in args.problems:
+        rows: dict[str, dict[str, list[float]]] = {}
+        reference_rows: dict[str, list[float]] = {}
+        for i in range(args.images):
+            x = images[i]
+            made = makers[name](prior, x, seed=i)
+            model, kwargs = made[0], made[1]
+            start = time.perf_counter()
+            ref = nuts_reference(
+                model,
+                model_kwargs=kwargs,
+                num_samples=args.samples,
+                cache=args.cache,
+                seed=i,
+            )
+            reference_rows.setdefault("wall", []).append(ref.info["wall_time"])
+            reference_rows.setdefault("psnr", []).append(psnr(ref.mean(), x, data_range=2))
+            reference_rows.setdefault("rhat", []).append(max(ref.info["rhat_max"]))
+            reference_rows.setdefault("ess", []).append(
+                min(ref.info["ess_bulk_min"][k] for k in ref.info["checked_components"])
+            )
+            draws = ref.get_samples(seed=1)["x"]
+            draws = draws[
+                torch.randperm(draws.shape[0], generator=torch.Generator().manual_seed(i))
+            ]
+            if name == "noise":
+                mean, sd = weighted_moments(ref.values["sigma"], ref.log_weights)
+                exact_mean, exact_sd = made[2]()
+                reference_rows.setdefault("sigma err", []).append((mean - exact_mean) / exact_sd)
+            print(f"{name} image {i}: reference {time.perf_counter() - start:.0f} s", flush=True)
+            for label, engine in engines(name).items():
+                start = time.perf_counter()
+                try:
+                    result = posterior.sample(
+                        model,
+                        engine,
+                        num_particles=args.particles,
+                        seed=0,
+                        progress=False,
+                        model_kwargs=kwargs,
+                    )
+                except Exception as error:  # an engine failing is a result, reported
+                    rows.setdefault(label, {}).setdefault("failed", []).append(str(error)[:80])
+                    continue
+                wall = time.perf_counter() - start
+                sample = result.get_samples()["x"]
+                m = min(sample.shape[0], draws.shape[0] // 2)
+                row = rows.setdefault(label, {})
+                row.setdefault("sw", []).append(sliced_wasserstein(sample[:m], draws[:m]))
+                row.setdefault("floor", []).append(sliced_wasserstein(draws[m : 2 * m], draws[:m]))
+                row.setdefault("coverage", []).append(reference_coverage(sample, draws))
+                row.setdefault("psnr", []).append(psnr(result.mean(), x, data_range=2))
+                row.setdefault("wall", []).append(wall)
+                if name == "noise":
+                    sigma = result.get_samples()["sigma"]
+                    row.setdefault("sigma err", []).append((float(sigma.mean()) - mean) / sd)
+                print(f"  {label}: sw {row['sw'][-1]:.3f} wall {wall:.0f} s", flush=True)
+        lines += table(name, rows, reference_rows)
+    return lines
+
+
+TITLES = {
+    "phase": "(a) phase retrieval, |F_P x| + 0.05 e",
+    "poisson": "(b) Poisson counts, rate 10 exp(x - 1)",
+    "noise": "(c) unknown noise level, 50% of pixels, sigma ~ LogNormal(log 0.1, 0.5)",
+}
+
+
+def table(name, rows, reference_rows) -> list[str]:
+    sigma = name == "noise"
+    lines = [f"## {TITLES[name]}", ""]
+    ref = reference_rows
+    text = (
+        f"NUTS reference: PSNR {interval(ref['psnr'])}, worst R-hat {max(ref['rhat']):.4f}, "
+        f"least bulk ESS {min(ref['ess']):.0f}, {statistics.mean(ref['wall']):.0f} s per image"
+    )
+    if sigma:
+        text += f"; its sigma mean against quadrature: {interval(ref['sigma err'])} sd"
+    lines += [text + ".", ""]
+    header = "| engine | sw | floor | coverage (0.90) | psnr |"
+    header += (" sigma err (sd) |" if sigma else "") + " wall (s) |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for label, row in rows.items():
+        if "sw" not in row:
+            lines.append(f"| {label} | failed: {row['failed'][0]} |")
+            continue
+        cells = [
+            interval(row["sw"], 3),
+            interval(row["floor"], 3),
+            interval(row["coverage"]),
+            interval(row["psnr"], 1),
+        ]
+        if sigma:
+            cells.append(interval(row["sigma err"]))
+        cells.append(f"{statistics.mean(row['wall']):.1f}")
+        failed = f" ({len(row['failed'])} failed)" if "failed" in row else ""
+        lines.append(f"| {label}{failed} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="phase,poisson,noise")
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--particles", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain")
+    parser.add_argument("--cache", default=str(HERE / ".cache"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    args.problems = args.problems.split(",")
+    write_report(run(args), args.output)
+
+
+if __name__ == "__main__":
+    main()
