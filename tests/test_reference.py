@@ -317,3 +317,30 @@ def test_without_numpyro_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "numpyro.infer.hmc", None)
     with pytest.raises(ImportError, match=r"diffpost\[reference\]"):
         nuts_reference(model, model_kwargs={"y": y}, cache=False)
+
+
+def test_components_the_pilot_rules_out_get_no_chains(tmp_path):
+    # two far-apart components, the observation next to the second: the first's posterior
+    # weight is about 1e-53, so the Laplace pilot skips it
+    prior = GaussianMixture(
+        torch.tensor([0.5, 0.5], dtype=DTYPE),
+        torch.tensor([[-6.0, 0.0], [6.0, 0.0]], dtype=DTYPE),
+        torch.eye(2, dtype=DTYPE).expand(2, 2, 2) * 0.5,
+    )
+    A = operators.Identity((2,))
+    y = torch.tensor([5.5, 0.3], dtype=DTYPE)
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(A, x, sigma=0.2), obs=y)
+
+    result = nuts_reference(model, model_kwargs={"y": y}, cache=tmp_path)
+    info = result.info
+    assert info["sampled_components"] == [1] and info["kept_components"] == [1]
+    assert info["pilot_weights"][0] < 1e-40 and math.isnan(info["rhat_max"][0])
+    assert result.values["x"].shape == (4, 1000, 2)
+    exact = prior.posterior(A, y, 0.2)
+    # one Gaussian component: Monte Carlo sd of the mean about 1/sqrt(ESS ~ 4000) = 0.016 sd;
+    # bound 4 sd
+    assert float(((result.mean() - exact.mean) / exact.variance.sqrt()).abs().max()) < 0.064
+    assert abs(float(result.log_evidence[0]) - float(prior.log_evidence(A, y, 0.2))) < 0.01
