@@ -59,6 +59,7 @@ from torch import Tensor
 from diffpost.diagnostics.weights import chain_khat
 from diffpost.models.priors import GaussianMixture
 from diffpost.posterior.driver import check_model_arguments, check_seed
+from diffpost.posterior.engines.common import check_positive_integers
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import CAPABILITIES, NonFiniteParticles, Problem
 
@@ -108,16 +109,14 @@ class NUTSSettings:
     evidence_draws: int = 8192
 
     def __post_init__(self):
-        for name in (
-            "num_warmup",
-            "num_samples",
-            "chains_per_component",
-            "max_tree_depth",
-            "evidence_draws",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        check_positive_integers(
+            "nuts_reference",
+            num_warmup=self.num_warmup,
+            num_samples=self.num_samples,
+            chains_per_component=self.chains_per_component,
+            max_tree_depth=self.max_tree_depth,
+            evidence_draws=self.evidence_draws,
+        )
         if self.chains_per_component < 2:
             raise ValueError(
                 "chains_per_component must be at least 2 (R-hat compares chains); got "
