@@ -107,20 +107,20 @@ def test_three_mode_mixture_matches_the_exact_posterior(three_mode):
     # every chain of every component started in that component and stayed there
     assert result.values["x"].shape == (4, 3 * 1000, 4)
     # Component weights from the importance-sampled evidences: measured errors over seeds 0-3
-    # at most 1.7e-3 (sd 1.1e-3 at weights 0.46, 0.22, 0.32); bound about 4 sd = 0.005.
+    # at most 2.2e-3 (sd 1.2e-3 at weights 0.46, 0.22, 0.32); bound about 4 sd = 0.005.
     weights = torch.tensor(info["component_weights"], dtype=DTYPE)
     torch.testing.assert_close(weights, exact.weights, atol=0.005, rtol=0)
-    # log p(y): measured errors -0.0029 ... 0.0001 (sd 0.0015); bound 0.01.
+    # log p(y): measured errors -0.0017 ... 0.0047 (sd 0.0025); bound 4 sd = 0.01.
     assert abs(float(result.log_evidence[0]) - float(prior.log_evidence(A, y, 0.3))) < 0.01
     # Moments: the bulk ESS is about 4000 per component, so the mean's Monte Carlo sd is about
     # 0.016 posterior sds and the variance ratio's about 0.022 (measured: mean errors at most
-    # 0.013 sd, variance ratios 0.98-1.03); bounds 4 sd.
+    # 0.010 sd, variance ratios 0.96-1.015); bounds 4 sd.
     sd = exact.variance.sqrt()
     assert float(((result.mean() - exact.mean) / sd).abs().max()) < 0.064
     ratio = result.var() / exact.variance
     assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
     # Sliced Wasserstein at the noise floor (two exact sets of the same size): measured SW
-    # 0.021-0.032 against a floor of 0.026; the bound is twice the floor.
+    # 0.021-0.037 against a floor of 0.026; the bound is twice the floor.
     g = torch.Generator().manual_seed(99)
     first, second = exact.sample((4000,), generator=g), exact.sample((4000,), generator=g)
     draws = result.get_samples()["x"]
@@ -186,11 +186,11 @@ def test_poisson_counts_match_quadrature(tmp_path):
     info = result.info
     # The log link gives this posterior a prior-like tail on the low-rate side, where the
     # defensive share of the evidence proposal keeps the weights' variance finite: measured
-    # Pareto k-hat -0.85 ... -0.95 and importance ESS about 7700 of 8192 (a Gaussian fitted to
+    # Pareto k-hat -0.21 ... -0.91 and importance ESS about 7700 of 8192 (a Gaussian fitted to
     # the draws alone gave k-hat 0.93).
     assert info["accepted"]
-    # measured over seeds 0-2: mean errors at most 0.016 sd, variance ratios 1.005-1.03, weight
-    # errors at most 3e-4, log-evidence errors at most 6e-4; the bounds are those of the
+    # measured over seeds 0-2: mean errors at most 0.021 sd, variance ratios 0.971-1.031, weight
+    # errors at most 1.3e-4, log-evidence errors at most 0.0021; the bounds are those of the
     # three-mode test (4 Monte Carlo sds at a bulk ESS of about 3000).
     sd = var.sqrt()
     assert float(((result.mean() - mean) / sd).abs().max()) < 0.064
