@@ -762,6 +762,7 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
         + "; ".join(problems)
         + ". Run longer chains (num_samples, num_warmup), more chains, or a higher "
         "target_accept_prob"
+        + ("; for the evidence, more evidence_draws" if "evidence" in " ".join(problems) else "")
     )
 
     kept = [a for a, k in enumerate(active) if weights[k] >= KEEP_WEIGHT]
