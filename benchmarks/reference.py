@@ -232,6 +232,7 @@ def run(args) -> list[str]:
                     model_kwargs=kwargs,
                     num_samples=args.samples,
                     num_warmup=args.warmup,
+                    evidence_draws=args.evidence_draws,
                     cache=args.cache,
                     seed=i,
                 )
@@ -339,6 +340,7 @@ def main():
     parser.add_argument("--particles", type=int, default=256)
     parser.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=int, default=1000, help="NUTS warm-up per chain")
+    parser.add_argument("--evidence-draws", type=int, default=8192)
     parser.add_argument("--cache", default=str(HERE / ".cache"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="engines left out, comma-separated")
