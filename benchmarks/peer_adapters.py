@@ -118,7 +118,9 @@ def _azula(problem, num_steps, counter):
     return denoiser, settings, *_observation(problem)
 
 
-def _draw(sampler, num_samples: int, dim: int, seed: int, chunk: int | None = None, **init) -> Tensor:
+def _draw(
+    sampler, num_samples: int, dim: int, seed: int, chunk: int | None = None, **init
+) -> Tensor:
     """``sampler.init`` (``N(alpha m, alpha^2 v + sigma^2)`` at ``t_K``) then the sampler, in chunks
     of ``chunk`` draws, under torch's global generator seeded with ``seed`` (restored after)."""
     chunk = chunk or num_samples
@@ -139,7 +141,9 @@ def azula_dps(problem, num_steps, num_samples, seed, *, zeta=1.0, chunk=None, co
     return _draw(sampler, num_samples, matrix.shape[1], seed, chunk)
 
 
-def azula_mmps(problem, num_steps, num_samples, seed, *, solver="gmres", iterations=1, counter=None):
+def azula_mmps(
+    problem, num_steps, num_samples, seed, *, solver="gmres", iterations=1, counter=None
+):
     """azula's ``MMPSDenoiser`` (its defaults: GMRES, one iteration) in azula's ``DDPMSampler``."""
     denoiser, settings, matrix, y, sigma = _azula(problem, num_steps, counter)
     posterior_denoiser = MMPSDenoiser(
@@ -192,10 +196,8 @@ def azula_tds(
     return _draw(sampler, num_samples, matrix.shape[1], seed)
 
 
-def azula_diffpir(
-    problem, num_steps, num_samples, seed, *, lmbda=10.0, iterations=1, counter=None
-):
-    """azula's ``DiffPIRDenoiser`` (its defaults: lambda 10, one GMRES iteration) in ``DDPMSampler``."""
+def azula_diffpir(problem, num_steps, num_samples, seed, *, lmbda=10.0, iterations=1, counter=None):
+    """azula's ``DiffPIRDenoiser`` (defaults: lambda 10, 1 GMRES iteration) in ``DDPMSampler``."""
     denoiser, settings, matrix, y, sigma = _azula(problem, num_steps, counter)
     posterior_denoiser = DiffPIRDenoiser(
         denoiser, y=y, A=lambda x: x @ matrix.T, var_y=sigma**2, lmbda=lmbda, iterations=iterations
@@ -206,20 +208,20 @@ def azula_diffpir(
 
 # ------------------------------------------------------------------------------------ deepinv
 class DeepinvDenoiser(deepinv.models.Denoiser):
-    """Our VP denoiser in deepinv's VE convention ``x = x0 + sigma * noise``:
-    ``D(x, sigma) = our D(alpha_t x, t)`` with ``sigma_t / alpha_t = sigma * sigma_scale``; ``t`` is
-    the grid time whose noise ratio matches to 1e-6 (deepinv hands float32 sigmas over), else
-    the bisection of ``schedule.time_of_noise_ratio``."""
+    """Our VP denoiser in deepinv's VE convention, in deepinv's units: deepinv's state is
+    ``x' = units (x0 + rho z)`` (ours: ``x_t = alpha_t (x0 + rho z)``, ``rho = sigma_t / alpha_t``)
+    and it declares the noise level ``sigma' = noise_factor * units * rho``; so
+    ``D(x', sigma') = units * our D(alpha_t x' / units, t)``. ``t`` is the grid time whose ``rho``
+    matches to 1e-6 (deepinv hands float32 sigmas over), else ``time_of_noise_ratio``."""
 
-    def __init__(self, problem: InverseProblem, grid: Tensor, counter: CallCounter) -> None:
+    def __init__(self, problem, grid, counter, units=1.0, noise_factor=1.0) -> None:
         super().__init__()
         self.prior, self.schedule = problem.prior, problem.prior.schedule
         self.grid, self.ratios = grid, problem.prior.schedule.noise_ratio(grid)
-        self.counter = counter
-        self.sigma_scale = 1.0
+        self.counter, self.units, self.noise_factor = counter, units, noise_factor
 
     def time(self, sigma) -> Tensor:
-        ratio = torch.as_tensor(sigma, dtype=F64).flatten() * self.sigma_scale
+        ratio = torch.as_tensor(sigma, dtype=F64).flatten() / (self.units * self.noise_factor)
         ratio = ratio[:1] if bool((ratio == ratio[0]).all()) else ratio
         relative = (ratio[:, None] - self.ratios).abs() / self.ratios.clamp_min(1e-300)
         best = relative.argmin(1)
@@ -231,25 +233,31 @@ class DeepinvDenoiser(deepinv.models.Denoiser):
         t = self.time(sigma)
         alpha = self.schedule.alpha(t)
         alpha = alpha if alpha.dim() == 0 else alpha[:, None]
-        return self.counter(self.prior.denoise, alpha * x.to(F64), t)
+        x_t = alpha * x.to(F64) / self.units
+        return self.units * self.counter(self.prior.denoise, x_t, t)
 
 
-def _physics(problem: InverseProblem, decomposable: bool = False, noise_scale: float = 1.0):
-    """A deepinv ``LinearPhysics`` of our matrix with Gaussian noise ``sigma`` (float64), or a
-    ``DecomposablePhysics`` of its SVD ``A = U diag(s) V^T`` with ``mask = s`` padded to ``d``."""
-    matrix, _, sigma = _observation(problem)
-    noise = deepinv.physics.GaussianNoise(sigma=torch.tensor(sigma * noise_scale, dtype=F64))
+def _physics(problem, num_samples, units=1.0, noise_factor=1.0, decomposable=False):
+    """``(physics, y')``: our matrix as a deepinv ``LinearPhysics``, or as a
+    ``DecomposablePhysics`` of its SVD ``A = U diag(s) V^T`` (``mask = s`` padded to ``d``), with
+    Gaussian noise ``noise_factor * units * sigma_y`` (float64); ``y' = units * y`` per draw."""
+    matrix, y, sigma = _observation(problem)
+    noise = deepinv.physics.GaussianNoise(
+        sigma=torch.tensor(sigma * units * noise_factor, dtype=F64)
+    )
+    y = (units * y).expand(num_samples, -1)
     if not decomposable:
-        return deepinv.physics.LinearPhysics(
+        physics = deepinv.physics.LinearPhysics(
             A=lambda x, **_: x.to(F64) @ matrix.T,
             A_adjoint=lambda v, **_: v.to(F64) @ matrix,
             noise_model=noise,
         )
+        return physics, y
     m, d = matrix.shape
     left, singular, right_t = torch.linalg.svd(matrix, full_matrices=True)
     mask = torch.zeros(1, d, dtype=F64)
     mask[0, :m] = singular
-    return deepinv.physics.DecomposablePhysics(
+    physics = deepinv.physics.DecomposablePhysics(
         U=lambda z: z[:, :m] @ left.T,
         U_adjoint=lambda v: torch.nn.functional.pad(v @ left, (0, d - m)),
         V=lambda z: z @ right_t,
@@ -257,17 +265,23 @@ def _physics(problem: InverseProblem, decomposable: bool = False, noise_scale: f
         mask=mask,
         noise_model=noise,
     )
+    return physics, y
 
 
-def _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter) -> Tensor:
+def _units(problem, units) -> float:
+    """``units`` as a number: ``"unit"`` is one over the prior's rms standard deviation."""
+    return 1 / math.sqrt(float(problem.prior.variance.mean())) if units == "unit" else units
+
+
+def _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter, units):
     """deepinv's ``PosteriorDiffusion`` with ``fidelity``: an ``EDMDiffusionSDE`` with ``sigma(t) =
-    sigma_t / alpha_t`` and ``s(t) = alpha_t`` (so ``x = s(t) (x0 + sigma(t) z)`` is our ``x_t``),
-    solved by ``DDPMSolver`` on our grid; ``minus_one_one=False`` (no [-1, 1] state)."""
-    grid = _grid(problem, num_steps)
+    units * sigma_t / alpha_t``, ``s(t) = alpha_t`` (its state ``s (x0' + sigma z)`` is ``units``
+    times our ``x_t``), ``DDPMSolver`` on our grid, ``minus_one_one=False`` (no [-1, 1] map)."""
+    grid, units = _grid(problem, num_steps), _units(problem, units)
     schedule = problem.prior.schedule
-    denoiser = DeepinvDenoiser(problem, grid, counter or CallCounter())
+    denoiser = DeepinvDenoiser(problem, grid, counter or CallCounter(), units)
     sde = deepinv.sampling.EDMDiffusionSDE(
-        sigma_t=schedule.noise_ratio,
+        sigma_t=lambda t: units * schedule.noise_ratio(t),
         scale_t=schedule.alpha,
         alpha=1.0,
         denoiser=denoiser,
@@ -283,49 +297,56 @@ def _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter)
         dtype=F64,
         minus_one_one=False,
     )
-    y = problem.y.to(F64).expand(num_samples, -1)
+    physics, y = _physics(problem, num_samples, units)
     shape = (num_samples, problem.operator.matrix().shape[1])
     with torch.no_grad():
-        return model(y, _physics(problem), x_init=shape, seed=seed).detach()
+        return model(y, physics, x_init=shape, seed=seed).detach() / units
 
 
-def deepinv_dps(problem, num_steps, num_samples, seed, *, weight=1.0, guidance="norm", counter=None):
-    """``PosteriorDiffusion`` with ``DPSDataFidelity(clip=None)``: the score ``D``-score minus
-    ``weight * grad ||A D(x) - y||`` (per draw), in the DDPM step."""
+def deepinv_dps(
+    problem, num_steps, num_samples, seed, *, weight=1.0, guidance="norm", units=1.0, counter=None
+):
+    """``PosteriorDiffusion`` with ``DPSDataFidelity(clip=None)``: the prior score minus
+    ``weight * grad ||A D(x) - y||`` (per draw) in the DDPM step."""
     fidelity = deepinv.sampling.DPSDataFidelity(weight=weight, clip=None, guidance=guidance)
-    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter)
+    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter, units)
 
 
-def deepinv_pigdm(problem, num_steps, num_samples, seed, *, weight=1.0, counter=None):
-    """``PosteriorDiffusion`` with ``PiGDMDataFidelity`` (its ``r_t^2 = sigma^2 / (1 + sigma^2)``)."""
+def deepinv_pigdm(problem, num_steps, num_samples, seed, *, weight=1.0, units=1.0, counter=None):
+    """``PosteriorDiffusion`` with ``PiGDMDataFidelity`` (``r_t^2 = sigma^2 / (1 + sigma^2)``, unit
+    data variance): ``units="unit"`` runs it where that holds, then it is our
+    ``PiGDM(guidance="score")``."""
     fidelity = deepinv.sampling.PiGDMDataFidelity(weight=weight)
-    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter)
+    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter, units)
 
 
-def deepinv_mmps(problem, num_steps, num_samples, seed, *, cg_max_iter=3, counter=None):
+def deepinv_mmps(problem, num_steps, num_samples, seed, *, cg_max_iter=3, units=1.0, counter=None):
     """``PosteriorDiffusion`` with ``MomentMatchingDataFidelity`` (its default: 3 CG iterations)."""
     fidelity = deepinv.sampling.MomentMatchingDataFidelity(cg_max_iter=cg_max_iter)
-    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter)
+    return _deepinv_posterior(problem, num_steps, num_samples, seed, fidelity, counter, units)
 
 
 def deepinv_ddrm(
-    problem, num_steps, num_samples, seed, *, eta=0.85, etab=1.0, undo_sqrt2=False, counter=None
+    problem, num_steps, num_samples, seed, *, eta=0.85, etab=1.0, exact=False, counter=None
 ):
-    """``deepinv.sampling.DDRM`` on a ``DecomposablePhysics`` of our SVD, with the noise levels
-    ``sigma_t / alpha_t`` of ``grid[:-1]`` (``K`` calls; its output is ``D`` at ``t_1``, as ours).
-    ``undo_sqrt2``: deepinv divides every noise draw by sqrt(2); passing sqrt(2) times the noise
-    levels and ``sigma_y`` and reading the denoiser's sigma divided by sqrt(2) undoes it exactly
-    (only its observed-coordinate test ``s_i > sigma_y`` becomes ``s_i > sqrt(2) sigma_y``)."""
+    """``deepinv.sampling.DDRM`` with the noise levels ``sigma_t / alpha_t`` of ``grid[:-1]`` (``K``
+    calls; its output is ``D`` at ``t_1``, as ours). ``exact=True`` undoes its two unit-range
+    assumptions by an exact change of units: every noise draw divided by sqrt(2) (declared levels
+    and ``sigma_y`` times sqrt(2), the denoiser reads them back) and observed coordinates
+    ``s_i > sigma_y`` (data scaled by ``1 / (sqrt(2) rho_T)``, so that the test is the
+    official ``s_i rho_T > sigma_y``)."""
     grid = _grid(problem, num_steps)
-    denoiser = DeepinvDenoiser(problem, grid, counter or CallCounter())
-    scale = math.sqrt(2.0) if undo_sqrt2 else 1.0
-    denoiser.sigma_scale = 1.0 / scale
-    sigmas = (problem.prior.schedule.noise_ratio(grid[:-1]) * scale).tolist()
-    model = deepinv.sampling.DDRM(denoiser, sigmas=sigmas, eta=eta, etab=etab)
-    y = problem.y.to(F64).expand(num_samples, -1)
+    ratios = problem.prior.schedule.noise_ratio(grid[:-1])
+    factor = math.sqrt(2.0) if exact else 1.0
+    units = 1 / (factor * float(ratios[0])) if exact else 1.0
+    denoiser = DeepinvDenoiser(problem, grid, counter or CallCounter(), units, factor)
+    model = deepinv.sampling.DDRM(
+        denoiser, sigmas=(ratios * units * factor).tolist(), eta=eta, etab=etab
+    )
+    physics, y = _physics(problem, num_samples, units, factor, decomposable=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # DDRM seeds torch's global generator only for a truthy seed
-        return model(y, _physics(problem, decomposable=True, noise_scale=scale)).detach()
+        return model(y, physics).detach() / units
 
 
 Runner = Callable[..., Tensor]
@@ -353,7 +374,9 @@ _AZULA_COMMON = (
 _DEEPINV_COMMON = (
     "Our VP denoiser in deepinv's VE convention, D(x, s) = our D(alpha_t x, t) with "
     "sigma_t/alpha_t = s (t snapped to the grid; deepinv casts x and s to float32 before every "
-    "call, the wrapper casts back to float64); our matrix and sigma_y (float64) as deepinv physics."
+    "call, the wrapper casts back to float64); our matrix and sigma_y (float64) as deepinv "
+    "physics, y repeated per draw. units=c (default 1) hands deepinv the problem scaled by c "
+    "(x, y, sigma_y, noise levels) and rescales the draws: an exact change of units."
 )
 ADAPTATIONS: dict[str, str] = {
     "azula.dps": _AZULA_COMMON
@@ -365,30 +388,33 @@ ADAPTATIONS: dict[str, str] = {
     "azula.pgdm": _AZULA_COMMON
     + " PGDMSampler with eta = 1 (ours and the paper's; azula's DDIM default is 0); A_inv the "
     "pseudo-inverse of our matrix; started from alpha_T A^+ y + sigma_T z as ours. azula's "
-    "guidance is the noiseless form (no sigma_y, r_t^2 = 1): ours uses r_t^2 of the prior's "
-    "variance and sigma_y.",
+    "guidance is the noiseless form (no sigma_y, r_t^2 = 1); ours uses sigma_y and r_t^2 from the "
+    "prior's variance.",
     "azula.tds": _AZULA_COMMON
     + " TDSSampler with our default 'inflated' twist (tau^2 = the prior's mean variance, "
-    "evaluated in the SVD basis) given as its twist(x0, sigma_t/alpha_t); azula resamples "
-    "multinomially at every step and returns its last particles without a final weight.",
+    "evaluated in the SVD basis) as its twist(x0, sigma_t/alpha_t); azula resamples "
+    "multinomially at every step (ours: systematic) and returns its last particles unweighted.",
     "azula.diffpir": _AZULA_COMMON
     + " DiffPIRDenoiser with its defaults (lambda = 10, 1 GMRES iteration), var_y = sigma_y^2, in "
     "DDPMSampler (eta = 1); diffpost has no DiffPIR engine to compare with.",
     "deepinv.dps": _DEEPINV_COMMON
     + " PosteriorDiffusion + DPSDataFidelity(clip=None: the DPS class clips x0 to [-1, 1], which "
     "ruins means at +-16), weight 1, 'norm' guidance (per draw); EDMDiffusionSDE with sigma(t) = "
-    "sigma_t/alpha_t, s(t) = alpha_t, DDPMSolver on our grid, minus_one_one=False in SDE and "
-    "PosteriorDiffusion (no [-1, 1] state or output map); start N(0, sigma_t^2) at t_K.",
+    "sigma_t/alpha_t and s(t) = alpha_t; DDPMSolver on our grid; minus_one_one=False in the SDE "
+    "and in PosteriorDiffusion (no [-1, 1] state, no (x + 1)/2 on the output); start "
+    "N(0, sigma_t^2) at t_K (ours: alpha^2 + sigma^2).",
     "deepinv.pigdm": _DEEPINV_COMMON
-    + " As deepinv.dps with PiGDMDataFidelity (weight 1; its r_t^2 = s^2/(1 + s^2) assumes unit "
-    "data variance, ours uses the prior's) as a conditional score in the DDPM step.",
+    + " As deepinv.dps with PiGDMDataFidelity (weight 1), whose r_t^2 = s^2/(1 + s^2) assumes unit "
+    "data variance: units='unit' (1/rms prior std) makes that hold and gives our "
+    "PiGDM(guidance='score').",
     "deepinv.mmps": _DEEPINV_COMMON
     + " As deepinv.dps with MomentMatchingDataFidelity (3 CG iterations, its default).",
     "deepinv.ddrm": _DEEPINV_COMMON
     + " deepinv.sampling.DDRM (eta 0.85, eta_b 1, as ours) on a DecomposablePhysics of our SVD "
-    "(U pads/crops to d, mask = singular values padded with 0), sigmas = sigma_t/alpha_t on "
-    "grid[:-1] (K calls, output D at t_1 as ours); it has no [-1, 1] rescaling in 0.5.0. Its "
-    "noise draws are divided by sqrt(2) (kept as is; undo_sqrt2=True undoes it exactly).",
+    "(U pads/crops to d, mask = singular values padded with 0); sigmas = sigma_t/alpha_t on "
+    "grid[:-1] (K calls, output D at t_1 as ours); it does no [-1, 1] rescaling in 0.5.0 but "
+    "divides every noise draw by sqrt(2) and treats s_i <= sigma_y as unobserved (sigmas assumed "
+    "to start at 1), both kept; exact=True undoes both by an exact change of units.",
     "deepinv.diffpir": "Not provided: deepinv.sampling.DiffPIR hard-codes the DDPM linear betas "
     "1e-4..0.02 over 1000 steps and its own time sequence, maps the state to [-1, 1] and clamps "
     "x0 to [-1, 1] unconditionally; none of these can be switched off through its interface.",
@@ -396,12 +422,13 @@ ADAPTATIONS: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------------- self-check
-def _ours(problem: InverseProblem, engine: str, num_steps: int, num_samples: int, seed: int):
+def _ours(problem, engine: tuple[str, dict], num_steps: int, num_samples: int, seed: int):
     from diffpost import posterior
 
+    name, settings = engine
     result = posterior.sample(
         problem.model,
-        getattr(posterior, engine)(num_steps=num_steps),
+        getattr(posterior, name)(num_steps=num_steps, **settings),
         num_particles=num_samples,
         num_chains=1,
         seed=seed,
@@ -411,20 +438,25 @@ def _ours(problem: InverseProblem, engine: str, num_steps: int, num_samples: int
     return result.get_samples(seed=seed)["x"]
 
 
-#: label -> (runner, our matching engine or None)
-CHECKS: dict[str, tuple[Runner, str | None]] = {
-    "azula.dps": (azula_dps, "DPS"),
-    "azula.dps zeta=0.5 chunk=1": (functools.partial(azula_dps, zeta=0.5, chunk=1), "DPS"),
-    "azula.mmps": (azula_mmps, "MMPS"),
-    "azula.mmps cg": (functools.partial(azula_mmps, solver="cg"), "MMPS"),
-    "azula.pgdm": (azula_pgdm, "PiGDM"),
-    "azula.tds": (azula_tds, "TDS"),
+#: label -> (runner, our matching engine and its settings, or None)
+CHECKS: dict[str, tuple[Runner, tuple[str, dict] | None]] = {
+    "azula.dps": (azula_dps, ("DPS", {})),
+    "azula.dps zeta=0.5 chunk=1": (functools.partial(azula_dps, zeta=0.5, chunk=1), ("DPS", {})),
+    "azula.mmps": (azula_mmps, ("MMPS", {})),
+    "azula.mmps solver=cg": (functools.partial(azula_mmps, solver="cg"), ("MMPS", {})),
+    "azula.pgdm": (azula_pgdm, ("PiGDM", {})),
+    "azula.tds": (azula_tds, ("TDS", {})),
+    "azula.tds vs multinomial": (azula_tds, ("TDS", {"resampling": "multinomial"})),
     "azula.diffpir": (azula_diffpir, None),
-    "deepinv.dps": (deepinv_dps, "DPS"),
-    "deepinv.pigdm": (deepinv_pigdm, "PiGDM"),
-    "deepinv.mmps": (deepinv_mmps, "MMPS"),
-    "deepinv.ddrm": (deepinv_ddrm, "DDRM"),
-    "deepinv.ddrm undo_sqrt2": (functools.partial(deepinv_ddrm, undo_sqrt2=True), "DDRM"),
+    "deepinv.dps": (deepinv_dps, ("DPS", {})),
+    "deepinv.pigdm": (deepinv_pigdm, ("PiGDM", {})),
+    "deepinv.pigdm units=unit": (
+        functools.partial(deepinv_pigdm, units="unit"),
+        ("PiGDM", {"guidance": "score"}),
+    ),
+    "deepinv.mmps": (deepinv_mmps, ("MMPS", {"cg_iterations": 3})),
+    "deepinv.ddrm": (deepinv_ddrm, ("DDRM", {})),
+    "deepinv.ddrm exact": (functools.partial(deepinv_ddrm, exact=True), ("DDRM", {})),
 }
 
 
@@ -435,8 +467,8 @@ def main(num_samples: int = 500, seed: int = 0) -> None:
     def distance(draws: Tensor, reference: Tensor) -> float:
         return sliced_wasserstein(draws, reference, seed=0, num_projections=256, p=2)
 
-    print("| d | d_y | K | method | peer SW | ours SW | floor | calls | VJPs | peer s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| d | d_y | K | method | peer SW | ours SW (engine) | floor | calls | VJPs | |Δ| | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dim, obs_dim in ((8, 1), (80, 4)):
         problem = gaussian_mixture_benchmark(dim, obs_dim, seed=seed)
         exact = problem.exact_posterior()
@@ -446,20 +478,25 @@ def main(num_samples: int = 500, seed: int = 0) -> None:
         for num_steps in (20, 100):
             ours: dict[str, float] = {}
             for label, (run, engine) in CHECKS.items():
+                key = repr(engine)
                 counter = CallCounter()
                 start = time.perf_counter()
                 draws = run(problem, num_steps, num_samples, seed, counter=counter)
                 wall = time.perf_counter() - start
                 assert draws.shape == (num_samples, dim), draws.shape
-                if engine is not None and engine not in ours:
-                    ours[engine] = distance(_ours(problem, engine, num_steps, num_samples, seed),
-                                            reference)  # fmt: skip
-                mine = f"{ours[engine]:.2f} ({engine})" if engine else "-"
-                chunks = num_samples if "chunk=1" in label else 1
+                if engine is not None and key not in ours:
+                    ours[key] = _ours(problem, engine, num_steps, num_samples, seed)
+                mine, gap = "-", "-"
+                if engine is not None:
+                    settings = ", ".join(f"{k}={v!r}" for k, v in engine[1].items())
+                    mine = f"{distance(ours[key], reference):.2f} ({engine[0]}({settings}))"
+                    gap = f"{float((draws - ours[key]).norm(dim=1).median()):.1e}"
+                per_draw = num_samples if "chunk=1" in label else 1  # one sampler call per draw
+                sw = distance(draws, reference)
                 print(
-                    f"| {dim} | {obs_dim} | {num_steps} | {label} | {distance(draws, reference):.2f}"
-                    f" | {mine} | {floor:.2f} | {counter.calls // chunks} | "
-                    f"{counter.vjps // chunks} | {wall:.1f} |",
+                    f"| {dim} | {obs_dim} | {num_steps} | {label} | {sw:.2f} | {mine} "
+                    f"| {floor:.2f} | {counter.calls // per_draw} | {counter.vjps // per_draw} "
+                    f"| {gap} | {wall:.1f} |",
                     flush=True,
                 )
 

@@ -139,6 +139,9 @@ def test_declared_dependencies_are_what_the_library_imports():
     assert extras["diffusers"] == {"diffusers"} and extras["reference"] == {"numpyro", "jax"}
     # ArviZ's plotting library works on a run's DataTree (tests/test_plots.py); never imported
     assert extras["plots"] == {"arviz-plots"}
+    # the peer libraries, for benchmarks/peers.py only: never imported by the library
+    assert extras["peers"] == {"azula", "deepinv"}
+    assert not extras["peers"] & (eager | lazy)
 
 
 USER_PROJECT = {
