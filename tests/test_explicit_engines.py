@@ -59,10 +59,12 @@ def _mixture():
         (DDRM(), 0.35),
         # 0.408, 0.416, 0.415 (the normalised step keeps kicking near the data: over-dispersed)
         (DPS(num_steps=100), 0.55),
+        # 0.471, 0.424, 0.473: the score form is no closer on this mixture
+        (DPS(num_steps=100, guidance="score"), 0.6),
         # 0.386, 0.394, 0.394 (the official update under-weights the guidance at high noise)
-        (PiGDM(), 0.5),
-        # 0.132, 0.116, 0.133: the same guidance plugged in as a score is far closer
-        (PiGDM(guidance="score"), 0.2),
+        (PiGDM(guidance="paper"), 0.5),
+        # 0.132, 0.116, 0.133: the same guidance plugged in as a score (the default) is far closer
+        (PiGDM(), 0.2),
         # 0.156, 0.195, 0.153
         (MMPS(), 0.25),
         # 0.554, 0.554, 0.555: gamma = 1 pulls every draw onto y (variance 0.0008 vs 0.2-0.37)
@@ -138,10 +140,12 @@ def test_ddrm_thin_path_draws_the_same_law_as_the_full_rotation():
         # 4.17 0.97 / 4.16 0.95: on the sharp observed direction the normalised step does not
         # shrink with the residual (14x with scale = 1); only the mean is asserted
         (DPS(num_steps=100), None),
+        # 1.18 0.94 / 1.19 0.93: as a score in Tweedie's formula the push shrinks with the step
+        (DPS(num_steps=100, guidance="score"), (0.8, 1.35)),
         # 0.63 0.93 / 0.62 0.93
-        (PiGDM(), (0.5, 1.05)),
+        (PiGDM(guidance="paper"), (0.5, 1.05)),
         # 0.85 0.94 / 0.87 0.93 (the 100-step DDPM alone gives about 0.93)
-        (PiGDM(guidance="score"), (0.75, 1.05)),
+        (PiGDM(), (0.75, 1.05)),
         # 0.80 0.87 / 0.81 0.90
         (MMPS(), (0.7, 1.0)),
         # 0.54 0.71 / 0.57 0.74
@@ -371,6 +375,7 @@ def test_svd_engines_need_one_noise_level_and_dps_an_observation():
         (lambda: DPS(num_steps=0), "DPS: num_steps must be >= 1"),
         (lambda: DPS(scale=-1.0), "DPS: scale"),
         (lambda: DPS(scale=float("nan")), "DPS: scale"),
+        (lambda: DPS(guidance="normalised"), "DPS: guidance must be"),
         (lambda: DDRM(eta=1.5), r"DDRM: eta must lie in \[0, 1\]"),
         (lambda: DDRM(eta_b=-0.1), "DDRM: eta_b"),
         (lambda: DDRM(eta_c=1.2), "DDRM: eta_c"),
@@ -396,9 +401,10 @@ def test_bad_hyperparameters_are_rejected(build, message):
 
 
 def test_defaults_are_the_papers():
-    assert (DPS().num_steps, DPS().scale) == (1000, 0.5)
+    assert (DPS().num_steps, DPS().scale, DPS().guidance) == (1000, 0.5, "paper")
+    assert DPS(guidance="score").scale == 1.0 and DPS(scale=0.3, guidance="score").scale == 0.3
     assert (DDRM().num_steps, DDRM().eta, DDRM().eta_b, DDRM().eta_c) == (20, 0.85, 1.0, None)
-    assert (PiGDM().num_steps, PiGDM().eta, PiGDM().guidance) == (100, 1.0, "paper")
+    assert (PiGDM().num_steps, PiGDM().eta, PiGDM().guidance) == (100, 1.0, "score")
     assert (MMPS().num_steps, MMPS().cg_iterations) == (64, 1)
     assert (SNIPS().num_steps, SNIPS().steps_per_level, SNIPS().step_lr) == (500, 5, 3.3e-6)
     assert (DDS().num_steps, DDS().eta, DDS().cg_iterations, DDS().gamma) == (50, 0.85, 5, 1.0)
