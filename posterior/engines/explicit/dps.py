@@ -123,7 +123,7 @@ class DPS(ExplicitEngine, family="explicit"):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        if self.guidance not in DEFAULT_SCALE:
+        if not isinstance(self.guidance, str) or self.guidance not in DEFAULT_SCALE:
             raise ValueError(f"DPS: guidance must be 'paper' or 'score'; got {self.guidance!r}")
         if self.scale is None:  # resolved once, so that the engine shows the scale it uses
             object.__setattr__(self, "scale", DEFAULT_SCALE[self.guidance])
