@@ -14,6 +14,7 @@ from diffpost.models.schedules import EDM, DiscreteVP, Schedule, time_grid
 from diffpost.posterior.problem import Problem
 
 __all__ = [
+    "check_choice",
     "check_positive",
     "check_positive_integers",
     "check_unit_interval",
@@ -119,3 +120,11 @@ def check_unit_interval(engine: str, **values: float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise ValueError(f"{engine}: {name} must lie in [0, 1]; got {value!r}")
+
+
+def check_choice(engine: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the engine and the field when ``value`` is not one of
+    ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        options = " or ".join(repr(choice) for choice in choices)
+        raise ValueError(f"{engine}: {name} must be {options}; got {value!r}")

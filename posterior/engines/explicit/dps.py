@@ -78,7 +78,7 @@ import torch
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import sampling_grid
+from diffpost.posterior.engines.common import check_choice, sampling_grid
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -123,8 +123,7 @@ class DPS(ExplicitEngine, family="explicit"):
     def __post_init__(self):
         super().__post_init__()
         self._check_num_steps()
-        if not isinstance(self.guidance, str) or self.guidance not in DEFAULT_SCALE:
-            raise ValueError(f"DPS: guidance must be 'paper' or 'score'; got {self.guidance!r}")
+        check_choice("DPS", "guidance", self.guidance, tuple(DEFAULT_SCALE))
         if self.scale is None:  # resolved once, so that the engine shows the scale it uses
             object.__setattr__(self, "scale", DEFAULT_SCALE[self.guidance])
         if not (

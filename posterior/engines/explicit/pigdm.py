@@ -82,7 +82,7 @@ from torch import Tensor
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.operators.base import LinearOperator, conjugate_gradient
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import check_unit_interval, sampling_grid
+from diffpost.posterior.engines.common import check_choice, check_unit_interval, sampling_grid
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -141,8 +141,7 @@ class PiGDM(ExplicitEngine, family="explicit"):
             )
         if self.data_variance is not None and not self.data_variance > 0:
             raise ValueError(f"PiGDM: data_variance must be > 0; got {self.data_variance!r}")
-        if self.guidance not in ("paper", "score"):
-            raise ValueError(f"PiGDM: guidance must be 'paper' or 'score'; got {self.guidance!r}")
+        check_choice("PiGDM", "guidance", self.guidance, ("paper", "score"))
 
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator

@@ -74,6 +74,7 @@ from torch import Tensor
 
 from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
+    check_choice,
     initial_particles,
     rotated_observation,
     sampling_grid,
@@ -129,10 +130,7 @@ class MCGDiff(SMCEngine, family="smc"):
             raise ValueError(f"MCGDiff: eta must lie in (0, 1]; got {self.eta}")
         if self.kappa < 0:
             raise ValueError(f"MCGDiff: kappa must be >= 0; got {self.kappa}")
-        if self.potential not in ("paper", "smooth"):
-            raise ValueError(
-                f"MCGDiff: potential must be 'paper' or 'smooth'; got {self.potential!r}"
-            )
+        check_choice("MCGDiff", "potential", self.potential, ("paper", "smooth"))
         check_resampling("MCGDiff", self.resampling, self.ess_threshold)
 
     # ------------------------------------------------------------------ set-up

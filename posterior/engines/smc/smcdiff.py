@@ -96,7 +96,12 @@ from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.common import (
+    check_choice,
+    initial_particles,
+    sampling_grid,
+    uniform_log_weights,
+)
 from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
@@ -176,8 +181,7 @@ class SMCDiff(SMCEngine, family="smc"):
         check_resampling(
             "SMCDiff", self.resampling, 0.0 if self.ess_threshold is None else self.ess_threshold
         )
-        if self.variance not in ("large", "small"):
-            raise ValueError(f"SMCDiff: variance must be 'large' or 'small'; got {self.variance!r}")
+        check_choice("SMCDiff", "variance", self.variance, ("large", "small"))
         if not (isinstance(self.departure, (int, float)) and 0.0 <= self.departure < math.inf):
             raise ValueError(
                 f"SMCDiff: departure must be a finite number >= 0; got {self.departure!r}"

@@ -108,7 +108,12 @@ from torch import Tensor
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import initial_particles, sampling_grid, uniform_log_weights
+from diffpost.posterior.engines.common import (
+    check_choice,
+    initial_particles,
+    sampling_grid,
+    uniform_log_weights,
+)
 from diffpost.posterior.engines.smc.core import (
     SMCEngine,
     SMCState,
@@ -178,8 +183,7 @@ class TDS(SMCEngine, family="smc"):
             raise ValueError(
                 f"TDS: twist_scale must be a finite number >= 0; got {self.twist_scale!r}"
             )
-        if self.twist not in ("inflated", "plain"):
-            raise ValueError(f"TDS: twist must be 'inflated' or 'plain'; got {self.twist!r}")
+        check_choice("TDS", "twist", self.twist, ("inflated", "plain"))
         if self.data_variance is not None and not self.data_variance > 0:
             raise ValueError(f"TDS: data_variance must be > 0; got {self.data_variance!r}")
         check_resampling("TDS", self.resampling, self.ess_threshold)
