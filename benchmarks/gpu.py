@@ -8,6 +8,11 @@
 2. **Speed.** The shipped 16x16 digits UNet (``zoo.digits16``), half the image observed with
    sigma = 0.1, MCGDiff (100 steps), DPS (1000), DAPS (defaults), DDRM (20) and REDDiff (1000) on
    4 chains x 256 particles: wall time after a warm-up run, NFEs and particles x NFE per second.
+3. **Batched against unbatched.** The same prior and mask, ``--problems`` held-out digits:
+   MCGDiff and DPS (100 steps each) on all of them as one plated run against one run per digit,
+   64 particles each, interleaved: particles x NFE per second and the ratio.
+
+``benchmarks/gpu.sh`` runs this with the CUDA tests and the sharded benchmark.
 
 Run on a CUDA machine::
 
@@ -90,20 +95,37 @@ def correctness(lines: list[str], device: str) -> None:
             lines.append(line)
 
 
-def speed(lines: list[str]) -> None:
-    prior = zoo.digits16(device="cuda")
+def digits16_problem(device: str, problems: int | None = None):
+    """The 16x16 UNet prior with the top half observed (sigma 0.1): ``(model, y)``, ``y`` of one
+    held-out digit or, with ``problems``, of that many (the model then has a plate)."""
+    prior = zoo.digits16(device=device)
     images, _ = zoo.digits_data("heldout", size=16)
-    x_true = images[0].to("cuda")
-    mask = torch.zeros(1, 16, 16, dtype=torch.bool, device="cuda")
+    x_true = images[: problems or 1].to(device)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool, device=device)
     mask[:, :8] = True
     operator = operators.Mask(mask)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     clean = operator(x_true)
-    y = clean + 0.1 * torch.randn(clean.shape, generator=generator, device="cuda")
+    y = clean + 0.1 * torch.randn(clean.shape, generator=generator, device=device)
 
     def model(y=None):
-        x = pyro.sample("x", prior)
-        return pyro.sample("y", GaussianObservation(operator, x, 0.1), obs=y)
+        if problems is None:
+            x = pyro.sample("x", prior)
+            return pyro.sample("y", GaussianObservation(operator, x, 0.1), obs=y)
+        with pyro.plate("digits", problems):
+            x = pyro.sample("x", prior)
+            return pyro.sample("y", GaussianObservation(operator, x, 0.1), obs=y)
+
+    return model, (y if problems else y[0])
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def speed(lines: list[str], device: str) -> None:
+    model, y = digits16_problem(device)
 
     lines += [
         "",
@@ -127,14 +149,61 @@ def speed(lines: list[str]) -> None:
             "progress": False,
         }
         posterior.sample(model, type(engine)(num_steps=2), seed=0, **kwargs)  # warm-up
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         result = posterior.sample(model, engine, seed=0, **kwargs)
-        torch.cuda.synchronize()
+        synchronize(device)
         wall = time.perf_counter() - start
         rate = 1024 * result.info["nfe"] / wall
         nfe = result.info["nfe"]
         line = f"| {engine.name} | {engine.num_steps} | {wall:.2f} | {nfe} | {rate:.3g} |"
+        print(line, flush=True)
+        lines.append(line)
+
+
+def batched(lines: list[str], device: str, problems: int, repeats: int = 2) -> None:
+    plated, ys = digits16_problem(device, problems)
+    single, _ = digits16_problem(device)
+    lines += [
+        "",
+        f"## Batched against unbatched: {problems} digits x 64 particles, 16x16 UNet",
+        "",
+        "| engine | plated wall s | one-by-one wall s | plated particle-NFE per s | "
+        "one-by-one particle-NFE per s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for engine in (posterior.MCGDiff(num_steps=100), posterior.DPS(num_steps=100)):
+        kwargs = {"num_particles": 64, "progress": False}
+        posterior.sample(
+            single, type(engine)(num_steps=2), seed=0, model_kwargs={"y": ys[0]}, **kwargs
+        )
+        walls = {"plated": [], "single": []}
+        nfe = {}
+        for _ in range(repeats):  # interleaved
+            synchronize(device)
+            start = time.perf_counter()
+            result = posterior.sample(plated, engine, seed=0, model_kwargs={"y": ys}, **kwargs)
+            synchronize(device)
+            walls["plated"].append(time.perf_counter() - start)
+            nfe["plated"] = result.info["nfe"]
+            start = time.perf_counter()
+            total = 0
+            for b in range(problems):
+                result = posterior.sample(
+                    single, engine, seed=b, model_kwargs={"y": ys[b]}, **kwargs
+                )
+                total += result.info["nfe"]
+            synchronize(device)
+            walls["single"].append(time.perf_counter() - start)
+            nfe["single"] = total
+        plate_wall, single_wall = min(walls["plated"]), min(walls["single"])
+        # particle-NFE: particles evaluated per denoiser call, times calls
+        plate_rate = problems * 64 * nfe["plated"] / plate_wall
+        single_rate = 64 * nfe["single"] / single_wall
+        line = (
+            f"| {engine.name} | {plate_wall:.2f} | {single_wall:.2f} | {plate_rate:.3g} | "
+            f"{single_rate:.3g} | {plate_rate / single_rate:.1f}x |"
+        )
         print(line, flush=True)
         lines.append(line)
 
@@ -148,6 +217,7 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
+    parser.add_argument("--problems", type=int, default=16)
     args = parser.parse_args()
     lines = [
         f"# GPU check ({datetime.date.today()}, {device_name(args.device)}, torch "
@@ -160,7 +230,9 @@ def main() -> None:
     if "correctness" not in args.skip:
         correctness(lines, args.device)
     if "speed" not in args.skip:
-        speed(lines)
+        speed(lines, args.device)
+    if "batched" not in args.skip:
+        batched(lines, args.device, args.problems)
     write_report(lines, args.output)
 
 

@@ -34,11 +34,17 @@ level :math:`q`, the fraction of trials whose central :math:`q` credible interva
 (empirical quantiles of the draws) contains the truth; TARP's curve is its expected coverage
 probability :math:`\mathrm{ECP}(\alpha) = \frac1T\sum_i \mathbb 1\{r_i / L < \alpha\}`.
 
-Choices: trials run one engine call each (a problem holds one observation, so trials are not
-batched together), while the prior-predictive draws of all trials are one batched call of the
-prior's sampler. Ranks need *independent* draws: the particles of one SMC chain share ancestors,
-which widens the rank histogram; pass ``one_draw_per_chain=True`` with many chains for SMC
-engines (each chain then contributes one draw picked by its weights).
+Choices: the prior-predictive draws of all trials are one batched call of the prior's sampler.
+The trials then run in batches (``trials_per_batch``; one plated engine run per batch, seeded by
+its first trial's seed), each batch one task that runs the engine and reduces its draws to
+ranks and coverage counts (:mod:`diffpost.diagnostics.calibration_batch`), in this process or
+on an ``executor`` (the machinery of :func:`diffpost.posterior.sample_many`: retries, a
+``directory`` to resume from). Ties are broken with a generator of each trial's own, seeded by
+a hash of its seed, so a trial's ranks do not depend on the order in which trials run, and a
+study gives the same result, bit for bit, in-process and on any executor. Ranks need
+*independent* draws: the particles of one SMC chain share ancestors, which widens the rank
+histogram; pass ``one_draw_per_chain=True`` with many chains for SMC engines (each chain then
+contributes one draw picked by its weights).
 
 References:
     Talts, Betancourt, Simpson, Vehtari, Gelman. Validating Bayesian inference algorithms with
@@ -52,29 +58,38 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyro
 import pyro.poutine as poutine
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffpost import posterior
+from diffpost.diagnostics.calibration_batch import (
+    CalibrationBatch,
+    load_batch,
+    run_batch,
+    save_batch,
+)
 from diffpost.diagnostics.ranks import (
     SUMMARIES,
     Summaries,
     check_summaries,
     rank_uniformity_test,
-    ranks_of_truth,
 )
-from diffpost.diagnostics.scores import central_intervals
 from diffpost.diagnostics.simulation import prior_predictive
-from diffpost.posterior.driver import check_seed, progress_enabled
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.problem import Problem
+from diffpost.posterior.tasks import (
+    StudyDirectory,
+    check_study,
+    fingerprint,
+    run_tasks,
+    study_manifest,
+)
 
 __all__ = [
     "CalibrationStudy",
@@ -209,17 +224,6 @@ class CalibrationStudy:
 MAX_BATCHED_PARTICLES = 2**16
 
 
-def _plated_model(model: Callable, size: int, data: dict[str, Tensor]) -> Callable:
-    """``model`` conditioned on a batch of observations ``(size, *obs)``, inside a plate."""
-    conditioned = poutine.condition(model, data=data)
-
-    def plated(*args, **kwargs):
-        with pyro.plate("trials", size):
-            return conditioned(*args, **kwargs)
-
-    return plated
-
-
 def calibration_study(
     model: Callable,
     engine: Engine,
@@ -236,6 +240,10 @@ def calibration_study(
     seed: int = 0,
     batch_size: int | None = None,
     trials_per_batch: int | None = None,
+    executor: Any = None,
+    directory: str | os.PathLike | None = None,
+    retries: int = 1,
+    num_threads: int | None = 1,
     progress: bool = True,
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
@@ -264,8 +272,8 @@ def calibration_study(
         levels: nominal levels of the coverage curves, in ``(0, 1)``.
         num_bins: bins of the rank histograms and the chi-square test (default
             ``min(20, T // 10, L + 1)``, at least 2: about ten expected trials per bin).
-        seed: seeds the prior-predictive draws, directions, reference points, tie-breaking and
-            the per-trial engine seeds.
+        seed: seeds the prior-predictive draws, directions, reference points and the per-trial
+            seeds (which seed the engine runs and the trials' tie-breaking).
         batch_size: chunk size of the engine's denoiser calls (see
             :func:`diffpost.posterior.sample`).
         trials_per_batch: trials run together in one engine run, as a ``pyro.plate`` named
@@ -276,7 +284,28 @@ def calibration_study(
             particles (the denoiser's own memory is bounded by ``batch_size``), and 1 for models
             that cannot be plated (global latents, a second signal, a plate of their own).
             ``1`` runs each trial alone with its own seed.
-        progress: show a progress bar over trials (off when ``CI`` is set).
+        executor: ``None`` (default) runs the batches in this process, one after the other;
+            otherwise anything with ``submit`` like a ``concurrent.futures.Executor``, e.g.
+            Dask's ``distributed.Client(...).get_executor()`` (the tested one; see
+            :func:`~diffpost.posterior.sample_many` for the workers' settings). Each batch is
+            one task (module-level, :func:`~diffpost.diagnostics.calibration_batch.run_batch`)
+            that receives the model, the engine and its trials' simulations, and returns only
+            their ranks, coverage counts and totals (no particles). The result is the same, bit
+            for bit, as in-process. Pass ``trials_per_batch`` too: the default packs up to
+            :data:`MAX_BATCHED_PARTICLES` particles into one batch, often every trial, which
+            leaves one task and nothing to spread.
+        directory: a folder to stream the batches' results to (``batch-000012.pt`` each, and
+            ``manifest.json`` describing the study: engine, config, seed, layout, summaries,
+            levels and a fingerprint of the simulated trials). Called again with the same
+            folder, the study loads the batches already there and runs only the missing ones; a
+            folder holding another study is refused.
+        retries: how many times a failed batch (it raised, or its worker died) is run again,
+            with the same seeds.
+        num_threads: torch threads while a batch runs, set in the process that runs it and
+            restored after; fixed (default 1) so results do not depend on where batches run
+            (their last bits depend on the thread count, and Dask's workers start with one
+            thread); ``None`` keeps each process's count.
+        progress: show a progress bar over batches (off when ``CI`` is set).
         model_args: positional arguments of the model.
         model_kwargs: keyword arguments of the model, without observed values.
 
@@ -285,8 +314,11 @@ def calibration_study(
 
     Raises:
         ValueError: bad arguments, a model that cannot be simulated (see
-            :func:`prior_predictive`), ``"log_likelihood"`` without a finite likelihood, or an
-            engine that refuses the problem.
+            :func:`prior_predictive`), ``"log_likelihood"`` without a finite likelihood, an
+            engine that refuses the problem, or a ``directory`` that holds another study.
+        RunsFailed: some batches failed on every attempt (:class:`~diffpost.posterior.RunsFailed`,
+            raised once all the others have finished and been saved; its ``results`` maps batch
+            index -> that batch's ``{"ranks", "covered", "nfe", "vjp", "wall_time"}``).
     """
     for name, value in (
         ("num_trials", num_trials),
@@ -306,9 +338,7 @@ def calibration_study(
         )
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a posterior engine instance; got {engine!r}")
-    check_seed(seed)
-    if seed is None:
-        raise TypeError("seed must be an integer (a study is reproducible by design); got None")
+    check_study(seed, executor, retries, num_threads, directory)
     summaries = check_summaries(summaries)
     levels_list = [float(q) for q in levels]
     if not levels_list or any(not 0 < q < 1 for q in levels_list):
@@ -351,65 +381,83 @@ def calibration_study(
     trial_seeds = torch.randint(0, 2**62, (num_trials,), generator=cpu).tolist()
     level_tensor = torch.tensor(levels_list, dtype=torch.float64)
 
-    # ---- one engine run per trial ----
-    ranks = torch.empty(num_trials, len(names), dtype=torch.long)
+    # ---- the batches of trials, each run and reduced to ranks and coverage by one task ----
+    # slices are cloned: a pickled view would carry the whole study's tensor to every worker
+    plated = trials_per_batch > 1
+    jobs = []
+    for first_trial in range(0, num_trials, trials_per_batch):
+        trials = slice(first_trial, min(first_trial + trials_per_batch, num_trials))
+        references = summary.references
+        jobs.append(
+            CalibrationBatch(
+                model=model,
+                engine=engine,
+                observations={name: value[trials].clone() for name, value in observations.items()},
+                truths=flat_truth[trials].clone(),
+                first=first_trial,
+                seeds=trial_seeds[trials],
+                plated=plated,
+                summary=dataclasses.replace(
+                    summary, references=None if references is None else references[trials].clone()
+                ),
+                latent=latent,
+                event=event,
+                num_draws=num_draws,
+                levels=levels_list,
+                tarp=tarp,
+                log_likelihood="log_likelihood" in summaries,
+                one_draw_per_chain=one_draw_per_chain,
+                num_particles=num_particles,
+                num_chains=num_chains,
+                batch_size=batch_size,
+                num_threads=num_threads,
+                model_args=tuple(model_args),
+                model_kwargs=model_kwargs,
+            )
+        )
+    store = None
+    if directory is not None:
+        manifest = study_manifest(
+            "calibration_study",
+            engine,
+            seed,
+            num_trials=num_trials,
+            trials_per_batch=trials_per_batch,
+            batches=len(jobs),
+            num_particles=num_particles,
+            num_chains=num_chains,
+            one_draw_per_chain=one_draw_per_chain,
+            summaries=names,
+            levels=levels_list,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            simulations=fingerprint([x_true, observations, summary.directions, summary.references]),
+        )
+        store = StudyDirectory(directory, manifest, "batch", save=save_batch, load=load_batch)
+
+    def label(index: int) -> str:
+        first_trial = jobs[index].first
+        last = first_trial + jobs[index].truths.shape[0] - 1
+        trials = f"trial {first_trial}" if last == first_trial else f"trials {first_trial}-{last}"
+        return f"batch {index} ({trials})"
+
+    results = run_tasks(
+        run_batch,
+        jobs,
+        executor=executor,
+        retries=retries,
+        progress=progress,
+        description=f"calibration {engine.name}",
+        directory=store,
+        label=label,
+    )
+    ranks = torch.cat([result["ranks"] for result in results])
     covered = torch.zeros(len(levels_list), len(names), dtype=torch.float64)
     totals = {"nfe": 0, "vjp": 0, "wall_time": 0.0}
-    bar = tqdm(
-        range(num_trials),
-        desc=f"calibration {engine.name}",
-        disable=not progress_enabled(progress),
-    )
-    runs = {"num_particles": num_particles, "num_chains": num_chains, "batch_size": batch_size}
-    runs.update(progress=False, model_args=model_args, model_kwargs=model_kwargs)
-    results: dict[int, Any] = {}
-    for trial in bar:
-        conditioned = poutine.condition(
-            model, data={name: value[trial] for name, value in observations.items()}
-        )
-        if trials_per_batch == 1:
-            result = posterior.sample(conditioned, engine, seed=trial_seeds[trial], **runs)
-            for key in totals:
-                totals[key] += result.info.get(key, 0)
-        else:  # one plated run for the batch starting here, then its problems one by one
-            if trial not in results:
-                stop = min(trial + trials_per_batch, num_trials)
-                batch = {name: value[trial:stop] for name, value in observations.items()}
-                plated = posterior.sample(
-                    _plated_model(model, stop - trial, batch),
-                    engine,
-                    seed=trial_seeds[trial],
-                    **runs,
-                )
-                results = {trial + b: plated.select_problem(b) for b in range(stop - trial)}
-                for key in totals:
-                    totals[key] += plated.info.get(key, 0)
-            result = results.pop(trial)
-        draws = (
-            result.one_draw_per_chain()[latent]
-            if one_draw_per_chain
-            else result.get_samples()[latent]
-        )
-        log_likelihood = None
-        if "log_likelihood" in summaries:
-            problem = Problem.from_model(conditioned, *model_args, **model_kwargs)
-
-            def log_likelihood(flat: Tensor, problem: Problem = problem) -> Tensor:
-                with torch.no_grad():
-                    return problem.log_likelihood(flat.reshape(flat.shape[:1] + event))
-
-        values, target = summary(
-            draws.reshape(num_draws, -1), flat_truth[trial], trial, log_likelihood
-        )
-
-        # rank of the truth among the draws, and the central intervals that contain it
-        trial_ranks = ranks_of_truth(values, target, cpu).cpu()
-        ranks[trial] = trial_ranks
-        lower, upper = central_intervals(values, levels_list)
-        inside = ((lower <= target) & (target <= upper)).cpu().double()
-        if tarp is not None:  # TARP: the ball around the reference holding a fraction alpha
-            inside[:, tarp] = (trial_ranks[tarp] < level_tensor * num_draws).double()
-        covered += inside
+    for result in results:  # in batch order, so the float sums do not depend on the executor
+        covered += result["covered"]
+        for key in totals:
+            totals[key] += result[key]
 
     return CalibrationStudy(
         ranks=ranks,

@@ -39,6 +39,7 @@ __all__ = [
     "euler_step",
     "heun_step",
     "initial_noise",
+    "initial_noise_scale",
     "sample",
 ]
 
@@ -63,9 +64,15 @@ def initial_noise(
     r"""Draw :math:`x_{t_{\max}} \sim \mathcal{N}(0, (\alpha^2 + \sigma^2) I)` (VP: N(0, I); VE and
     EDM: :math:`N(0, \sigma_{\max}^2 I)`), the reference law of the noised data at unit data
         scale."""
-    t = torch.tensor(t_max, dtype=torch.float64)
-    scale = float(torch.sqrt(schedule.alpha(t) ** 2 + schedule.sigma(t) ** 2))
+    scale = initial_noise_scale(schedule, t_max)
     return scale * torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def initial_noise_scale(schedule: Schedule, t_max: float = 1.0) -> float:
+    r""":math:`\sqrt{\alpha^2 + \sigma^2}` at ``t_max``: the standard deviation of
+    :func:`initial_noise`."""
+    t = torch.tensor(t_max, dtype=torch.float64)
+    return float(torch.sqrt(schedule.alpha(t) ** 2 + schedule.sigma(t) ** 2))
 
 
 def ddim_coefficients(

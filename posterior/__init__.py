@@ -10,18 +10,24 @@ Example::
 
 from diffpost.posterior.driver import draw_layout, sample
 from diffpost.posterior.engines import ENGINES, Engine, EngineFailed, EngineState, registry
+from diffpost.posterior.many import sample_many
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
+from diffpost.posterior.sharding import Sharding
+from diffpost.posterior.tasks import RunsFailed
 
 globals().update(ENGINES)
 
 __all__ = [
     "draw_layout",
     "sample",
+    "sample_many",
     "registry",
     "Problem",
+    "Sharding",
     "ParticleSet",
     "EngineFailed",
+    "RunsFailed",
     "Engine",
     "EngineState",
     *ENGINES,

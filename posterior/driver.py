@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from diffpost.posterior.engines.base import Engine, run
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
+from diffpost.posterior.sharding import ParticleShard, Sharding, active_shard
 
-__all__ = ["check_model_arguments", "check_seed", "draw_layout", "sample"]
+__all__ = ["check_model_arguments", "check_run", "check_seed", "draw_layout", "sample"]
 
 
 def draw_layout(
@@ -63,6 +64,22 @@ def check_seed(seed: Any) -> None:
         raise TypeError(f"seed must be an integer or None; got {type(seed).__name__} {seed!r}")
     if not 0 <= int(seed) < SEED_RANGE:
         raise ValueError(f"seed must be in [0, 2**64); got {seed}")
+
+
+def check_run(engine: Any, num_particles: Any, num_chains: Any) -> None:
+    """Refuse an ``engine`` that is not an engine instance and sizes that are not positive
+    integers (shared by :func:`sample` and the studies that call it).
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    if not isinstance(engine, Engine):
+        raise ValueError(
+            f"engine must be a posterior engine instance (e.g. posterior.Exact()); got {engine!r}"
+        )
+    for name, value in (("num_particles", num_particles), ("num_chains", num_chains)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def check_model_arguments(model: Any, model_args: Any, model_kwargs: Any) -> None:
@@ -190,6 +207,49 @@ def unfold_plate(value: Tensor, count: int) -> Tensor:
     return value.permute(1, 2, 0, *range(3, value.dim()))
 
 
+def check_sharding(sharding: Any, engine: Engine, problem: Problem) -> None:
+    """Refuse a sharded run the sharding cannot do, before any work (naming what is wrong)."""
+    if not isinstance(sharding, Sharding):
+        raise TypeError(
+            f"sharding must be a posterior.Sharding or None; got {type(sharding).__name__}"
+        )
+    if engine.family != "smc":
+        raise ValueError(
+            f"sharding splits the particles of the SMC engines; {engine.name} is not one "
+            f"(family {engine.family!r}; many measurements run with posterior.sample_many)"
+        )
+    if problem.plate is not None:
+        raise ValueError(
+            f"sharding runs one problem; the model has a plate {problem.plate[0]!r} of "
+            f"{problem.plate[1]} problems"
+        )
+
+
+def agreed_seed(seed: int | None, sharding: Sharding, device: torch.device) -> int:
+    """The seed every rank of a sharded run uses: rank 0's draw when ``seed`` is ``None``;
+    otherwise ``seed``, which must be the same on every rank.
+
+    Raises:
+        ValueError: ranks passed different seeds (on every rank).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "sharding needs an initialised torch.distributed process group: launch with "
+            "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first"
+        )
+    backend_device = device if dist.get_backend(sharding.group) == "nccl" else "cpu"
+    mine = secrets.randbits(63) if seed is None else int(seed)
+    value = torch.tensor([mine, seed is None], dtype=torch.int64, device=backend_device)
+    seeds = [torch.empty_like(value) for _ in range(dist.get_world_size(sharding.group))]
+    dist.all_gather(seeds, value, group=sharding.group)
+    passed = [None if bool(v[1]) else int(v[0]) for v in seeds]
+    if len(set(passed)) > 1:
+        raise ValueError(f"every rank of a sharded run must pass the same seed; got {passed}")
+    return int(seeds[0][0])
+
+
 def sample(
     model: Callable,
     engine: Engine,
@@ -203,6 +263,7 @@ def sample(
     callback: Callable[[int, Any, dict[str, Tensor]], None] | None = None,
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
+    sharding: Sharding | None = None,
 ) -> ParticleSet:
     """Run an inference engine on the inverse problem declared by a Pyro model.
 
@@ -220,6 +281,10 @@ def sample(
         callback: called as ``callback(step, state, info)`` after every step.
         model_args: positional arguments of the model.
         model_kwargs: keyword arguments of the model (the observations, e.g. ``{"y": y}``).
+        sharding: split this SMC run's particles over the processes of a ``torch.distributed``
+            group (:class:`~diffpost.posterior.Sharding`; every process calls ``sample`` with the
+            same arguments, see :mod:`diffpost.posterior.sharding`); each process returns the
+            whole result, with ``info["sharding"]`` recording the particles it exchanged.
 
     Returns:
         A :class:`~diffpost.posterior.particles.ParticleSet` with values
@@ -235,13 +300,7 @@ def sample(
             problem (naming the missing capability).
         EngineFailed: non-finite particles or collapsed weights, with the step and time.
     """
-    if not isinstance(engine, Engine):
-        raise ValueError(
-            f"engine must be a posterior engine instance (e.g. posterior.Exact()); got {engine!r}"
-        )
-    for name, value in (("num_particles", num_particles), ("num_chains", num_chains)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    check_run(engine, num_particles, num_chains)
     check_seed(seed)
     check_model_arguments(model, model_args, model_kwargs)
     if callback is not None and not callable(callback):
@@ -253,10 +312,20 @@ def sample(
             "(and the observations) there instead"
         )
     problem.require(engine)
+    if sharding is not None:
+        check_sharding(sharding, engine, problem)
+        seed = agreed_seed(seed, sharding, problem.device)
     seed = secrets.randbits(63) if seed is None else int(seed)  # checked above
     generator = torch.Generator(device=problem.device).manual_seed(seed)
 
     start = time.perf_counter()
+
+    # a plate of B problems runs as B * num_chains chains, problem-major
+    runs = num_chains * problem.num_problems
+    shard = None
+    if sharding is not None:
+        shard = ParticleShard.create(sharding, runs, num_particles, seed, problem.device)
+        progress = progress and shard.rank == 0
 
     def steps(indices):
         return tqdm(
@@ -265,20 +334,19 @@ def sample(
             disable=len(indices) == 0 or not progress_enabled(progress),
         )
 
-    # a plate of B problems runs as B * num_chains chains, problem-major
-    runs = num_chains * problem.num_problems
-    check_memory(problem, runs * num_particles)
-    try:
-        state, records = run(
-            engine, problem, runs, num_particles, generator, steps=steps, callback=callback
-        )
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        raise out_of_memory(problem, runs * num_particles, batch_size, error) from error
-    if problem.device.type == "cuda":
-        torch.cuda.synchronize(problem.device)
-    wall_time = time.perf_counter() - start
-
-    draws = engine.draws(problem, state, runs)
+    local = runs * (num_particles if shard is None else shard.local_particles)
+    check_memory(problem, local)
+    with active_shard(shard):
+        try:
+            state, records = run(
+                engine, problem, runs, num_particles, generator, steps=steps, callback=callback
+            )
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            raise out_of_memory(problem, local, batch_size, error) from error
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize(problem.device)
+        wall_time = time.perf_counter() - start
+        draws = engine.draws(problem, state, runs)
     free = bool(problem.global_latents) and problem.bound is None
     log_likelihood = draws.log_likelihood
     if log_likelihood is None and "finite_likelihood" in problem.capabilities and not free:
@@ -321,6 +389,7 @@ def sample(
             "device": str(problem.device),
             "independent_particles": bool(engine.independent_particles),
             **({} if problem.plate is None else {"plate": list(problem.plate)}),
+            **({} if shard is None else {"sharding": shard.summary()}),
         },
         fitted=engine.fitted(problem, state),
     )

@@ -496,6 +496,51 @@ CASES += [
 ]
 
 
+# ---- beyond one process: sharding and many runs --------------------------------------------
+CASES += [
+    (
+        "sharding not a Sharding",
+        lambda: sample(engine=posterior.MCGDiff(num_steps=3), sharding="global"),
+        TypeError,
+        "sharding must be a posterior.Sharding",
+    ),
+    (
+        "sharding an engine that is not SMC",
+        lambda: sample(engine=posterior.DDRM(num_steps=3), sharding=posterior.Sharding()),
+        ValueError,
+        "sharding splits the particles of the SMC engines; DDRM is not one",
+    ),
+    (
+        "Sharding noise unknown",
+        lambda: posterior.Sharding(noise="local"),
+        ValueError,
+        "noise must be one of",
+    ),
+    (
+        "sample_many observations not dicts",
+        lambda: posterior.sample_many(model, posterior.Exact(), [Y], num_particles=2),
+        (TypeError, ValueError),
+        "observations",
+    ),
+    (
+        "sample_many executor without submit",
+        lambda: posterior.sample_many(
+            model, posterior.Exact(), [{"y": Y}], num_particles=2, executor=object()
+        ),
+        (TypeError, ValueError),
+        "executor",
+    ),
+    (
+        "sample_many negative retries",
+        lambda: posterior.sample_many(
+            model, posterior.Exact(), [{"y": Y}], num_particles=2, retries=-1
+        ),
+        (TypeError, ValueError),
+        "retries",
+    ),
+]
+
+
 @pytest.mark.parametrize("call, error, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_naming_what_is_wrong(call, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -142,6 +142,9 @@ def test_declared_dependencies_are_what_the_library_imports():
     # the peer libraries, for benchmarks/peers.py only: never imported by the library
     assert extras["peers"] == {"azula", "deepinv"}
     assert not extras["peers"] & (eager | lazy)
+    # Dask (the distributed extra) runs sample_many and calibration_study on a cluster: the user
+    # passes its executor, so the library never imports it (tests and benchmarks do)
+    assert not {"dask", "distributed"} & (eager | lazy)
 
 
 USER_PROJECT = {

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diffpost.posterior.problem import NonFiniteParticles, Problem
+from diffpost.posterior.sharding import current_shard
 
 __all__ = [
     "FAMILIES",
@@ -252,7 +253,11 @@ def check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
             f"{engine.name}.init returned a {type(state).__name__} "
             f"without the EngineState fields {missing}"
         )
-    if not torch.isfinite(state.particles).all():
+    finite = bool(torch.isfinite(state.particles).all())
+    shard = current_shard()
+    if shard is not None:  # every rank of a sharded run fails together, or none does
+        finite = shard.all_true(finite)
+    if not finite:
         raise EngineFailed(engine.name, step, t, "non-finite particles")
     log_weights = state.log_weights
     if torch.isnan(log_weights).any() or not torch.isfinite(torch.logsumexp(log_weights, -1)).all():

@@ -9,9 +9,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from diffpost.models.samplers import initial_noise
+from diffpost.models.samplers import initial_noise, initial_noise_scale
 from diffpost.models.schedules import EDM, DiscreteVP, Schedule, time_grid
 from diffpost.posterior.problem import Problem
+from diffpost.posterior.sharding import current_shard, particle_noise
 
 __all__ = [
     "check_choice",
@@ -79,18 +80,28 @@ def sampling_grid(schedule: Schedule, num_steps: int, device=None) -> Tensor:
 
 
 def initial_particles(
-    problem: Problem, grid: Tensor, count: int, generator: torch.Generator
+    problem: Problem, grid: Tensor, count: int, generator: torch.Generator, flat: bool = False
 ) -> Tensor:
-    """``count`` draws of the diffusion's reference law at ``grid[0]``, ``(count, *event)``."""
-    shape = (count,) + tuple(problem.event_shape)
-    return initial_noise(
-        problem.prior.schedule,
-        shape,
-        generator,
-        t_max=float(grid[0]),
-        dtype=problem.dtype,
-        device=problem.device,
-    )
+    """``count`` draws of the diffusion's reference law at ``grid[0]``, ``(count, *event)``, or
+    ``(count, d)`` when ``flat``.
+
+    In a run sharded over processes (:mod:`diffpost.posterior.sharding`), ``count`` is the whole
+    run's ``chains * N`` and the result this rank's rows of it.
+    """
+    event = (int(torch.Size(problem.event_shape).numel()),) if flat else tuple(problem.event_shape)
+    shard = current_shard()
+    if shard is None:
+        return initial_noise(
+            problem.prior.schedule,
+            (count,) + event,
+            generator,
+            t_max=float(grid[0]),
+            dtype=problem.dtype,
+            device=problem.device,
+        )
+    scale = initial_noise_scale(problem.prior.schedule, float(grid[0]))
+    shape = (shard.local_count(count),) + event
+    return scale * particle_noise(shape, generator, problem.dtype, problem.device)
 
 
 def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:

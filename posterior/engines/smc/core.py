@@ -15,6 +15,11 @@ the start of the next step. Both orders are compositions of the same two functio
 the same statistics per step: ``ess`` (before resampling), ``resampled``, ``t`` and
 ``log_evidence_increment``.
 
+Engines draw their particles' noise with :func:`particle_noise` and move resampled particles with
+:func:`take_ancestors`; with :func:`reweight` these are the only places a run sharded over
+processes (:mod:`diffpost.posterior.sharding`) differs from one process, so every SMC engine
+shards without code of its own.
+
 References:
     Chopin, Papaspiliopoulos. An Introduction to Sequential Monte Carlo. Springer 2020, ch. 10.
     Del Moral. Feynman–Kac Formulae. Springer 2004.
@@ -30,8 +35,10 @@ import torch
 from torch import Tensor
 
 from diffpost.models.operators.base import SVD
-from diffpost.posterior.engines.base import Engine
+from diffpost.posterior.engines.base import Draws, Engine
+from diffpost.posterior.problem import Problem
 from diffpost.posterior.resampling import RESAMPLERS, ess, normalize_log_weights
+from diffpost.posterior.sharding import current_shard, particle_noise, take_ancestors
 
 __all__ = [
     "SMCEngine",
@@ -40,10 +47,12 @@ __all__ = [
     "check_resampling",
     "finish_step",
     "log_normal",
+    "particle_noise",
     "propose_with_head",
     "resample",
     "reweight",
     "step_times",
+    "take_ancestors",
 ]
 
 
@@ -81,6 +90,13 @@ class SMCEngine(Engine):
 
     def iterations(self, state: SMCState) -> int:
         return state.grid.shape[0] - 1
+
+    def draws(self, problem: Problem, state: SMCState, num_chains: int) -> Draws:
+        """The final particles (gathered from every rank of a sharded run) and their weights."""
+        shard = current_shard()
+        if shard is not None:
+            state = state._replace(particles=shard.gather_rows(state.particles))
+        return super().draws(problem, state, num_chains)
 
 
 def step_times(state: SMCState) -> tuple[Tensor, Tensor, bool]:
@@ -122,7 +138,7 @@ def propose_with_head(
     Returns:
         ``(x, head)``: the particles ``(n, *event)`` and their leading coordinates ``(n, k)``.
     """
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    noise = particle_noise(mean.shape, generator, mean.dtype, mean.device)
     noise_head = svd.vt_head(noise, mean_head.shape[1])  # standard normal: V is orthogonal
     head = head_mean + head_std * noise_head
     correction = svd.v_head(head - mean_head - kernel_std * noise_head, tuple(mean.shape[1:]))
@@ -144,12 +160,16 @@ def reweight(log_weights: Tensor, log_increments: Tensor) -> tuple[Tensor, Tenso
 
     Args:
         log_weights: ``(chains, N)`` normalised.
-        log_increments: ``(chains, N)`` incremental log-weights :math:`\log G_i`.
+        log_increments: ``(chains, N)`` incremental log-weights :math:`\log G_i` (in a sharded
+            run, this rank's ``(chains, N/R)``, gathered here).
 
     Returns:
         ``(new_log_weights, log_evidence_increment)``: normalised ``(chains, N)`` and
         :math:`\log \sum_i W_i G_i` per chain ``(chains,)``.
     """
+    shard = current_shard()
+    if shard is not None:
+        log_increments = shard.gather_columns(log_increments)
     unnormalised = log_weights + log_increments
     # a NaN increment is a bug upstream; -inf everywhere is handled by the driver (collapse)
     return normalize_log_weights(unnormalised), torch.logsumexp(unnormalised, -1)

@@ -73,9 +73,11 @@ from diffpost.posterior.engines.smc.core import (
     SMCState,
     check_resampling,
     finish_step,
+    particle_noise,
     resample,
     reweight,
     step_times,
+    take_ancestors,
 )
 from diffpost.posterior.problem import Problem
 
@@ -164,7 +166,7 @@ class FKSteering(SMCEngine, family="smc"):
         reward = self.lambda_ * problem.log_likelihood(x0)
         log_g, running = self._log_potential(reward, None, None)
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
-        log_weights, log_evidence = reweight(log_weights, log_g.reshape(num_chains, num_particles))
+        log_weights, log_evidence = reweight(log_weights, log_g.reshape(num_chains, -1))
         cache = {"x0": x0, "reward": reward, "running": running, "applied": log_g}
         return SMCState(particles, log_weights, log_evidence, 0, grid, cache, {})
 
@@ -179,16 +181,15 @@ class FKSteering(SMCEngine, family="smc"):
         indices, log_weights, ess, resampled = resample(
             state.log_weights, self.resampling, threshold, generator
         )
-        x_t = state.particles[indices]
-        cache = {key: value[indices] for key, value in state.cache.items()}
+        keys = list(state.cache)
+        x_t, *moved = take_ancestors(indices, state.particles, *state.cache.values())
+        cache = dict(zip(keys, moved, strict=True))
 
         # 2. propose from the base kernel
         a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
         x_s = a * cache["x0"] + b * epsilon_from_x0(schedule, x_t, cache["x0"], t)
         if float(c) > 0:
-            x_s = x_s + c * torch.randn(
-                x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device
-            )
+            x_s = x_s + c * particle_noise(x_t.shape, generator, x_t.dtype, x_t.device)
 
         # 3. potentials; at t = 0 the exact correction lambda r(x_0) / prod(G applied)
         if last:

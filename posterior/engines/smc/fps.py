@@ -89,8 +89,8 @@ import torch
 from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.samplers import initial_noise
 from diffpost.posterior.engines.common import (
+    initial_particles,
     rotated_observation,
     sampling_grid,
     uniform_log_weights,
@@ -104,6 +104,7 @@ from diffpost.posterior.engines.smc.core import (
     propose_with_head,
     resample,
     reweight,
+    take_ancestors,
 )
 from diffpost.posterior.problem import Problem
 
@@ -222,14 +223,11 @@ class FPS(SMCEngine, family="smc"):
 
         # x_K ~ N(0, v0 I) conditioned on y_K = A x_K + alpha_K sigma_y n, in the V basis
         n = num_chains * num_particles
-        d = int(torch.Size(problem.event_shape).numel())
         r = s.shape[0]
         start = grid[0]
         v0 = (schedule.alpha(start) ** 2 + schedule.sigma(start) ** 2).to(s)
-        z = initial_noise(
-            schedule, (n, d), generator, t_max=float(start), dtype=dtype, device=device
-        )
-        observed = path[:, 0, :r].repeat_interleave(num_particles, dim=0)
+        z = initial_particles(problem, grid, n, generator, flat=True)  # this rank's rows
+        observed = path[:, 0, :r].repeat_interleave(z.shape[0] // num_chains, dim=0)
         noise_var = schedule.alpha(start).to(s) ** 2 * constants["noise_var"]
         mean_r, var_r = _condition(torch.zeros_like(z[:, :r]), v0.expand(r), observed, s, noise_var)
         z = torch.cat([mean_r + var_r.sqrt() * z[:, :r] / v0.sqrt(), z[:, r:]], dim=-1)
@@ -245,7 +243,8 @@ class FPS(SMCEngine, family="smc"):
         r = s_values.shape[0]
         t, s = state.grid[state.step], state.grid[state.step + 1]
         x_t = state.particles
-        chains, n = state.log_weights.shape
+        chains = state.log_weights.shape[0]
+        n = x_t.shape[0] // chains  # particles per chain (of this rank in a sharded run)
 
         x0 = problem.denoise(x_t, t)
         alpha_s, sigma_s = schedule.alpha(s).to(x_t), schedule.sigma(s).to(x_t)
@@ -269,7 +268,7 @@ class FPS(SMCEngine, family="smc"):
         indices, log_weights, ess, resampled = resample(
             log_weights, self.resampling, self.ess_threshold, generator
         )
-        mean, head = mean[indices], head[indices]  # y_s is shared within a chain
+        mean, head = take_ancestors(indices, mean, head)  # y_s is shared within a chain
 
         # 3. exact conjugate proposal on the leading V coordinates; free ones follow the kernel
         mean_r, var_r = _condition(head, variance.expand(r), y_s[:, :r], s_values, noise_var)

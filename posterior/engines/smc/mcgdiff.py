@@ -90,6 +90,7 @@ from diffpost.posterior.engines.smc.core import (
     resample,
     reweight,
     step_times,
+    take_ancestors,
 )
 from diffpost.posterior.problem import Problem
 
@@ -238,7 +239,7 @@ class MCGDiff(SMCEngine, family="smc"):
         indices, log_weights, ess, resampled = resample(
             log_weights, self.resampling, self.ess_threshold, generator
         )
-        mean, mean_head = mean[indices], mean_head[indices]
+        mean, mean_head = take_ancestors(indices, mean, mean_head)
 
         # 3. proposal: the kernel on free coordinates, its product with g_s on observed ones
         # (gain K, variance (1 - K) c^2 = K v_s; an inactive potential leaves the kernel)

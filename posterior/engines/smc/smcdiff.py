@@ -108,9 +108,11 @@ from diffpost.posterior.engines.smc.core import (
     advance,
     check_resampling,
     log_normal,
+    particle_noise,
     resample,
     reweight,
     step_times,
+    take_ancestors,
 )
 from diffpost.posterior.problem import Problem
 from diffpost.posterior.resampling import ess
@@ -202,7 +204,7 @@ class SMCDiff(SMCEngine, family="smc"):
         path = _forward_path(schedule, grid, y, num_chains, generator)  # (chains, K + 1, m)
 
         particles = initial_particles(problem, grid, num_chains * num_particles, generator)
-        particles = self._replace(particles, observed, path[:, 0], num_particles)
+        particles = self._replace(particles, observed, path[:, 0], particles.shape[0] // num_chains)
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         # evidence of the initial draw of the path's first point under N(0, (alpha^2 + sigma^2) I)
         start = grid[0]
@@ -242,7 +244,8 @@ class SMCDiff(SMCEngine, family="smc"):
         path, observed = state.constants["path"], state.constants["observed"]
         t, s, last = step_times(state)
         x_t = state.particles
-        chains, n = state.log_weights.shape
+        chains = state.log_weights.shape[0]
+        n = x_t.shape[0] // chains  # particles per chain (of this rank in a sharded run)
 
         x0 = problem.denoise(x_t, t)
         a, b, c = ddim_coefficients(schedule, t, s, 1.0)
@@ -266,13 +269,11 @@ class SMCDiff(SMCEngine, family="smc"):
 
         # 2. resampling
         indices, log_weights, current_ess, resampled = self._resample(log_weights, generator)
-        mean = mean[indices]
+        (mean,) = take_ancestors(indices, mean)
 
         # 3. move the free coordinates, pin the observed ones to the path
         if float(move_variance) > 0:
-            noise = torch.randn(
-                mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
-            )
+            noise = particle_noise(mean.shape, generator, mean.dtype, mean.device)
             mean = mean + move_variance.sqrt() * noise
         x_s = self._replace(mean.reshape(x_t.shape), observed, y_s, n)
         return advance(state, x_s, log_weights, log_increment, current_ess, resampled)

@@ -120,9 +120,11 @@ from diffpost.posterior.engines.smc.core import (
     check_resampling,
     finish_step,
     log_normal,
+    particle_noise,
     resample,
     reweight,
     step_times,
+    take_ancestors,
 )
 from diffpost.posterior.problem import Problem
 
@@ -233,9 +235,7 @@ class TDS(SMCEngine, family="smc"):
         x0, log_twist, grad = self._twist(problem, particles, grid[0])
         log_weights = uniform_log_weights(num_chains, num_particles, particles)
         # first weight: the twist at x_T (the reference law N(0, I) is also the proposal)
-        log_weights, log_evidence = reweight(
-            log_weights, log_twist.reshape(num_chains, num_particles)
-        )
+        log_weights, log_evidence = reweight(log_weights, log_twist.reshape(num_chains, -1))
         cache = {"x0": x0, "log_twist": log_twist, "grad": grad}
         return SMCState(particles, log_weights, log_evidence, 0, grid, cache, {})
 
@@ -248,8 +248,10 @@ class TDS(SMCEngine, family="smc"):
         indices, log_weights, ess, resampled = resample(
             state.log_weights, self.resampling, self.ess_threshold, generator
         )
-        x_t = state.particles[indices]
-        x0, log_twist, grad = (state.cache[key][indices] for key in ("x0", "log_twist", "grad"))
+        cache = state.cache
+        x_t, x0, log_twist, grad = take_ancestors(
+            indices, state.particles, cache["x0"], cache["log_twist"], cache["grad"]
+        )
 
         # 2. propose from the base kernel with the twisted shift kappa * grad
         a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
@@ -263,7 +265,7 @@ class TDS(SMCEngine, family="smc"):
             log_kernel_ratio = torch.zeros_like(log_twist)
         else:
             shift = (a * sigma_t**2 / alpha_t - b * sigma_t) * grad
-            noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+            noise = particle_noise(x_t.shape, generator, x_t.dtype, x_t.device)
             x_s = mean + shift + c * noise
             # log p_theta(x_s | x_t) - log q(x_s | x_t, y), both N(., c^2 I), x_s - mean = shift + c
             # z
