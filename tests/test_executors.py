@@ -18,6 +18,9 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +217,48 @@ def test_an_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, in
     # and a third call runs nothing
     assert_same_sets(many(MODEL, engine, directory=directory), in_process)
     assert len(logged_runs(log)) == RUNS
+
+
+KILLED_STUDY = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import test_executors as t
+
+def slow(y=None):  # the same sites as t.MODEL, a little slower, so that the kill lands mid-way
+    time.sleep(0.1)
+    return t.MODEL(y)
+
+t.many(slow, directory={directory!r})
+"""
+
+
+def test_a_study_killed_half_way_resumes_from_its_directory(tmp_path, in_process):
+    """A study in another process is killed (SIGKILL) once two runs are saved; called again
+    with the folder, it keeps the saved files, runs the rest, and equals the uninterrupted
+    study."""
+    directory = tmp_path / "study"
+    script = tmp_path / "killed.py"
+    script.write_text(
+        KILLED_STUDY.format(tests=str(Path(__file__).parent), directory=str(directory))
+    )
+    process = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(directory.glob("run-*.pt"))) < 2:
+            assert process.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline, "no run was saved within 120 s"
+            time.sleep(0.02)
+        process.kill()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    saved = sorted(p.name for p in directory.glob("run-*.pt"))
+    assert 2 <= len(saved) < RUNS, saved
+    times = {name: (directory / name).stat().st_mtime_ns for name in saved}
+    resumed = many(directory=directory)
+    assert {name: (directory / name).stat().st_mtime_ns for name in saved} == times
+    assert len(list(directory.glob("run-*.pt"))) == RUNS
+    assert_same_sets(resumed, in_process)
 
 
 def test_a_calibration_study_resumes_from_half_of_its_batch_files(tmp_path):
