@@ -102,6 +102,12 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
+def worker_record(stdout: str) -> dict:
+    """The numbers a worker printed (its ``RESULT {...}`` line)."""
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
 def launch(processes: int, threads: int, noise: str | None, args) -> dict:
     count = args.particles[0] // 2 if noise == "half" else args.particles[0]
     noise = None if noise == "half" else noise
@@ -124,8 +130,7 @@ def launch(processes: int, threads: int, noise: str | None, args) -> dict:
     for rank, process in enumerate(completed):
         if process.returncode != 0:
             raise RuntimeError(f"rank {rank} failed:\n{process.stderr[-3000:]}")
-    line = next(x for x in completed[0].stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return worker_record(completed[0].stdout)
 
 
 def time_part(args) -> list[str]:
@@ -211,8 +216,7 @@ def memory_part(args) -> list[str]:
             lines.append(f"| {count} | {count * 800 * 8 / 2**30:.2f} | failed | - |")
             print(completed.stderr[-3000:])
             continue
-        line = next(x for x in completed.stdout.splitlines() if x.startswith("RESULT "))
-        record = json.loads(line[len("RESULT ") :])
+        record = worker_record(completed.stdout)
         lines.append(
             f"| {count} | {count * 800 * 8 / 2**30:.2f} | {record['peak_rss_gib']:.2f} | "
             f"{record['wall_time']:.1f} |"

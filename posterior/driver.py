@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from diffpost.posterior.engines.base import Engine, run
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
-from diffpost.posterior.sharding import ParticleShard, Sharding, active_shard
+from diffpost.posterior.sharding import ParticleShard, Sharding, active_shard, agreed_seed
 
 __all__ = ["check_model_arguments", "check_run", "check_seed", "draw_layout", "sample"]
 
@@ -223,31 +223,6 @@ def check_sharding(sharding: Any, engine: Engine, problem: Problem) -> None:
             f"sharding runs one problem; the model has a plate {problem.plate[0]!r} of "
             f"{problem.plate[1]} problems"
         )
-
-
-def agreed_seed(seed: int | None, sharding: Sharding, device: torch.device) -> int:
-    """The seed every rank of a sharded run uses: rank 0's draw when ``seed`` is ``None``;
-    otherwise ``seed``, which must be the same on every rank.
-
-    Raises:
-        ValueError: ranks passed different seeds (on every rank).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "sharding needs an initialised torch.distributed process group: launch with "
-            "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first"
-        )
-    backend_device = device if dist.get_backend(sharding.group) == "nccl" else "cpu"
-    mine = secrets.randbits(63) if seed is None else int(seed)
-    value = torch.tensor([mine, seed is None], dtype=torch.int64, device=backend_device)
-    seeds = [torch.empty_like(value) for _ in range(dist.get_world_size(sharding.group))]
-    dist.all_gather(seeds, value, group=sharding.group)
-    passed = [None if bool(v[1]) else int(v[0]) for v in seeds]
-    if len(set(passed)) > 1:
-        raise ValueError(f"every rank of a sharded run must pass the same seed; got {passed}")
-    return int(seeds[0][0])
 
 
 def sample(

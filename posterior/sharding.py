@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -63,10 +64,12 @@ __all__ = [
     "ParticleShard",
     "Sharding",
     "active_shard",
+    "agreed_seed",
     "current_shard",
     "init_process_group",
     "launch_local",
     "particle_noise",
+    "process_group_module",
     "take_ancestors",
 ]
 
@@ -105,6 +108,7 @@ class ParticleShard:
         group: the process group.
         generator: this rank's own generator (``noise="per_rank"``), else ``None``.
         rows_moved, bytes_moved: particle rows and bytes this rank sent to others so far.
+        device: where the run's tensors live (the collectives' flags go there for nccl).
         exchanges: ancestor moves so far (collective calls of :meth:`take`).
     """
 
@@ -118,7 +122,7 @@ class ParticleShard:
     rows_moved: int = 0
     bytes_moved: int = 0
     exchanges: int = 0
-    _device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def create(
@@ -130,13 +134,7 @@ class ParticleShard:
             RuntimeError: no initialised ``torch.distributed`` process group.
             ValueError: ``num_particles`` not divisible by the world size.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "sharding needs an initialised torch.distributed process group: launch with "
-                "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first"
-            )
+        dist = process_group_module()
         world = dist.get_world_size(sharding.group)
         rank = dist.get_rank(sharding.group)
         if num_particles % world:
@@ -156,7 +154,7 @@ class ParticleShard:
             noise=sharding.noise,
             group=sharding.group,
             generator=generator,
-            _device=torch.device(device),
+            device=torch.device(device),
         )
 
     # ------------------------------------------------------------------ layout
@@ -206,7 +204,7 @@ class ParticleShard:
         """Whether ``flag`` holds on every rank (one all-reduce of a byte)."""
         import torch.distributed as dist
 
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device)
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
         return bool(value.item())
 
@@ -298,6 +296,43 @@ class ParticleShard:
             "bytes_moved": self.bytes_moved,
             "exchanges": self.exchanges,
         }
+
+
+def process_group_module():
+    """``torch.distributed``, once a process group is initialised.
+
+    Raises:
+        RuntimeError: no initialised process group (how to start one).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "sharding needs an initialised torch.distributed process group: launch with "
+            "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first"
+        )
+    return dist
+
+
+def agreed_seed(seed: int | None, sharding: Sharding, device: torch.device) -> int:
+    """The seed every rank of a sharded run uses: rank 0's draw when ``seed`` is ``None``;
+    otherwise ``seed``, which must be the same on every rank (one ``all_gather`` of two
+    integers).
+
+    Raises:
+        RuntimeError: no initialised process group.
+        ValueError: ranks passed different seeds (on every rank).
+    """
+    dist = process_group_module()
+    backend_device = device if dist.get_backend(sharding.group) == "nccl" else "cpu"
+    mine = secrets.randbits(63) if seed is None else int(seed)
+    value = torch.tensor([mine, seed is None], dtype=torch.int64, device=backend_device)
+    seeds = [torch.empty_like(value) for _ in range(dist.get_world_size(sharding.group))]
+    dist.all_gather(seeds, value, group=sharding.group)
+    passed = [None if bool(v[1]) else int(v[0]) for v in seeds]
+    if len(set(passed)) > 1:
+        raise ValueError(f"every rank of a sharded run must pass the same seed; got {passed}")
+    return int(seeds[0][0])
 
 
 _SHARD: contextvars.ContextVar[ParticleShard | None] = contextvars.ContextVar(
