@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from diffpost.models.samplers import initial_noise, initial_noise_scale
+from diffpost.models.samplers import initial_noise_scale
 from diffpost.models.schedules import EDM, DiscreteVP, Schedule, time_grid
 from diffpost.posterior.problem import Problem
 from diffpost.posterior.sharding import current_shard, particle_noise
@@ -90,17 +90,9 @@ def initial_particles(
     """
     event = (int(torch.Size(problem.event_shape).numel()),) if flat else tuple(problem.event_shape)
     shard = current_shard()
-    if shard is None:
-        return initial_noise(
-            problem.prior.schedule,
-            (count,) + event,
-            generator,
-            t_max=float(grid[0]),
-            dtype=problem.dtype,
-            device=problem.device,
-        )
+    rows = count if shard is None else shard.local_count(count)
     scale = initial_noise_scale(problem.prior.schedule, float(grid[0]))
-    shape = (shard.local_count(count),) + event
+    shape = (rows,) + event
     return scale * particle_noise(shape, generator, problem.dtype, problem.device)
 
 
