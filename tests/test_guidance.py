@@ -28,6 +28,7 @@ from diffpost.posterior.guidance import (
     denoise_with_cotangent,
     denoise_with_jacobian,
     denoise_with_residual_gradient,
+    measurement_inverse,
     observation_residual,
     prior_variance,
     residual_norm,
@@ -201,3 +202,37 @@ def test_vjps_through_the_denoiser_are_chunked_by_batch_size(engine):
     # 4096 particles never hold 4096 activations at once: one chunk of 256 at a time
     assert network.largest_graph_batch == 256
     assert result.info["vjp"] >= 1 and torch.isfinite(result.values["x"]).all()
+
+
+def test_the_measurement_inverse_leaves_out_what_the_noise_swamps():
+    """A 9-tap blur of a 16x16 image has singular values down to 1e-7: the plain pseudo-inverse
+    of a noisy y reaches thousands; PiGDM and RED-diff start from the noise-truncated one."""
+    shape = (1, 16, 16)
+    blur = operators.Blur(shape, operators.gaussian_kernel(9, 2.0))
+    sigma = 0.05
+    prior = Gaussian(torch.zeros(256, dtype=DTYPE), torch.eye(256, dtype=DTYPE), event_shape=shape)
+    x = torch.rand((1,) + shape, generator=torch.Generator().manual_seed(0), dtype=DTYPE) - 0.5
+    y = blur(x) + sigma * torch.randn(
+        blur(x).shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE
+    )
+
+    def model(y=None):
+        return pyro.sample("y", GaussianObservation(blur, pyro.sample("x", prior), sigma), obs=y)
+
+    problem = posterior.Problem.from_model(model, y=y[0])
+    start = measurement_inverse(problem, y)
+    singular = blur.svd().singular_values
+    kept = singular > sigma
+    assert 0 < int(kept.sum()) < singular.numel()
+    assert blur.pinv(y).abs().max() > 1e3  # what the engines started from before
+    # the truncated inverse is the pseudo-inverse restricted to the kept directions: it explains
+    # y there (residual only in the dropped directions and the noise) and stays at the data scale
+    assert start.abs().max() < 3.0
+    torch.testing.assert_close(start, blur.pinv(y, tol=sigma / float(singular.max())))
+    noiseless = posterior.Problem.from_model(
+        lambda y=None: pyro.sample(
+            "y", GaussianObservation(blur, pyro.sample("x", prior), 0.0), obs=y
+        ),
+        y=y[0],
+    )
+    torch.testing.assert_close(measurement_inverse(noiseless, y), blur.pinv(y))

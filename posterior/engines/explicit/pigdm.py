@@ -33,7 +33,9 @@ range).
 \sqrt{\bar\alpha_t}\, w\, J^\top A^+ (y - A\hat x_0)` in its noiseless form, and the same
 :math:`\sqrt{\bar\alpha_s \bar\alpha_t}\, r_t^2 J^\top A^\top v` in the noisy form of the
 mmps-benchmark re-implementation). The chain starts from the measurement:
-:math:`x_T = \alpha_T A^+ y + \sigma_T z` (official ``initialize``).
+:math:`x_T = \alpha_T A^+ y + \sigma_T z` (official ``initialize``), the directions the noise
+swamps left out of :math:`A^+` as the official operators do for blur
+(:func:`diffpost.posterior.guidance.measurement_inverse`).
 
 **Guidance as a score** (``guidance = "score"``, the default; not the paper's update, which
 ``guidance = "paper"`` gives): :math:`g` is the gradient of
@@ -93,6 +95,7 @@ from diffpost.posterior.engines.explicit.common import (
 )
 from diffpost.posterior.guidance import (
     denoise_with_cotangent,
+    measurement_inverse,
     prior_variance,
     residual_norm,
     tweedie_variance,
@@ -149,7 +152,9 @@ class PiGDM(ExplicitEngine, family="explicit"):
         schedule = problem.prior.schedule
         grid = sampling_grid(schedule, self.num_steps, device=problem.device)
         gaussian = problem.gaussian
-        start = gaussian.operator.pinv(gaussian.y_for(num_chains * num_particles).to(problem.dtype))
+        start = measurement_inverse(
+            problem, gaussian.y_for(num_chains * num_particles).to(problem.dtype)
+        )
         noise = torch.randn(
             (num_chains * num_particles,) + tuple(problem.event_shape),
             generator=generator,

@@ -33,10 +33,13 @@ form with the exact negative log-likelihood :math:`-\log p(y \mid \mu)` of the m
 observation model, its noise level honoured) and sums over elements; ``regularization`` is therefore
 not on the official code's scale. Noiseless observations have no finite likelihood and are refused.
 
-**Initialisation.** ``"pseudo_inverse"`` (default, official ``H_pinv(y)``): every particle starts at
-:math:`A^+ y` when the observation is a :class:`~diffpost.models.observations.GaussianObservation`
-with a linear operator, at zero otherwise (nonlinear operators have no pseudo-inverse; InverseBench
-starts RED-diff at zero). ``"zeros"`` and ``"gaussian"`` (standard normal draws) are also available.
+**Initialisation.** ``"pseudo_inverse"`` (default, official ``H_pinv(y)``): every particle starts
+at :math:`A^+ y` when the observation is a
+:class:`~diffpost.models.observations.GaussianObservation` with a linear operator (without the
+directions the noise swamps, as the official operators drop them for blur:
+:func:`diffpost.posterior.guidance.measurement_inverse`), at zero otherwise (nonlinear operators
+have no pseudo-inverse; InverseBench starts RED-diff at zero). ``"zeros"`` and ``"gaussian"``
+(standard normal draws) are also available.
 
 **Particles.** Each particle is an independent variational mean with its own noise draws: the run
 returns ``chains * N`` point estimates, uniformly weighted. RED-diff is mode-seeking: the spread of
@@ -78,6 +81,7 @@ from diffpost.models.schedules import Schedule
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import sampling_grid, uniform_log_weights
 from diffpost.posterior.engines.variational.common import SNR_WEIGHTINGS, AdamMoments
+from diffpost.posterior.guidance import measurement_inverse
 from diffpost.posterior.problem import Problem
 
 __all__ = ["REDDiff", "REDDiffState", "INITIALIZATIONS"]
@@ -199,7 +203,7 @@ class REDDiff(Engine, family="variational"):
             and isinstance(gaussian.operator, LinearOperator)
         ):
             y = gaussian.y_for(shape[0])
-            return gaussian.operator.pinv(y).to(**options).expand(shape).clone()
+            return measurement_inverse(problem, y).to(**options).expand(shape).clone()
         return torch.zeros(shape, **options)
 
     def iterations(self, state: REDDiffState) -> int:
