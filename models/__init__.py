@@ -1,8 +1,9 @@
 """What users declare: schedules, denoisers, priors, operators, observations, ready-made problems,
 the shipped priors (``zoo``) and the training utility (``training``).
 
-``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``networks``
-and ``flows`` are imported on first use, so that ``import models`` stays fast.
+``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``networks``,
+``patches``, ``problems`` and ``flows`` are imported on first use, so that ``import models`` stays
+fast.
 """
 
 import importlib
@@ -11,7 +12,7 @@ from diffpost.models import denoisers, densities, operators, samplers, schedules
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.priors import DiffusionPrior, Gaussian, GaussianMixture
 
-_LAZY_MODULES = ("flows", "networks", "training", "zoo")
+_LAZY_MODULES = ("flows", "networks", "patches", "problems", "training", "zoo")
 
 __all__ = [
     "DiffusionPrior",
@@ -23,6 +24,8 @@ __all__ = [
     "flows",
     "networks",
     "operators",
+    "patches",
+    "problems",
     "samplers",
     "schedules",
     "training",

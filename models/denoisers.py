@@ -189,10 +189,16 @@ class _NetworkDenoiser(Denoiser):
         self.net = net
         self.time_scale = time_scale
 
-    def network_output(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        """The raw prediction of the network, shape ``(N, *event)``."""
+    def network_output(
+        self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None
+    ) -> Tensor:
+        """The raw prediction of the network, shape ``(N, *event)``; ``condition`` (per-example,
+        not noised; see ``train``'s ``conditions``) is passed on as ``net(x_t, t, condition)``."""
         t = broadcast_time(t, x_t)
-        prediction = self.net(x_t, t * self.time_scale)
+        if condition is None:
+            prediction = self.net(x_t, t * self.time_scale)
+        else:
+            prediction = self.net(x_t, t * self.time_scale, condition)
         if prediction.shape != x_t.shape:
             raise ValueError(
                 f"{type(self).__name__}: the network returned shape {tuple(prediction.shape)} "
@@ -218,9 +224,9 @@ class EpsilonDenoiser(_NetworkDenoiser):
         time_scale: factor applied to ``t`` before calling ``net``.
     """
 
-    def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (x_t - sigma * self.network_output(x_t, t)) / alpha
+        return (x_t - sigma * self.network_output(x_t, t, condition)) / alpha
 
     def network_target(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
         return noise
@@ -235,8 +241,8 @@ class X0Denoiser(_NetworkDenoiser):
     \\sigma_{\\max} t`.
     """
 
-    def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
-        return self.network_output(x_t, t)
+    def forward(self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None) -> Tensor:
+        return self.network_output(x_t, t, condition)
 
     def network_target(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
         return x0
@@ -249,9 +255,11 @@ class VDenoiser(_NetworkDenoiser):
     :math:`\hat x_0 = (\alpha x_t - \sigma v) / (\alpha^2 + \sigma^2)` (the denominator is 1 on VP).
     """
 
-    def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (alpha * x_t - sigma * self.network_output(x_t, t)) / (alpha**2 + sigma**2)
+        return (alpha * x_t - sigma * self.network_output(x_t, t, condition)) / (
+            alpha**2 + sigma**2
+        )
 
     def network_target(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x0)
@@ -265,9 +273,9 @@ class ScoreDenoiser(_NetworkDenoiser):
     with the weight :math:`\lambda = \sigma^2` of Song et al. (2021, eq. 7).
     """
 
-    def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x_t)
-        return (x_t + sigma**2 * self.network_output(x_t, t)) / alpha
+        return (x_t + sigma**2 * self.network_output(x_t, t, condition)) / alpha
 
     def network_target(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
         return -noise / _evaluate(self.schedule.sigma, t, x0)
@@ -285,11 +293,11 @@ class VelocityDenoiser(_NetworkDenoiser):
     training target is the conditional velocity :math:`\epsilon - x_0` (Lipman et al. 2023).
     """
 
-    def forward(self, x_t: Tensor, t: float | Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: float | Tensor, condition: Tensor | None = None) -> Tensor:
         alpha, sigma = _coefficients(self.schedule, t, x_t)
         alpha_dot = _evaluate(self.schedule.alpha_derivative, t, x_t)
         sigma_dot = _evaluate(self.schedule.sigma_derivative, t, x_t)
-        velocity = self.network_output(x_t, t)
+        velocity = self.network_output(x_t, t, condition)
         return (sigma_dot * x_t - sigma * velocity) / (sigma_dot * alpha - sigma * alpha_dot)
 
     def network_target(self, x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:

@@ -100,6 +100,9 @@ class UNet(nn.Module):
             on 8x8 images), ``(1, 2, 2)`` three.
         groups: GroupNorm groups.
         time_scale: the network embeds ``time_scale * t``.
+        condition_channels: channels of an optional conditioning map ``(N, K, H, W)``
+            concatenated to the input (not predicted): the patch coordinates of
+            :mod:`diffpost.models.patches`, for instance. 0: no conditioning.
 
     Raises:
         ValueError: for non-positive sizes or an empty ``channel_multipliers``.
@@ -112,6 +115,7 @@ class UNet(nn.Module):
         channel_multipliers: tuple[int, ...] = (1, 2, 2),
         groups: int = 8,
         time_scale: float = 1000.0,
+        condition_channels: int = 0,
     ):
         super().__init__()
         channel_multipliers = tuple(channel_multipliers)
@@ -120,6 +124,8 @@ class UNet(nn.Module):
                 f"UNet sizes must be positive; got channels={channels}, "
                 f"base_channels={base_channels}, groups={groups}"
             )
+        if isinstance(condition_channels, bool) or condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0; got {condition_channels!r}")
         if not channel_multipliers or min(channel_multipliers) < 1:
             raise ValueError(
                 f"channel_multipliers must be positive integers; got {channel_multipliers}"
@@ -131,6 +137,9 @@ class UNet(nn.Module):
             "groups": groups,
             "time_scale": time_scale,
         }
+        if condition_channels:
+            self.config["condition_channels"] = condition_channels
+        self.condition_channels = condition_channels
         self.time_scale = time_scale
         self.embedding_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(
@@ -139,7 +148,7 @@ class UNet(nn.Module):
             nn.Linear(self.embedding_dim, self.embedding_dim),
         )
         widths = [base_channels * m for m in channel_multipliers]
-        self.conv_in = nn.Conv2d(channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(channels + condition_channels, base_channels, 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         previous = base_channels
@@ -163,7 +172,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
         levels = len(self.down_blocks)
         factor = 2 ** (levels - 1)
         if x.dim() != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
@@ -175,7 +184,12 @@ class UNet(nn.Module):
         embedding = self.time_mlp(
             sinusoidal_embedding(self.time_scale * t, self.time_mlp[0].in_features)
         )
-        h = self.conv_in(x)
+        if (condition is None) != (self.condition_channels == 0):
+            raise ValueError(
+                f"this UNet takes {self.condition_channels} condition channels; got "
+                f"{'none' if condition is None else tuple(condition.shape)}"
+            )
+        h = self.conv_in(x if condition is None else torch.cat([x, condition], dim=1))
         skips = []
         for level, block in enumerate(self.down_blocks):
             h = block(h, embedding)

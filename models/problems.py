@@ -36,7 +36,7 @@ from torch import Tensor
 
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.operators.base import Operator
-from diffpost.models.operators.basic import Matrix
+from diffpost.models.operators.basic import Identity, Mask, Matrix
 from diffpost.models.operators.blur import Blur, gaussian_kernel
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
 from diffpost.models.schedules import DiscreteVP
@@ -47,6 +47,8 @@ __all__ = [
     "blur_width_problem",
     "gain_problem",
     "gaussian_mixture_benchmark",
+    "IMAGE_TASKS",
+    "image_problem",
     "mcgdiff_schedule",
     "noise_level_problem",
 ]
@@ -326,4 +328,114 @@ def blur_width_problem(
         x_true=x_true,
         theta_true=width,
         name=f"unknown blur width (8x8 digit {digit}, digits mixture, sigma {sigma})",
+    )
+
+
+#: task -> (default image, noise standard deviation on the [-1, 1] scale, what is observed)
+IMAGE_TASKS = {
+    "denoise": ("camera", 2 * 25 / 255, "every pixel (sigma = 25 on the 0..255 scale)"),
+    "deblur": ("camera", 0.02, "a Gaussian blur, std 2 pixels (13 taps, zero boundary)"),
+    "super_resolution": ("camera", 0.02, "4x4 block averages (4x super-resolution)"),
+    "inpaint": ("camera", 0.02, "a random 30% of the pixels"),
+    "ct": ("phantom", 1.0, "parallel-beam projections at 30 angles in [0, pi) (sparse-view CT)"),
+    "mri": ("brain", 0.02, "k-space on 64 of 256 lines, the 20 central ones among them (4x)"),
+}
+
+
+def image_problem(
+    task: str,
+    image: Tensor | str | None = None,
+    *,
+    prior: DiffusionPrior | None = None,
+    sigma: float | None = None,
+    seed: int = 0,
+) -> InverseProblem:
+    """An image-scale inverse problem of :data:`IMAGE_TASKS` (256x256 with the default images).
+
+    ========================  =============  ==========================================  ======
+    task                      default image  operator                                    sigma
+    ========================  =============  ==========================================  ======
+    ``"denoise"``             camera         :class:`~.operators.Identity`               0.196
+    ``"deblur"``              camera         :class:`~.operators.SeparableBlur`, std 2   0.02
+    ``"super_resolution"``    camera         :class:`~.operators.Downsample` by 4        0.02
+    ``"inpaint"``             camera         :class:`~.operators.Mask`, 30% of pixels    0.02
+    ``"ct"``                  phantom        :class:`~.operators.Radon`, 30 angles       1.0
+    ``"mri"``                 brain          :class:`~.operators.Fourier`, 64 lines      0.02
+    ========================  =============  ==========================================  ======
+
+    Args:
+        task: one of :data:`IMAGE_TASKS`.
+        image: the true image ``(1, H, W)`` in ``[-1, 1]``, or a name of
+            :data:`diffpost.models.zoo.PHOTOS` (default: the task's image above).
+        prior: the prior of ``x`` (default: :func:`~diffpost.models.zoo.natural_patches` of the
+            image's shape).
+        sigma: the noise standard deviation (default: the task's, above).
+        seed: seed of the mask (inpainting and MRI) and of the noise.
+
+    Returns:
+        An :class:`InverseProblem` with ``x_true`` and, in ``metadata``, the task.
+    """
+    from diffpost.models import zoo
+    from diffpost.models.operators import Downsample, Fourier, Radon
+
+    if task not in IMAGE_TASKS:
+        raise ValueError(f"task must be one of {sorted(IMAGE_TASKS)}; got {task!r}")
+    default_image, default_sigma, observed = IMAGE_TASKS[task]
+    image = (
+        zoo.photo(default_image if image is None else image)
+        if not isinstance(image, Tensor)
+        else image
+    )
+    if image.dim() != 3 or image.shape[0] != 1:
+        raise ValueError(f"image must be a (1, H, W) tensor; got shape {tuple(image.shape)}")
+    sigma = default_sigma if sigma is None else sigma
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive; got {sigma}")
+    shape = tuple(image.shape)
+    if prior is not None and (
+        not isinstance(prior, DiffusionPrior) or tuple(prior.event_shape) != shape
+    ):
+        raise ValueError(
+            f"prior must be a DiffusionPrior of event shape {shape} (the image's); got "
+            f"{type(prior).__name__}"
+            + (
+                f" of event shape {tuple(prior.event_shape)}"
+                if hasattr(prior, "event_shape")
+                else ""
+            )
+        )
+    generator = torch.Generator().manual_seed(seed)
+    if task == "denoise":
+        operator = Identity(shape)
+    elif task == "deblur":
+        operator = Blur(shape, gaussian_kernel(13, 2.0))
+    elif task == "super_resolution":
+        operator = Downsample(shape, 4)
+    elif task == "inpaint":
+        operator = Mask(torch.rand(shape, generator=generator) < 0.3)
+    elif task == "ct":
+        operator = Radon(shape, 30)
+    else:
+        height = shape[-2]
+        lines = torch.zeros(height, dtype=torch.bool)
+        centre = torch.arange(height // 2 - 10, height // 2 + 10)
+        lines[centre] = True
+        others = (~lines).nonzero().squeeze(1)
+        extra = others[torch.randperm(others.numel(), generator=generator)[: height // 4 - 20]]
+        lines[extra] = True
+        mask = torch.fft.ifftshift(lines[:, None].expand(height, shape[-1]))
+        operator = Fourier(shape, mask)
+    clean = operator(image.to(torch.float64)).to(image.dtype)
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(image.dtype)
+    y = clean + sigma * noise
+    if prior is None:
+        prior = zoo.natural_patches(shape, dtype=image.dtype, device=image.device)
+    return InverseProblem(
+        prior,
+        operator,
+        sigma,
+        y,
+        x_true=image,
+        name=f"{task}: {observed}",
+        metadata={"task": task},
     )

@@ -151,6 +151,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     progress: bool = True,
+    conditions: Tensor | None = None,
 ) -> TrainingResult:
     r"""Train the network of ``denoiser`` on ``data`` by denoising score matching.
 
@@ -172,6 +173,9 @@ def train(
             ``KeyboardInterrupt``; if it exists, training resumes from it.
         checkpoint_every: steps between checkpoints.
         progress: show a ``tqdm`` bar (always off when the ``CI`` environment variable is set).
+        conditions: per-example conditioning, shape ``(M, ...)``, given unnoised to the network
+            with its example (``denoiser.network_output(x_t, t, conditions[i])``); e.g. the
+            positions of the patches of :mod:`diffpost.models.patches`.
 
     Returns:
         A :class:`TrainingResult`.
@@ -185,6 +189,14 @@ def train(
         denoiser.to(device)
     reference = next(p for p in denoiser.parameters())
     data = data.to(device=reference.device, dtype=reference.dtype)
+    if conditions is not None:
+        if not isinstance(conditions, Tensor) or conditions.shape[:1] != data.shape[:1]:
+            raise ValueError(
+                "conditions must be a tensor with one row per example of data, shape "
+                f"({data.shape[0]}, ...); got "
+                f"{tuple(conditions.shape) if isinstance(conditions, Tensor) else conditions!r}"
+            )
+        conditions = conditions.to(device=reference.device, dtype=reference.dtype)
     config = {
         "num_steps": num_steps,
         "batch_size": batch_size,
@@ -197,6 +209,8 @@ def train(
         "seed": seed,
         "num_examples": data.shape[0],
     }
+    if conditions is not None:
+        config["condition_shape"] = tuple(conditions.shape[1:])
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     parameters = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -261,7 +275,10 @@ def train(
             alpha, sigma = denoiser.schedule(t)
             shape = (-1,) + (1,) * (x0.dim() - 1)
             x_t = alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
-            error = denoiser.network_output(x_t, t) - denoiser.network_target(x0, noise, t)
+            condition = None if conditions is None else conditions[index]
+            error = denoiser.network_output(x_t, t, condition) - denoiser.network_target(
+                x0, noise, t
+            )
             loss = (denoiser.loss_weight(x0, t) * error**2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

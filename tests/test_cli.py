@@ -82,3 +82,25 @@ def test_bad_command_lines_fail_with_usage(argv, message, capsys):
     assert raised.value.code == 2
     error = capsys.readouterr().err
     assert "usage: diffpost" in error and message in error
+
+
+def test_demo_restores_a_photograph_crop_with_the_patch_prior(tmp_path, capsys):
+    output = tmp_path / "camera"
+    argv = ["demo", "--problem", "camera", "--task", "inpaint", "--size", "48"]
+    assert (
+        main([*argv, "--output", str(output), "--num-steps", "2", "--num-draws", "4", "--quiet"])
+        == 0
+    )
+    for name in ("ddrm", "pigdm"):
+        tree = diagnostics.load_datatree(output / f"{name}.nc")
+        assert tree["posterior"]["x"].shape[-3:] == (1, 48, 48)
+        assert (output / f"{name}.png").stat().st_size > 0
+    summary = (output / "summary.txt").read_text()
+    assert "inpaint" in summary and "natural-image patch prior" in summary
+    assert all(name in summary for name in ("DDRM", "PiGDM", "psnr", "coverage"))
+    with pytest.raises(SystemExit, match="--task must be one of"):
+        main(["demo", "--problem", "camera", "--task", "dehaze", "--output", str(output)])
+    with pytest.raises(SystemExit, match="--size must be"):
+        main(["demo", "--problem", "camera", "--size", "300", "--output", str(output)])
+    with pytest.raises(SystemExit, match="unknown engine"):
+        main(["demo", "--problem", "camera", "--engines", "mcgdiff", "--output", str(output)])

@@ -26,7 +26,18 @@ FOLDERS = {
     "posterior": "diffpost.posterior",
     "diagnostics": "diffpost.diagnostics",
 }
-SHIPPED = ["digits.pt", "digits16.pt", "digits_gmm.pt", "digits.npz", "QUALITY.md", "quality.json"]
+SHIPPED = [
+    "digits.pt",
+    "digits16.pt",
+    "digits_gmm.pt",
+    "digits.npz",
+    "mnist.pt",
+    "mnist_heldout.npz",
+    "natural_patches.pt",
+    "photos.npz",
+    "QUALITY.md",
+    "quality.json",
+]
 
 
 def _source_packages() -> set[str]:
@@ -81,7 +92,8 @@ def test_wheel_installs_one_top_level_package_with_the_zoo(wheel):
     for name in SHIPPED:
         assert f"diffpost/models/zoo/{name}" in names, name
     # the zoo's training scripts, the tests and the benchmarks are not in the import path
-    assert not [n for n in names if re.search(r"(train_digits|quality|make_digits_data)\.py", n)]
+    scripts = r"(train_digits|train_patches|quality|make_digits_data)\.py"
+    assert not [n for n in names if re.search(scripts, n)]
     assert not [n for n in names if "/tests/" in n or "benchmarks" in n]
     assert "diffpost = diffpost.cli:main" in entry_points
 
@@ -235,6 +247,7 @@ def test_the_built_wheel_runs_the_user_project_and_loads_the_zoo(wheel, tmp_path
         "from diffpost.models import zoo; import pathlib, sys\n"
         "assert pathlib.Path(zoo.__file__).is_relative_to(sys.argv[1]), zoo.__file__\n"
         "zoo.digits(); zoo.digits16(); zoo.digits_gmm(20); zoo.digits_data('heldout')\n"
+        "zoo.mnist(); zoo.mnist_data(); zoo.natural_patches((1, 32, 48)); zoo.photo('camera')\n"
     )
     subprocess.run(
         [sys.executable, "-c", script, str(installed)],

