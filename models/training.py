@@ -275,10 +275,11 @@ def train(
             alpha, sigma = denoiser.schedule(t)
             shape = (-1,) + (1,) * (x0.dim() - 1)
             x_t = alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
-            condition = None if conditions is None else conditions[index]
-            error = denoiser.network_output(x_t, t, condition) - denoiser.network_target(
-                x0, noise, t
-            )
+            if conditions is None:  # adapters without conditioning take (x_t, t) only
+                output = denoiser.network_output(x_t, t)
+            else:
+                output = denoiser.network_output(x_t, t, conditions[index])
+            error = output - denoiser.network_target(x0, noise, t)
             loss = (denoiser.loss_weight(x0, t) * error**2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
