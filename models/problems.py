@@ -338,7 +338,7 @@ IMAGE_TASKS = {
     "super_resolution": ("camera", 0.02, "4x4 block averages (4x super-resolution)"),
     "inpaint": ("camera", 0.02, "a random 30% of the pixels"),
     "ct": ("phantom", 1.0, "parallel-beam projections at 30 angles in [0, pi) (sparse-view CT)"),
-    "mri": ("brain", 0.02, "k-space on 64 of 256 lines, the 20 central ones among them (4x)"),
+    "mri": ("brain", 0.02, "a quarter of the k-space lines, the central 8% among them (4x)"),
 }
 
 
@@ -360,7 +360,7 @@ def image_problem(
     ``"super_resolution"``    camera         :class:`~.operators.Downsample` by 4        0.02
     ``"inpaint"``             camera         :class:`~.operators.Mask`, 30% of pixels    0.02
     ``"ct"``                  phantom        :class:`~.operators.Radon`, 30 angles       1.0
-    ``"mri"``                 brain          :class:`~.operators.Fourier`, 64 lines      0.02
+    ``"mri"``                 brain          :class:`~.operators.Fourier`, H/4 lines     0.02
     ========================  =============  ==========================================  ======
 
     Args:
@@ -417,11 +417,11 @@ def image_problem(
         operator = Radon(shape, 30)
     else:
         height = shape[-2]
+        total, central = max(2, height // 4), max(2, height * 20 // 256)
         lines = torch.zeros(height, dtype=torch.bool)
-        centre = torch.arange(height // 2 - 10, height // 2 + 10)
-        lines[centre] = True
+        lines[height // 2 - central // 2 : height // 2 - central // 2 + central] = True
         others = (~lines).nonzero().squeeze(1)
-        extra = others[torch.randperm(others.numel(), generator=generator)[: height // 4 - 20]]
+        extra = others[torch.randperm(others.numel(), generator=generator)[: total - central]]
         lines[extra] = True
         mask = torch.fft.ifftshift(lines[:, None].expand(height, shape[-1]))
         operator = Fourier(shape, mask)

@@ -94,7 +94,11 @@ def test_image_problem_defaults_and_refusals():
     assert isinstance(problem.prior.denoiser, PatchDenoiser)
     assert tuple(problem.prior.event_shape) == (1, 256, 256)
     mri = problems.image_problem("mri", prior=problem.prior)
-    assert mri.y.shape == (2, 64 * 256)
+    assert mri.y.shape == (2, 64 * 256)  # 64 of 256 lines, 20 central (as benchmarked)
+    lines = torch.fft.fftshift(mri.operator.mask)[:, 0]
+    assert bool(lines[118:138].all()) and int(lines.sum()) == 64
+    small = problems.image_problem("mri", zoo.photo("brain")[:, 96:160, 96:160])
+    assert small.y.shape == (2, 16 * 64)  # a quarter of the lines at any size
     with pytest.raises(ValueError, match="task must be one of"):
         problems.image_problem("dehaze")
     with pytest.raises(ValueError, match="sigma must be positive"):
