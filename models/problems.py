@@ -426,7 +426,8 @@ def image_problem(
         mask = torch.fft.ifftshift(lines[:, None].expand(height, shape[-1]))
         operator = Fourier(shape, mask)
     clean = operator(image.to(torch.float64)).to(image.dtype)
-    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(image.dtype)
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)  # CPU draws
+    noise = noise.to(device=clean.device, dtype=image.dtype)
     y = clean + sigma * noise
     if prior is None:
         prior = zoo.natural_patches(shape, dtype=image.dtype, device=image.device)
