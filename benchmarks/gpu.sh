@@ -4,9 +4,11 @@
 #   2. benchmarks/gpu.py: every engine on CUDA against the exact posterior, speed per engine on
 #      the 16x16 UNet prior, batched (plated) against one-by-one runs;
 #   3. benchmarks/sharded.py on the GPUs: one MCGDiff run of 10^5 particles at d = 800, one
-#      process against one process per GPU (nccl), both noise modes.
+#      process against one process per GPU (nccl), both noise modes;
+#   4. benchmarks/image_scale.py on one GPU: the 256x256 patch-prior problems with DPS at its
+#      paper's 1000 steps and PiGDM at its 100, which the CPU run could not afford.
 # Results go to benchmarks/results/ (and to $OUT when set, for the device tool to bring back).
-# Budget: about 7 minutes on one H200 (each part has its own time limit below).
+# Budget: about 10 minutes on one H200 (each part has its own time limit below).
 #
 #   bash benchmarks/gpu.sh
 set -uo pipefail
@@ -42,8 +44,13 @@ run 120 "CUDA tests" "$PY" -m pytest -q -rs -p no:cacheprovider \
 run 210 "engines on CUDA" "$PY" -m benchmarks.gpu --output benchmarks/results/gpu.md
 run 90 "sharded on GPUs" "$PY" -m benchmarks.sharded --part time --device cuda \
     --processes "$GPUS" --particles 100000 --repeats 2 --output benchmarks/results/sharded_gpu.md
+run 180 "image scale on a GPU" "$PY" -m benchmarks.image_scale --device cuda --threads 4 \
+    --tasks denoise deblur super_resolution --engines DDRM PiGDM DPS \
+    --steps DPS=1000 PiGDM=100 --particles 16 --output benchmarks/results/image_scale_gpu.md
 
 if [ -n "${OUT:-}" ]; then
-    cp benchmarks/results/gpu.md benchmarks/results/sharded_gpu.md "$OUT"/ 2>/dev/null
+    cp benchmarks/results/gpu.md benchmarks/results/sharded_gpu.md \
+        benchmarks/results/image_scale_gpu.md "$OUT"/ 2>/dev/null
+    cp -r benchmarks/results/image_scale_gpu "$OUT"/ 2>/dev/null
 fi
 exit $status

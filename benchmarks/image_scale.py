@@ -158,9 +158,9 @@ def run_engine(problem, name: str, steps: int, args) -> dict:
         row["traceback"] = traceback.format_exc()
         print(row["traceback"], flush=True)
         return row
-    truth = problem.x_true
-    mean = result.mean().detach().to(truth.dtype)
-    draws = result.independent_draws(args.particles)[result.latent_name].detach()
+    truth = problem.x_true.cpu()
+    mean = result.mean().detach().to(device="cpu", dtype=truth.dtype)
+    draws = result.independent_draws(args.particles)[result.latent_name].detach().cpu()
     wall, nfe = float(result.info["wall_time"]), int(result.info["nfe"])
     quality, structure = classical.score(mean.clamp(-1.0, 1.0), truth)
     std = draws.double().std(0)
@@ -267,7 +267,8 @@ def header(args) -> list[str]:
         f"Command: `.venv/bin/python -m benchmarks.image_scale {' '.join(args.argv)}`",
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} cores shared with other jobs, "
-        f"{args.threads} torch thread(s), torch {torch.__version__}, float32, CPU. "
+        f"{args.threads} torch thread(s), torch {torch.__version__}, float32, "
+        f"engines on {args.device}. "
         "Wall times are on a loaded machine: compare them within this file only.",
         "",
         f"Prior: {prior}. Images {args.size}x{args.size}"
@@ -411,8 +412,21 @@ def main_part(args) -> None:
                 standin_prior(shape) if args.stand_in else zoo.natural_patches(shape)
             )
         problem = crop_problem(task, args.size, seed=args.seed, prior=prior_cache[shape])
+        # the engines' twin on --device: the same seed draws the same y (on the CPU, then moved)
+        on_device = problem
+        if args.device != "cpu":
+            on_device = problems.image_problem(
+                task,
+                problem.x_true.to(args.device),
+                prior=zoo.natural_patches(shape, device=args.device),
+                seed=args.seed,
+            )
         print(f"== {task}: {problem.name}", flush=True)
-        baselines = classical.baselines(problem, task)
+        try:
+            baselines = classical.baselines(problem, task)
+        except ImportError as error:  # a bare GPU machine without scikit-image: engines only
+            print(f"  no classical baselines ({error})", flush=True)
+            baselines = []
         for b in baselines:
             quality = f"PSNR {b.psnr:.2f} SSIM {b.ssim:.3f}"
             print(f"  classical {b.name}: {quality} ({b.note}, {b.seconds:.0f}s)", flush=True)
@@ -423,7 +437,7 @@ def main_part(args) -> None:
                 rows.append({"engine": name, "skipped": "not run: the operator has no SVD"})
                 continue
             start = time.perf_counter()
-            row = run_engine(problem, name, steps_for(args, task, name), args)
+            row = run_engine(on_device, name, steps_for(args, task, name), args)
             rows.append(row)
             summary = (
                 row["error"].splitlines()[0]
@@ -580,6 +594,9 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device", default="cpu", help="where the engines run (e.g. cuda; baselines on the CPU)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
