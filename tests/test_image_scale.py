@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffpost import posterior
+from diffpost.diagnostics import scores
 from diffpost.models import operators, problems, zoo
 from diffpost.models.patches import PatchDenoiser
 from diffpost.models.priors import DiffusionPrior
@@ -55,7 +56,7 @@ def test_the_patch_prior_denoises_held_out_photographs_as_recorded():
     t = prior.schedule.time_of_noise_ratio(torch.tensor(ratio, dtype=torch.float64))
     with torch.no_grad():
         denoised = prior.denoise(prior.schedule.alpha(t) * noisy[None], t)[0]
-    psnr = float(10 * torch.log10(4.0 / ((denoised - truth) ** 2).mean()))
+    psnr = scores.psnr(denoised, truth, data_range=2.0)
     # Same seed, grid and weights: identical on the recording machine; 0.05 dB leaves room
     # for float rounding across platforms.
     assert psnr == pytest.approx(recorded["camera/25"]["prior"], abs=0.05)
@@ -127,7 +128,7 @@ def test_an_engine_restores_a_crop_better_than_the_measurement_shows():
     upsampled = problem.operator.adjoint(problem.y) * 16  # each pixel gets its block's mean
 
     def psnr(estimate):
-        return float(10 * torch.log10(4.0 / ((estimate - image) ** 2).mean()))
+        return scores.psnr(estimate, image, data_range=2.0)
 
     assert torch.isfinite(draws).all()
     # Measured over seeds 0-2: the posterior mean 21.70-22.11 dB, block replication of y

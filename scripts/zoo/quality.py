@@ -136,8 +136,10 @@ def draw(name: str) -> Tensor:
 
 
 def psnr(estimate: Tensor, truth: Tensor) -> float:
-    """PSNR in dB on the ``[-1, 1]`` scale (data range 2)."""
-    return float(10 * torch.log10(4.0 / ((estimate - truth) ** 2).mean()))
+    """PSNR in dB on the ``[-1, 1]`` scale (the library's, data range 2)."""
+    from diffpost.diagnostics.scores import psnr as library_psnr
+
+    return library_psnr(estimate, truth, data_range=2.0)
 
 
 def patch_denoising() -> dict[str, dict[str, float]]:
