@@ -311,6 +311,36 @@ def train(
     return TrainingResult(ema.eval(), denoiser.eval(), losses)
 
 
+def _kmeans_responsibilities(x: Tensor, components: int, iterations: int, seed: int) -> Tensor:
+    """One-hot assignments ``(M, K)`` to the nearest k-means centre (k-means++ seeding)."""
+    num = x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(0, num, (1,), generator=generator)]
+    for _ in range(components - 1):
+        distance = torch.cdist(x, centres).min(dim=1).values ** 2
+        centres = torch.cat([centres, x[torch.multinomial(distance, 1, generator=generator)]])
+    for _ in range(iterations):
+        nearest = torch.cdist(x, centres).argmin(dim=1)
+        counts = torch.bincount(nearest, minlength=components).to(x)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+    return torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(dim=1), components).to(x)
+
+
+def _responsibilities(
+    x: Tensor, weights: Tensor, means: Tensor, cholesky: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Component posteriors ``(M, K)`` and log-likelihoods ``(M,)`` of ``x`` ``(M, d)``."""
+    dim = x.shape[1]
+    centred = x[None] - means[:, None]
+    solved = torch.linalg.solve_triangular(cholesky, centred.transpose(1, 2), upper=False)
+    log_det = 2 * torch.log(torch.diagonal(cholesky, dim1=1, dim2=2)).sum(1)
+    log_density = -0.5 * ((solved**2).sum(1) + log_det[:, None] + dim * math.log(2 * math.pi))
+    joint = log_density.T + torch.log(weights)
+    log_likelihood = torch.logsumexp(joint, dim=1)
+    return torch.exp(joint - log_likelihood[:, None]), log_likelihood
+
+
 def fit_gaussian_mixture(
     data: Tensor,
     components: int,
@@ -321,12 +351,14 @@ def fit_gaussian_mixture(
     kmeans_iterations: int = 20,
     tolerance: float = 1e-8,
     seed: int = 0,
+    initial: GaussianMixture | None = None,
 ) -> GaussianMixture:
     r"""Maximum-likelihood Gaussian mixture (full covariances) by EM, as an exact prior.
 
     Initialisation as scikit-learn's default: k-means (Lloyd's iterations from a k-means++
     seeding, Arthur & Vassilvitskii 2007, with a generator seeded by ``seed``), then hard
-    assignments to the nearest centre. Each M-step adds
+    assignments to the nearest centre; or, given ``initial``, the responsibilities of that
+    mixture (a warm start, as the M-steps of :mod:`diffpost.models.corrupted` use). Each M-step adds
     ``regularisation * I`` to every covariance (as scikit-learn's ``reg_covar``), which keeps
     them positive definite for image data with constant pixels. Computed in float64.
 
@@ -339,6 +371,8 @@ def fit_gaussian_mixture(
         kmeans_iterations: Lloyd iterations of the initialisation.
         tolerance: stop when the mean log-likelihood improves by less than this.
         seed: seed of the initialisation.
+        initial: a mixture of ``components`` components on the data's dimension to start from
+            (``seed`` and ``kmeans_iterations`` are then unused).
 
     Returns:
         A :class:`~diffpost.models.priors.GaussianMixture` with ``event_shape = data.shape[1:]``, in
@@ -355,19 +389,24 @@ def fit_gaussian_mixture(
         raise ValueError(f"regularisation must be positive; got {regularisation}")
     x = data.reshape(data.shape[0], -1).to(torch.float64).cpu()
     num, dim = x.shape
-    generator = torch.Generator().manual_seed(seed)
-    centres = x[torch.randint(0, num, (1,), generator=generator)]
-    for _ in range(components - 1):
-        distance = torch.cdist(x, centres).min(dim=1).values ** 2
-        centres = torch.cat([centres, x[torch.multinomial(distance, 1, generator=generator)]])
-    for _ in range(kmeans_iterations):
-        nearest = torch.cdist(x, centres).argmin(dim=1)
-        counts = torch.bincount(nearest, minlength=components).to(x)
-        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-    responsibilities = torch.nn.functional.one_hot(
-        torch.cdist(x, centres).argmin(dim=1), components
-    ).to(x)
+    if initial is not None:
+        if not isinstance(initial, GaussianMixture) or tuple(initial.means.shape) != (
+            components,
+            dim,
+        ):
+            raise ValueError(
+                f"initial must be a GaussianMixture of {components} components in dimension "
+                f"{dim}; got {type(initial).__name__}"
+                + (f" with means {tuple(initial.means.shape)}" if hasattr(initial, "means") else "")
+            )
+        responsibilities = _responsibilities(
+            x,
+            initial.weights.to(x),
+            initial.means.to(x),
+            torch.linalg.cholesky(initial.covariances.to(x)),
+        )[0]
+    else:
+        responsibilities = _kmeans_responsibilities(x, components, kmeans_iterations, seed)
     identity = torch.eye(dim, dtype=x.dtype)
     previous = -math.inf
     for _ in range(iterations):
@@ -380,13 +419,9 @@ def fit_gaussian_mixture(
             / counts[:, None, None]
             + regularisation * identity
         )
-        cholesky = torch.linalg.cholesky(covariances)
-        solved = torch.linalg.solve_triangular(cholesky, centred.transpose(1, 2), upper=False)
-        log_det = 2 * torch.log(torch.diagonal(cholesky, dim1=1, dim2=2)).sum(1)
-        log_density = -0.5 * ((solved**2).sum(1) + log_det[:, None] + dim * math.log(2 * math.pi))
-        joint = log_density.T + torch.log(weights)
-        log_likelihood = torch.logsumexp(joint, dim=1)
-        responsibilities = torch.exp(joint - log_likelihood[:, None])
+        responsibilities, log_likelihood = _responsibilities(
+            x, weights, means, torch.linalg.cholesky(covariances)
+        )
         mean_log_likelihood = float(log_likelihood.mean())
         if mean_log_likelihood - previous < tolerance:
             break

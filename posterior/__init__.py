@@ -10,6 +10,7 @@ Example::
 
 from diffpost.posterior.driver import draw_layout, sample
 from diffpost.posterior.engines import ENGINES, Engine, EngineFailed, EngineState, registry
+from diffpost.posterior.learning import EMResult, learn_prior
 from diffpost.posterior.many import sample_many
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
@@ -22,6 +23,8 @@ __all__ = [
     "draw_layout",
     "sample",
     "sample_many",
+    "learn_prior",
+    "EMResult",
     "registry",
     "Problem",
     "Sharding",

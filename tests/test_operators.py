@@ -38,6 +38,10 @@ LINEAR = {
     "matrix": lambda: ops.Matrix(_randn(5, 7, seed=1)),
     "mask-image": lambda: ops.Mask(_mask(2, 5, 4, seed=2)),
     "mask-coordinates": lambda: ops.Mask(torch.tensor([5, 0, 3]), shape=(8,)),
+    # gains of both signs, ties and zeros (a zero-filled mask is a 0/1 Diagonal)
+    "diagonal": lambda: ops.Diagonal(
+        torch.tensor([[2.0, -0.5, 0.0], [0.0, 2.0, -3.0]], dtype=DOUBLE)
+    ),
     "downsample": lambda: ops.Downsample((2, 6, 4), 2),
     "downsample-gray": lambda: ops.Downsample((6, 9), 3),
     "blur-separable": lambda: ops.Blur((2, 6, 5), ops.gaussian_kernel(5, 1.0)),

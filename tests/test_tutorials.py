@@ -15,7 +15,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 def test_the_tutorials_are_numbered_in_order():
     assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
-    assert len(NOTEBOOKS) == 7
+    assert len(NOTEBOOKS) == 8
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

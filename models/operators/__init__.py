@@ -11,7 +11,7 @@ from diffpost.models.operators.base import (
     check_adjoint,
     conjugate_gradient,
 )
-from diffpost.models.operators.basic import Identity, Mask, Matrix
+from diffpost.models.operators.basic import Diagonal, Identity, Mask, Matrix
 from diffpost.models.operators.blur import (
     Blur,
     CircularBlur,
@@ -41,6 +41,7 @@ __all__ = [
     "Identity",
     "Mask",
     "Matrix",
+    "Diagonal",
     "Downsample",
     "Colorization",
     "Blur",

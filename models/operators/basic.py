@@ -1,5 +1,6 @@
-"""The basic linear operators: :class:`Identity` (denoising), :class:`Matrix` (dense) and
-:class:`Mask` (inpainting, motif scaffolding), all with an exact SVD."""
+"""The basic linear operators: :class:`Identity` (denoising), :class:`Matrix` (dense),
+:class:`Mask` (inpainting, motif scaffolding) and :class:`Diagonal` (pixel gains, zero-filled
+masks), all with an exact SVD."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from diffpost.models.operators.base import SVD, LinearOperator
 
-__all__ = ["Identity", "Matrix", "Mask"]
+__all__ = ["Identity", "Matrix", "Mask", "Diagonal"]
 
 
 class Identity(LinearOperator):
@@ -159,4 +160,66 @@ class Mask(LinearOperator):
             u=lambda z: z,
             leading_vt=lambda x, k: x.flatten(1)[:, permutation[:k].to(x.device)],
             leading_v=leading_v,
+        )
+
+
+class Diagonal(LinearOperator):
+    r"""Entry-wise gains :math:`A x = w \odot x`, measurements of the signal's shape.
+
+    With a 0/1 ``weights`` it is the *zero-filled* form of :class:`Mask`: :math:`y = m \odot x +
+    \sigma e` observes the same entries, and an unobserved entry's measurement is pure noise,
+    independent of :math:`x`, so the posterior is the same as with ``Mask(m)`` (the evidence
+    differs by the density of that noise). Its measurements keep the image's shape whatever the
+    number of observed pixels, so masks of different sizes can share a plate
+    (``PerProblem([Diagonal(m) for m in masks])`` is applied as one vectorised product), as in
+    Rozet et al.'s EM on masked images (2024), who store ``y = A * x`` the same way.
+
+    SVD: ``s = |w|`` in decreasing order (``V^T x`` lists the entries in that order and ``U``
+    carries the signs), so the observed entries of a mask come first.
+
+    Args:
+        weights: real tensor of the signal's event shape (its dtype and device are kept).
+
+    References:
+        Rozet, Andry, Lanusse, Louppe. Learning Diffusion Priors from Observations by Expectation
+        Maximization. NeurIPS 2024. arXiv:2405.13712.
+    """
+
+    def __init__(self, weights: Tensor):
+        weights = torch.as_tensor(weights)
+        if weights.dim() == 0 or not (weights.is_floating_point() or weights.dtype == torch.bool):
+            raise ValueError(
+                "Diagonal expects a real or boolean tensor of the signal's shape; got dtype "
+                f"{weights.dtype}, shape {tuple(weights.shape)}"
+            )
+        if weights.dtype == torch.bool:
+            weights = weights.to(torch.get_default_dtype())
+        if not torch.isfinite(weights).all():
+            raise ValueError("Diagonal: the weights have non-finite entries")
+        super().__init__(tuple(weights.shape), tuple(weights.shape))
+        self.weights = weights
+        flat = weights.flatten()
+        self.permutation = torch.argsort(flat.abs(), descending=True, stable=True)
+        self.signs = torch.where(flat[self.permutation] < 0, -1.0, 1.0).to(flat)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x * self.weights.to(x)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y * self.weights.to(y)
+
+    def svd(self) -> SVD:
+        permutation, shape = self.permutation, tuple(self.in_shape)
+
+        def scatter(z: Tensor, signs: Tensor | None = None) -> Tensor:
+            flat = torch.empty_like(z)
+            flat[:, permutation.to(z.device)] = z if signs is None else z * signs.to(z)
+            return flat.reshape((-1,) + shape)
+
+        return SVD(
+            singular_values=self.weights.flatten()[permutation].abs().to(torch.float64),
+            vt=lambda x: x.flatten(1)[:, permutation.to(x.device)],
+            v=scatter,
+            ut=lambda y: y.flatten(1)[:, permutation.to(y.device)] * self.signs.to(y),
+            u=lambda z: scatter(z, self.signs),
         )

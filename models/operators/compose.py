@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from diffpost.models.operators.base import SVD, LinearOperator, Operator
-from diffpost.models.operators.basic import Matrix
+from diffpost.models.operators.basic import Diagonal, Matrix
 
 __all__ = ["Compose", "LinearCompose", "LinearPerProblem", "LinearStack", "PerProblem", "Stack"]
 
@@ -158,7 +158,9 @@ class PerProblem(Operator):
     (``pyro.plate(..., B)`` with the default ``dim=-1``), and operator ``b`` is applied to its
     slice ``b``, e.g. a different inpainting mask per image. Every operator must have the same
     input and output shapes (masks with the same number of observed pixels). When all are linear
-    the result is a :class:`LinearPerProblem` (adjoint per problem; no SVD).
+    the result is a :class:`LinearPerProblem` (adjoint per problem; no SVD). When all are
+    :class:`~diffpost.models.operators.Diagonal` (e.g. zero-filled masks of different sizes) it is
+    applied as one vectorised product instead of a loop over the problems.
 
     Args:
         operators: ``B`` operators, in the plate's order.
@@ -192,6 +194,9 @@ class PerProblem(Operator):
                     "(e.g. masks with the same number of observed pixels)"
                 )
         self.operators = tuple(operators)
+        self._diagonal = None  # (B, *in_shape) gains when every operator is a Diagonal
+        if all(isinstance(operator, Diagonal) for operator in operators):
+            self._diagonal = torch.stack([operator.weights for operator in operators])
         super().__init__(tuple(operators[0].in_shape), tuple(operators[0].out_shape))
 
     @property
@@ -207,6 +212,8 @@ class PerProblem(Operator):
                 f"{tuple(shape_in)}"
             )
         dim = len(batch) - 1
+        if self._diagonal is not None:  # forward and adjoint are the same product
+            return value * self._diagonal.to(value)
         parts = [
             getattr(operator, name)(value.select(dim, b))
             for b, operator in enumerate(self.operators)
