@@ -91,6 +91,18 @@ def network() -> VDenoiser:
     return VDenoiser(net, VP("cosine"))
 
 
+def gaussian_start(data: Measurements) -> Gaussian:
+    """The paper's start: the Gaussian of 3 EM rounds from N(0, I), with an exact E-step."""
+    dtype = data.y.dtype
+    start = Gaussian(
+        torch.zeros(64, dtype=dtype), torch.eye(64, dtype=dtype), event_shape=(1, 8, 8)
+    )
+    exact = posterior.Exact()
+    return posterior.learn_prior(
+        start, data, FitMixture(1), rounds=3, engine=exact, seed=0, progress=False
+    ).prior
+
+
 def heldout_log_density(mixture, images: torch.Tensor) -> float:
     return float(mixture.log_prob(images.reshape(len(images), -1).double()).mean())
 
@@ -139,20 +151,7 @@ def gmm_part(args, train_images, heldout, quality, lines):
         data = corrupt(train_images.double(), kind, seed=0)
         naive = fit_gaussian_mixture(data.y, components, seed=0)
         began = time.perf_counter()
-        start = Gaussian(
-            torch.zeros(64, dtype=torch.float64),
-            torch.eye(64, dtype=torch.float64),
-            event_shape=(1, 8, 8),
-        )
-        gaussian = posterior.learn_prior(
-            start,
-            data,
-            FitMixture(1),
-            rounds=3,
-            engine=posterior.Exact(),
-            seed=0,
-            progress=False,
-        ).prior
+        gaussian = gaussian_start(data)
         em = posterior.learn_prior(
             gaussian,
             data,
@@ -225,16 +224,7 @@ def network_part(args, train_images, heldout, quality, lines):
         )
         began = time.perf_counter()
         folder = None if args.directory is None else Path(args.directory) / f"network-{kind}"
-        start = Gaussian(torch.zeros(64), torch.eye(64), event_shape=(1, 8, 8))
-        gaussian = posterior.learn_prior(
-            start,
-            data,
-            FitMixture(1),
-            rounds=3,
-            engine=posterior.Exact(),
-            seed=0,
-            progress=False,
-        ).prior
+        gaussian = gaussian_start(data)
         em = posterior.learn_prior(
             gaussian,
             data,

@@ -58,6 +58,7 @@ from diffpost.models.observations import GaussianObservation
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.operators.compose import PerProblem
 from diffpost.posterior.engines import ENGINES, EngineFailed
+from diffpost.posterior.engines.common import check_positive_integers
 from diffpost.posterior.files import write_atomically
 from diffpost.posterior.many import sample_many
 from diffpost.posterior.tasks import StudyDirectory, fingerprint, run_seeds, study_manifest
@@ -130,18 +131,10 @@ def _check(prior, measurements, m_step, rounds, samples_per_measurement, problem
             "m_step must be an M-step such as models.corrupted.FitMixture(...) or "
             f"TrainNetwork(...); got {type(m_step).__name__}"
         )
-    for name, value in (
-        ("rounds", rounds),
-        ("samples_per_measurement", samples_per_measurement),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if problems_per_run is not None and (
-        isinstance(problems_per_run, bool)
-        or not isinstance(problems_per_run, int)
-        or problems_per_run < 1
-    ):
-        raise ValueError(f"problems_per_run must be a positive integer; got {problems_per_run!r}")
+    counts = {"rounds": rounds, "samples_per_measurement": samples_per_measurement}
+    if problems_per_run is not None:
+        counts["problems_per_run"] = problems_per_run
+    check_positive_integers("learn_prior", **counts)
 
 
 def _operator_probe(measurements: Measurements) -> Tensor:
