@@ -12,9 +12,15 @@ with an engine (E-step), then refits the prior to those draws (M-step). The M-st
 - :class:`TrainNetwork`: denoising score matching (:func:`~diffpost.models.training.train`) on
   the E-step's draws, warm-started from the previous round's network, as in the paper.
 
+Training without posterior sampling: :class:`AmbientLoss` (Daras et al. 2023) learns from masked
+images directly, for :func:`~diffpost.models.training.train`, and :class:`AmbientDenoiser` turns
+the network into a denoiser for the engines.
+
 References:
     Rozet, Andry, Lanusse, Louppe. Learning Diffusion Priors from Observations by Expectation
     Maximization. NeurIPS 2024. arXiv:2405.13712 (github.com/francois-rozet/diffusion-priors).
+    Daras, Shah, Dagan, Gollakota, Dimakis, Klivans. Ambient Diffusion: Learning Clean
+    Distributions from Corrupted Data. NeurIPS 2023. arXiv:2305.19256.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from diffpost.models.denoisers import Denoiser
@@ -32,7 +39,7 @@ from diffpost.models.operators.compose import PerProblem
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
 from diffpost.models.training import fit_gaussian_mixture, train
 
-__all__ = ["Measurements", "FitMixture", "TrainNetwork"]
+__all__ = ["Measurements", "FitMixture", "TrainNetwork", "AmbientLoss", "AmbientDenoiser"]
 
 
 class Measurements(NamedTuple):
@@ -192,3 +199,85 @@ class TrainNetwork:
         network = copy.deepcopy(self.denoiser)
         network.load_state_dict(state["network"])
         return self._prior(network.eval().requires_grad_(False), tuple(state["event_shape"]))
+
+
+@dataclass(frozen=True)
+class AmbientLoss:
+    r"""Ambient Diffusion's objective (Daras et al. 2023): learn :math:`E[x_0 \mid \tilde A x_t,
+    \tilde A]` from masked images only, for :func:`~diffpost.models.training.train`'s ``loss``.
+
+    The data are the zero-filled measurements :math:`y = A x_0` (``data``) and their 0/1 masks
+    :math:`A` (``conditions``). Each step hides every observed pixel again with probability
+    ``further`` (:math:`\tilde A = B A`), gives the network :math:`\tilde A x_t` with
+    :math:`x_t = \alpha y + \sigma \epsilon` (only the entries :math:`\tilde A` keeps, which are
+    those of :math:`\alpha x_0 + \sigma\epsilon`) and the mask :math:`\tilde A` as a condition
+    channel, and scores its estimate :math:`h` on every pixel :math:`A` observed:
+
+    .. math:: \mathcal L = \lVert A\,(h_\theta(\tilde A x_t, \tilde A, t) - x_0) \rVert^2
+              / \lVert A \rVert_1 .
+
+    Since the network cannot tell which of the hidden pixels :math:`A` observed, it must predict
+    all of them, and the minimiser is :math:`E[x_0 \mid \tilde A x_t, \tilde A]` for every pixel
+    that some mask observes (the paper's Theorem). The network needs one condition channel per
+    image channel (``UNet(condition_channels=C)``); the paper's parametrisation predicts
+    :math:`x_0` (:class:`~diffpost.models.denoisers.X0Denoiser`), and any adapter works since
+    the loss is on its :math:`\hat x_0`. Sample with :class:`AmbientDenoiser`.
+
+    Args:
+        further: :math:`\delta`, the probability of hiding an observed pixel again (0.1, the
+            official code's ``delta_probability`` default).
+
+    References:
+        Daras, Shah, Dagan, Gollakota, Dimakis, Klivans. Ambient Diffusion: Learning Clean
+        Distributions from Corrupted Data. NeurIPS 2023. arXiv:2305.19256.
+    """
+
+    further: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.further, bool) or not 0 < self.further < 1:
+            raise ValueError(f"AmbientLoss: further must lie in (0, 1); got {self.further!r}")
+
+    def __call__(self, denoiser, y, t, noise, condition, generator) -> Tensor:
+        if condition is None or condition.shape != y.shape:
+            raise ValueError(
+                "AmbientLoss needs the measurements' 0/1 masks as train's conditions, one per "
+                f"example and of its shape {tuple(y.shape[1:])}"
+            )
+        kept = torch.rand(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        hidden_again = condition * (kept >= self.further).to(y.dtype)
+        alpha, sigma = denoiser.schedule(t)
+        shape = (-1,) + (1,) * (y.dim() - 1)
+        x_t = alpha.reshape(shape) * y + sigma.reshape(shape) * noise
+        estimate = denoiser(hidden_again * x_t, t, hidden_again)
+        return (condition * (estimate - y) ** 2).sum() / condition.sum().clamp_min(1)
+
+
+class AmbientDenoiser(Denoiser):
+    r"""The sampling side of Ambient Diffusion: a network trained with :class:`AmbientLoss` used
+    as an ordinary denoiser through one fixed mask, :math:`D(x_t, t) = h_\theta(\tilde A x_t,
+    \tilde A, t)` (the paper's fixed-mask sampler), so that a
+    :class:`~diffpost.models.priors.DiffusionPrior` on it runs with every engine.
+
+    Args:
+        denoiser: the adapter trained with :class:`AmbientLoss`.
+        mask: the fixed 0/1 mask :math:`\tilde A`, of the event shape; the paper draws it from
+            the training distribution of :math:`\tilde A` (each pixel kept with probability
+            ``keep * (1 - further)``).
+
+    References:
+        Daras et al. Ambient Diffusion. NeurIPS 2023 (section 3.3, fixed-mask sampling).
+    """
+
+    def __init__(self, denoiser: Denoiser, mask: Tensor):
+        super().__init__(denoiser.schedule)
+        mask = torch.as_tensor(mask)
+        if mask.dim() == 0 or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("AmbientDenoiser: mask must be a 0/1 tensor of the event shape")
+        self.denoiser = denoiser
+        self.register_buffer("mask", mask.to(torch.get_default_dtype()))
+        self.event_shape = tuple(mask.shape)
+
+    def forward(self, x_t: Tensor, t) -> Tensor:
+        mask = self.mask.to(x_t).expand_as(x_t)
+        return self.denoiser(mask * x_t, t, mask)

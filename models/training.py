@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +64,7 @@ from diffpost.models.denoisers import Denoiser
 from diffpost.models.priors import GaussianMixture
 from diffpost.models.schedules import DiscreteVP, Schedule
 
-__all__ = ["TrainingResult", "train", "fit_gaussian_mixture"]
+__all__ = ["TrainingResult", "train", "denoising_loss", "fit_gaussian_mixture"]
 
 
 class TrainingResult(NamedTuple):
@@ -134,6 +135,27 @@ def _save(path: Path, state: dict) -> None:
     os.replace(partial, path)
 
 
+def denoising_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    condition: Tensor | None,
+    generator: torch.Generator,
+) -> Tensor:
+    r"""The default objective of :func:`train`: the adapter's weighted squared error on its
+    target at :math:`x_t = \alpha x_0 + \sigma\,` ``noise`` (see the module docstring)."""
+    alpha, sigma = denoiser.schedule(t)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
+    if condition is None:  # adapters without conditioning take (x_t, t) only
+        output = denoiser.network_output(x_t, t)
+    else:
+        output = denoiser.network_output(x_t, t, condition)
+    error = output - denoiser.network_target(x0, noise, t)
+    return (denoiser.loss_weight(x0, t) * error**2).mean()
+
+
 def train(
     denoiser: Denoiser,
     data: Tensor,
@@ -152,6 +174,7 @@ def train(
     checkpoint_every: int = 500,
     progress: bool = True,
     conditions: Tensor | None = None,
+    loss: Callable[..., Tensor] | None = None,
 ) -> TrainingResult:
     r"""Train the network of ``denoiser`` on ``data`` by denoising score matching.
 
@@ -176,6 +199,11 @@ def train(
         conditions: per-example conditioning, shape ``(M, ...)``, given unnoised to the network
             with its example (``denoiser.network_output(x_t, t, conditions[i])``); e.g. the
             positions of the patches of :mod:`diffpost.models.patches`.
+        loss: another training objective in place of denoising score matching, called as
+            ``loss(denoiser, x0, t, noise, condition, generator) -> scalar`` on each batch (the
+            batch's examples, times, noise and conditions, and the run's generator for any
+            further randomness), e.g. :class:`~diffpost.models.corrupted.AmbientLoss` for
+            masked data; its ``repr`` is part of the checkpoint's settings.
 
     Returns:
         A :class:`TrainingResult`.
@@ -211,6 +239,10 @@ def train(
     }
     if conditions is not None:
         config["condition_shape"] = tuple(conditions.shape[1:])
+    if loss is not None:
+        if not callable(loss):
+            raise ValueError(f"loss must be callable; got {type(loss).__name__}")
+        config["loss"] = repr(loss)
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     parameters = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -272,17 +304,10 @@ def train(
             x0 = data[index]
             t = _sample_times(denoiser.schedule, batch_size, t_min, generator, x0)
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-            alpha, sigma = denoiser.schedule(t)
-            shape = (-1,) + (1,) * (x0.dim() - 1)
-            x_t = alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
-            if conditions is None:  # adapters without conditioning take (x_t, t) only
-                output = denoiser.network_output(x_t, t)
-            else:
-                output = denoiser.network_output(x_t, t, conditions[index])
-            error = output - denoiser.network_target(x0, noise, t)
-            loss = (denoiser.loss_weight(x0, t) * error**2).mean()
+            condition = None if conditions is None else conditions[index]
+            objective = (loss or denoising_loss)(denoiser, x0, t, noise, condition, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if gradient_clip is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, gradient_clip)
             optimizer.step()
@@ -293,7 +318,7 @@ def train(
                     average.lerp_(current, 1.0 - decay)
                 for average, current in zip(ema.buffers(), denoiser.buffers(), strict=True):
                     average.copy_(current)
-            losses[step] = loss.detach().double()
+            losses[step] = objective.detach().double()
             step += 1
             bar.update(1)
             if step % 50 == 0:

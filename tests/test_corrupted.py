@@ -326,3 +326,105 @@ def test_train_network_refuses_what_it_cannot_train():
     with pytest.raises(ValueError, match="num_steps must be a positive integer"):
         TrainNetwork(_tiny_network(), num_steps=0)
     assert math.isfinite(FitMixture().regularisation)
+
+
+# --------------------------------------------------------------------------------------------
+# Ambient Diffusion: training on masked images directly
+# --------------------------------------------------------------------------------------------
+
+_GRID = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1)
+_COVARIANCE = 0.8 * torch.exp(
+    -torch.cdist(_GRID.reshape(-1, 2).double(), _GRID.reshape(-1, 2).double()) / 2
+)
+
+
+def _masked_conditional_mean(x_t, masks, t, schedule):
+    """E[x0 | the entries of x_t that the mask keeps] under N(0, _COVARIANCE), x0 (N, 1, 4, 4)."""
+    alpha, sigma = schedule(torch.tensor(t, dtype=D))
+    means = []
+    for values, mask in zip(x_t.double(), masks, strict=True):
+        kept = mask.flatten() > 0
+        gram = alpha**2 * _COVARIANCE[kept][:, kept] + sigma**2 * torch.eye(
+            int(kept.sum()), dtype=D
+        )
+        gain = alpha * _COVARIANCE[:, kept] @ torch.linalg.inv(gram)
+        means.append(gain @ values.flatten()[kept])
+    return torch.stack(means).reshape(x_t.shape).float()
+
+
+def _without_further_corruption(denoiser, y, t, noise, condition, generator):
+    """The naive masked loss (Daras et al.'s eq. 86): the network sees every observed pixel."""
+    alpha, sigma = denoiser.schedule(t)
+    x_t = alpha.reshape(-1, 1, 1, 1) * y + sigma.reshape(-1, 1, 1, 1) * noise
+    estimate = denoiser(condition * x_t, t, condition)
+    return (condition * (estimate - y) ** 2).sum() / condition.sum()
+
+
+def test_ambient_loss_learns_the_conditional_mean_the_naive_masked_loss_misses():
+    """A Gaussian on 4x4 images (exponential covariance), 2000 training images each seen through
+    its own half mask: a small x0-predicting UNet trained 600 steps with AmbientLoss(0.2)
+    against the closed-form E[x0 | masked x_t] on new images and masks (40% kept), at t = 0.3.
+    Relative squared error measured for seeds 0-2: 0.065-0.081 (Ambient) and 0.178-0.204 (the
+    same network trained without the further corruption); bounds 0.12 and 0.15, and the ratio
+    (measured at most 0.41) below 0.6."""
+    from diffpost.models.corrupted import AmbientDenoiser, AmbientLoss
+    from diffpost.models.denoisers import X0Denoiser
+    from diffpost.models.training import train
+
+    generator = torch.Generator().manual_seed(0)
+    root = torch.linalg.cholesky(_COVARIANCE)
+    x = (torch.randn(2000, 16, generator=generator, dtype=D) @ root.T).reshape(2000, 1, 4, 4)
+    masks = (torch.rand(x.shape, generator=generator) < 0.5).float()
+    schedule = VP("cosine")
+    errors = {}
+    tests = torch.Generator().manual_seed(100)
+    fresh = (torch.randn(400, 16, generator=tests, dtype=D) @ root.T).reshape(400, 1, 4, 4).float()
+    kept = (torch.rand(fresh.shape, generator=tests) < 0.4).float()
+    alpha, sigma = schedule(torch.tensor(0.3))
+    x_t = alpha * fresh + sigma * torch.randn(fresh.shape, generator=tests)
+    reference = _masked_conditional_mean(x_t, kept, 0.3, schedule)
+    for name, loss in (("ambient", AmbientLoss(0.2)), ("naive", _without_further_corruption)):
+        torch.manual_seed(0)
+        unet = UNet(
+            channels=1, base_channels=8, channel_multipliers=(1, 2), groups=4, condition_channels=1
+        )
+        trained = train(
+            X0Denoiser(unet, schedule),
+            (masks * x).float(),
+            conditions=masks,
+            loss=loss,
+            num_steps=600,
+            warmup_steps=50,
+            seed=0,
+            progress=False,
+        ).denoiser
+        with torch.no_grad():
+            estimate = trained(kept * x_t, torch.full((400,), 0.3), kept)
+        errors[name] = float(((estimate - reference) ** 2).mean() / (reference**2).mean())
+    assert errors["ambient"] < 0.12 and errors["naive"] > 0.15, errors
+    assert errors["ambient"] < 0.6 * errors["naive"], errors
+    # the sampling side: one fixed mask, an ordinary denoiser of (x_t, t)
+    fixed = AmbientDenoiser(trained, kept[0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fixed(x_t[:3], 0.3), trained(kept[0] * x_t[:3], 0.3, kept[0].expand(3, 1, 4, 4))
+        )
+
+
+def test_ambient_pieces_refuse_bad_input():
+    from diffpost.models.corrupted import AmbientDenoiser, AmbientLoss
+    from diffpost.models.denoisers import X0Denoiser
+    from diffpost.models.training import train
+
+    with pytest.raises(ValueError, match="further must lie in"):
+        AmbientLoss(0.0)
+    network = X0Denoiser(
+        UNet(
+            channels=1, base_channels=8, channel_multipliers=(1, 2), groups=4, condition_channels=1
+        ),
+        VP("cosine"),
+    )
+    with pytest.raises(ValueError, match="AmbientLoss needs the measurements' 0/1 masks"):
+        train(network, torch.zeros(4, 1, 4, 4), loss=AmbientLoss(), num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="0/1 tensor"):
+        AmbientDenoiser(network, torch.full((1, 4, 4), 0.5))
