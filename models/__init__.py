@@ -1,9 +1,10 @@
 """What users declare: schedules, denoisers, priors, operators, observations, ready-made problems,
-the shipped priors (``zoo``) and the training utility (``training``).
+the shipped priors (``zoo``), the training utility (``training``) and what learning a prior from
+corrupted measurements needs (``corrupted``).
 
-``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``networks``,
-``patches``, ``problems`` and ``flows`` are imported on first use, so that ``import models`` stays
-fast.
+``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``corrupted``,
+``networks``, ``patches``, ``problems`` and ``flows`` are imported on first use, so that
+``import models`` stays fast.
 """
 
 import importlib
@@ -12,13 +13,14 @@ from diffpost.models import denoisers, densities, operators, samplers, schedules
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.priors import DiffusionPrior, Gaussian, GaussianMixture
 
-_LAZY_MODULES = ("flows", "networks", "patches", "problems", "training", "zoo")
+_LAZY_MODULES = ("corrupted", "flows", "networks", "patches", "problems", "training", "zoo")
 
 __all__ = [
     "DiffusionPrior",
     "Gaussian",
     "GaussianMixture",
     "GaussianObservation",
+    "corrupted",
     "densities",
     "denoisers",
     "flows",

@@ -149,6 +149,13 @@ def _operator_probe(measurements: Measurements) -> Tensor:
         return operator(probe.to(measurements.y))
 
 
+def _prior_fingerprint(prior) -> str:
+    """The starting prior's identity: its type and its denoiser's weights and buffers."""
+    denoiser = getattr(prior, "denoiser", None)
+    weights = dict(denoiser.state_dict()) if isinstance(denoiser, torch.nn.Module) else {}
+    return fingerprint([type(prior).__name__, weights])
+
+
 def _save(state: Any, path: Path) -> None:
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
@@ -224,6 +231,7 @@ def learn_prior(
             ),
             samples_per_measurement=samples_per_measurement,
             problems_per_run=per_run,
+            prior=_prior_fingerprint(prior),
         )
         store = StudyDirectory(directory, manifest, "round", _save, _load)
     show = progress and not os.environ.get("CI")

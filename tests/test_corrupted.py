@@ -190,6 +190,11 @@ def test_a_resumed_loop_gives_the_uninterrupted_priors(tmp_path):
     )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["engine"] == "Exact" and manifest["samples_per_measurement"] == 1
+    moved = Gaussian(torch.ones(3, dtype=D), torch.eye(3, dtype=D))
+    with pytest.raises(ValueError, match="holds another study.*prior"):
+        posterior.learn_prior(
+            moved, data, FitMixture(1), rounds=4, engine=exact, seed=3, directory=tmp_path
+        )
     other, _ = _small_problem(seed=5)
     with pytest.raises(ValueError, match="holds another study.*measurements"):
         posterior.learn_prior(
