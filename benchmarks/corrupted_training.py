@@ -292,7 +292,7 @@ def ambient_part(args, train_images, heldout, quality, lines):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     data = corrupt(train_images.float(), "masked", seed=0)
-    masks = torch.stack([op.weights for op in data.operator.operators]).float()
+    masks = data.operator.gains.float()
     torch.manual_seed(0)
     unet = UNet(channels=1, base_channels=16, channel_multipliers=(1, 2, 2), condition_channels=1)
     began = time.perf_counter()

@@ -203,6 +203,12 @@ class PerProblem(Operator):
     def num_problems(self) -> int:
         return len(self.operators)
 
+    @property
+    def gains(self) -> Tensor | None:
+        """``(B, *in_shape)``: the gains of the problems' operators when every one is a
+        :class:`~diffpost.models.operators.Diagonal` (applied as one product), else ``None``."""
+        return self._diagonal
+
     def _per_problem(self, name: str, value: Tensor, shape_in, shape_out, what: str) -> Tensor:
         batch = self._check(value, shape_in, what)
         if not batch or batch[-1] != self.num_problems:
