@@ -35,8 +35,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -344,8 +344,11 @@ def main() -> None:
     quality = _quality()
     train_images, _ = zoo.digits_data("train", dtype=torch.float64)
     heldout, _ = zoo.digits_data("heldout", dtype=torch.float64)
+    given = sys.argv[1:]
+    dropped = {i for i, a in enumerate(given) if a == "--output"}  # the flag and its value
+    dropped |= {i + 1 for i in dropped}
     command = "python benchmarks/corrupted_training.py " + " ".join(
-        a for a in os.sys.argv[1:] if not a.startswith("--output")
+        a for i, a in enumerate(given) if i not in dropped and not a.startswith("--output=")
     )
     lines = [
         "# Priors learned from corrupted measurements (8x8 digits)",
