@@ -281,11 +281,13 @@ def ambient_part(args, train_images, heldout, quality, lines):
     lines += [
         "## Ambient Diffusion (masked digits only)",
         "",
-        f"`AmbientLoss(0.1)` (the official default) on the zero-filled masked digits and their "
+        f"`AmbientLoss({args.ambient_further})` (0.1 is the official default) on the zero-filled "
+        "masked digits and their "
         f"masks, {total} steps (batch 128) of the same UNet with one mask channel, predicting "
         "x0; sampled through `AmbientDenoiser` with one fixed mask drawn with the training "
         "distribution of the further-corrupted masks (each pixel kept with probability "
-        f"{KEEP} x 0.9), the paper's fixed-mask sampler. Columns as above.",
+        f"{KEEP} x {1 - args.ambient_further:g}), the paper's fixed-mask sampler. Columns as "
+        "above.",
         "",
         "| data | prior | confidence | class entropy | NN distance | near copies "
         "| posterior PSNR (dB) | 90% coverage | time |",
@@ -296,12 +298,13 @@ def ambient_part(args, train_images, heldout, quality, lines):
     torch.manual_seed(0)
     unet = UNet(channels=1, base_channels=16, channel_multipliers=(1, 2, 2), condition_channels=1)
     began = time.perf_counter()
-    checkpoint = None if args.directory is None else Path(args.directory) / "ambient.ckpt"
+    name = "ambient.ckpt" if args.ambient_further == 0.1 else f"ambient-{args.ambient_further}.ckpt"
+    checkpoint = None if args.directory is None else Path(args.directory) / name
     trained = train(
         X0Denoiser(unet, VP("cosine")),
         (data.y * masks).float(),
         conditions=masks,
-        loss=AmbientLoss(0.1),
+        loss=AmbientLoss(args.ambient_further),
         num_steps=total,
         batch_size=128,
         seed=0,
@@ -309,7 +312,8 @@ def ambient_part(args, train_images, heldout, quality, lines):
         checkpoint=checkpoint,
     ).denoiser
     seconds = time.perf_counter() - began
-    fixed = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(3)) < KEEP * 0.9
+    keep = KEEP * (1 - args.ambient_further)
+    fixed = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(3)) < keep
     prior = DiffusionPrior(AmbientDenoiser(trained, fixed.float()), (1, 8, 8), num_steps=100)
     samples = prior.sample((500,), generator=torch.Generator().manual_seed(0))
     scores = quality.evaluate(samples.float(), 8)
@@ -317,7 +321,8 @@ def ambient_part(args, train_images, heldout, quality, lines):
         prior, heldout[: args.posterior_images].float(), "masked", posterior.MMPS(), args.particles
     )
     lines.append(
-        f"| masked | Ambient Diffusion | {scores['confidence']:.3f} | "
+        f"| masked | Ambient Diffusion (further {args.ambient_further}) | "
+        f"{scores['confidence']:.3f} | "
         f"{scores['class_entropy']:.3f} | {scores['nn_distance']:.3f} | "
         f"{scores['near_copies']:.3f} | {post['psnr']:.2f} (masked) | {post['coverage']:.3f} | "
         f"{seconds:.0f} s |"
@@ -334,6 +339,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=750)
     parser.add_argument("--particles", type=int, default=16)
+    parser.add_argument("--ambient-further", type=float, default=0.1)
     parser.add_argument("--posterior-images", type=int, default=100)
     parser.add_argument("--directory", default=None, help="keeps the EM rounds (resumable)")
     parser.add_argument("--threads", type=int, default=2)
