@@ -37,7 +37,7 @@ from diffpost.models.denoisers import Denoiser
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.operators.compose import PerProblem
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
-from diffpost.models.training import fit_gaussian_mixture, train
+from diffpost.models.training import diffused, fit_gaussian_mixture, train
 
 __all__ = ["Measurements", "FitMixture", "TrainNetwork", "AmbientLoss", "AmbientDenoiser"]
 
@@ -248,9 +248,7 @@ class AmbientLoss:
             )
         kept = torch.rand(y.shape, generator=generator, dtype=y.dtype, device=y.device)
         hidden_again = condition * (kept >= self.further).to(y.dtype)
-        alpha, sigma = denoiser.schedule(t)
-        shape = (-1,) + (1,) * (y.dim() - 1)
-        x_t = alpha.reshape(shape) * y + sigma.reshape(shape) * noise
+        x_t = diffused(denoiser.schedule, y, t, noise)
         estimate = denoiser(hidden_again * x_t, t, hidden_again)
         return (condition * (estimate - y) ** 2).sum() / condition.sum().clamp_min(1)
 

@@ -64,7 +64,7 @@ from diffpost.models.denoisers import Denoiser
 from diffpost.models.priors import GaussianMixture
 from diffpost.models.schedules import DiscreteVP, Schedule
 
-__all__ = ["TrainingResult", "train", "denoising_loss", "fit_gaussian_mixture"]
+__all__ = ["TrainingResult", "train", "denoising_loss", "diffused", "fit_gaussian_mixture"]
 
 
 class TrainingResult(NamedTuple):
@@ -135,6 +135,14 @@ def _save(path: Path, state: dict) -> None:
     os.replace(partial, path)
 
 
+def diffused(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    r""":math:`x_t = \alpha(t)\, x_0 + \sigma(t)\,` ``noise`` for a batch: ``x0`` and ``noise``
+    ``(N, *event)``, ``t`` ``(N,)``; what every training objective feeds the network."""
+    alpha, sigma = schedule(t)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
+
+
 def denoising_loss(
     denoiser: Denoiser,
     x0: Tensor,
@@ -145,9 +153,7 @@ def denoising_loss(
 ) -> Tensor:
     r"""The default objective of :func:`train`: the adapter's weighted squared error on its
     target at :math:`x_t = \alpha x_0 + \sigma\,` ``noise`` (see the module docstring)."""
-    alpha, sigma = denoiser.schedule(t)
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    x_t = alpha.reshape(shape) * x0 + sigma.reshape(shape) * noise
+    x_t = diffused(denoiser.schedule, x0, t, noise)
     if condition is None:  # adapters without conditioning take (x_t, t) only
         output = denoiser.network_output(x_t, t)
     else:
