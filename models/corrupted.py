@@ -12,15 +12,27 @@ with an engine (E-step), then refits the prior to those draws (M-step). The M-st
 - :class:`TrainNetwork`: denoising score matching (:func:`~diffpost.models.training.train`) on
   the E-step's draws, warm-started from the previous round's network, as in the paper.
 
-Training without posterior sampling: :class:`AmbientLoss` (Daras et al. 2023) learns from masked
-images directly, for :func:`~diffpost.models.training.train`, and :class:`AmbientDenoiser` turns
-the network into a denoiser for the engines.
+Training without posterior sampling, objectives for :func:`~diffpost.models.training.train`'s
+``loss``:
+
+- :class:`AmbientLoss` (Daras et al. 2023) learns from masked images, and
+  :class:`AmbientDenoiser` turns its network into a denoiser for the engines;
+- :class:`GSURELoss` (Kawar et al. 2024) learns from noisy measurements through entry-wise gains
+  (masks with noise, :class:`~diffpost.models.operators.Diagonal`) by generalised Stein unbiased
+  risk estimation, down to the noise level of the data, below which
+  :class:`NoiseFloorDenoiser` holds it;
+- :class:`TweedieLoss` (Daras et al. 2024) learns from noisy images by Tweedie's formula applied
+  twice above their noise level and a consistency loss through the model's own sampler below it.
 
 References:
     Rozet, Andry, Lanusse, Louppe. Learning Diffusion Priors from Observations by Expectation
     Maximization. NeurIPS 2024. arXiv:2405.13712 (github.com/francois-rozet/diffusion-priors).
     Daras, Shah, Dagan, Gollakota, Dimakis, Klivans. Ambient Diffusion: Learning Clean
     Distributions from Corrupted Data. NeurIPS 2023. arXiv:2305.19256.
+    Kawar, Elata, Michaeli, Elad. GSURE-Based Diffusion Model Training with Corrupted Data.
+    TMLR 2024. arXiv:2305.13128 (github.com/bahjat-kawar/gsure-diffusion).
+    Daras, Dimakis, Daskalakis. Consistent Diffusion Meets Tweedie: Training Exact Ambient
+    Diffusion Models with Noisy Data. ICML 2024. arXiv:2404.10177.
 """
 
 from __future__ import annotations
@@ -33,13 +45,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffpost.models.denoisers import Denoiser
+from diffpost.models.denoisers import Denoiser, epsilon_from_x0
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.operators.compose import PerProblem
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
+from diffpost.models.samplers import ddim_coefficients
+from diffpost.models.schedules import Schedule
 from diffpost.models.training import diffused, fit_gaussian_mixture, train
 
-__all__ = ["Measurements", "FitMixture", "TrainNetwork", "AmbientLoss", "AmbientDenoiser"]
+__all__ = [
+    "Measurements",
+    "FitMixture",
+    "TrainNetwork",
+    "AmbientLoss",
+    "AmbientDenoiser",
+    "GSURELoss",
+    "TweedieLoss",
+    "NoiseFloorDenoiser",
+]
 
 
 class Measurements(NamedTuple):
@@ -281,3 +304,258 @@ class AmbientDenoiser(Denoiser):
     def forward(self, x_t: Tensor, t) -> Tensor:
         mask = self.mask.to(x_t).expand_as(x_t)
         return self.denoiser(mask * x_t, t, mask)
+
+
+def _per_example(values: Tensor, like: Tensor) -> Tensor:
+    """``(N,)`` values shaped to broadcast against ``like`` ``(N, *event)``."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1)).to(like)
+
+
+def _at_least(schedule: Schedule, t: Tensor, noise_ratio: Tensor) -> Tensor:
+    """``t`` raised, example by example, to the time whose :math:`\\sigma/\\alpha` is
+    ``noise_ratio`` ``(N,)``: where a loss's data hold no information below their own noise."""
+    floor = schedule.time_of_noise_ratio(noise_ratio.to(t))
+    return torch.maximum(t, floor)
+
+
+@dataclass(frozen=True)
+class GSURELoss:
+    r"""GSURE-diffusion's objective (Kawar et al. 2024): learn :math:`E[x_0 \mid x_t]` from noisy
+    measurements :math:`y = g \odot x_0 + \sigma_0 e` through entry-wise gains :math:`g` (a
+    :class:`~diffpost.models.operators.Diagonal`; 0/1 gains are masks), for
+    :func:`~diffpost.models.training.train`'s ``loss``.
+
+    The data are the measurements ``y`` and their gains (``conditions``). On an observed entry
+    the least-squares estimate :math:`\hat x = y / g` carries noise :math:`\nu = \sigma_0 / |g|`;
+    the input is topped up to the diffusion's level, :math:`z = \hat x + (s^2 - \nu^2)^{1/2}
+    \epsilon` with :math:`s = \sigma(t)/\alpha(t)`, and an unobserved entry is noise alone,
+    :math:`z = s\epsilon`; the network sees :math:`x_t = \alpha z`. With :math:`h =
+    D_\theta(x_t, t)` the generalised Stein unbiased estimate of the risk on the observed
+    entries :math:`P` (weighted by ENSURE's :math:`w`) is
+
+    .. math:: \mathcal L = \sum_{j \in P} w_j \big[(h_j - \hat x_j)^2
+              + 2 \nu_j^2\, \partial h_j / \partial z_j\big] / \textstyle\sum_{j\in P} w_j ,
+
+    whose expectation is :math:`E \sum_P w_j (h_j - x_{0,j})^2` up to a constant, the divergence
+    estimated by Hutchinson's trace with one Gaussian probe (a second backward pass). Times
+    whose :math:`s` lies below an example's largest :math:`\nu` are raised to it (the official
+    code's schedule starts at :math:`\sigma_0`): the data say nothing below their noise, so
+    sample the trained network through :class:`NoiseFloorDenoiser`.
+
+    Departure: the official code scales the divergence by ``Lambda * (1 - alpha_bar_t)``
+    (``Lambda`` = 1e-4 in its CelebA configurations) where the estimator above has
+    :math:`2\nu^2`; this follows the estimator, so its minimiser is the clean-data denoiser on
+    the observed entries (``tests/test_corrupted.py`` checks it in closed form).
+
+    Args:
+        sigma: :math:`\sigma_0`, the measurements' noise standard deviation (positive).
+        weights: ENSURE's per-entry weights of the event shape, the inverse of how often an
+            entry is observed (the official code weighs its MRI lines so); ``None``: uniform, as
+            the official code for random masks, where they are constant.
+
+    References:
+        Kawar, Elata, Michaeli, Elad. GSURE-Based Diffusion Model Training with Corrupted Data.
+        TMLR 2024. arXiv:2305.13128. Eldar. Generalized SURE for exponential families. IEEE TSP
+        2009. Aggarwal, Pramanik, John, Jacob. ENSURE. IEEE TMI 2022.
+    """
+
+    sigma: float
+    weights: Tensor | None = None
+
+    def __post_init__(self):
+        if isinstance(self.sigma, bool) or not float(self.sigma) > 0:
+            raise ValueError(f"GSURELoss: sigma must be positive; got {self.sigma!r}")
+        if self.weights is not None and (
+            not isinstance(self.weights, Tensor) or not (self.weights > 0).all()
+        ):
+            raise ValueError("GSURELoss: weights must be a tensor of positive entries")
+
+    def __repr__(self) -> str:
+        weights = None if self.weights is None else tuple(self.weights.shape)
+        return f"GSURELoss(sigma={float(self.sigma)!r}, weights={weights})"
+
+    def __call__(self, denoiser, y, t, noise, condition, generator) -> Tensor:
+        if condition is None or condition.shape != y.shape:
+            raise ValueError(
+                "GSURELoss needs the measurements' gains as train's conditions (0 where an "
+                f"entry is not observed), one per example and of its shape {tuple(y.shape[1:])}"
+            )
+        schedule = denoiser.schedule
+        observed = (condition != 0).to(y.dtype)
+        gains = torch.where(condition != 0, condition, torch.ones_like(condition))
+        estimate = observed * y / gains
+        nu = observed * float(self.sigma) / gains.abs()
+        t = _at_least(schedule, t, nu.flatten(1).amax(1))
+        alpha, sigma = schedule(t)
+        s = _per_example(sigma / alpha, y)
+        top_up = (s**2 - nu**2).clamp_min(0).sqrt()
+        z = observed * (estimate + top_up * noise) + (1 - observed) * s * noise
+        x_t = (_per_example(alpha, y) * z).requires_grad_(True)
+        h = denoiser(x_t, t)
+        weights = observed if self.weights is None else observed * self.weights.to(y)
+        probe = observed * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        (pulled,) = torch.autograd.grad(h, x_t, weights * nu**2 * probe, create_graph=True)
+        divergence = _per_example(alpha, y) * pulled * probe  # d/dz = alpha d/dx_t
+        risk = weights * (h - estimate) ** 2 + 2 * divergence
+        return risk.sum() / weights.sum().clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class TweedieLoss:
+    r"""Consistent Diffusion meets Tweedie (Daras et al. 2024): learn :math:`E[x_0 \mid x_t]`
+    from images with Gaussian noise of a known level, :math:`x_n = x_0 + \sigma_n e`, for
+    :func:`~diffpost.models.training.train`'s ``loss`` (the data are the noisy images).
+
+    Above the data's level (:math:`s = \sigma(t)/\alpha(t) > \sigma_n`) the input
+    :math:`z = x_n + (s^2 - \sigma_n^2)^{1/2}\epsilon`, :math:`x_t = \alpha z`, is exactly
+    distributed as the clean data diffused to :math:`t`, and Tweedie's formula applied twice
+    gives :math:`E[x_n \mid x_t] = (\sigma_n^2/s^2)\, z + (1 - \sigma_n^2/s^2)\,E[x_0 \mid
+    x_t]`; regressing it on :math:`x_n`,
+
+    .. math:: \mathcal L_{\text{Tweedie}} = \lambda(s)\,\big\lVert (\sigma_n^2/s^2)\, z
+              + (1 - \sigma_n^2/s^2)\, h_\theta(x_t, t) - x_n \big\rVert^2 ,
+
+    has the clean denoiser as its minimiser (times below :math:`\sigma_n` are raised to it, as
+    the official code clamps). Below :math:`\sigma_n` no data exist; the consistency loss asks
+    the model to be a martingale along its own reverse process: for the first
+    ``consistency_batch`` examples, ``consistency_draws`` runs of ``consistency_steps``
+    ancestral (DDPM) steps from :math:`x_t` to a time :math:`t' \sim U(t_{\min}, t)`, without
+    gradient, give :math:`x_{t'}^{(k)}` and
+
+    .. math:: \mathcal L_{\text{consistency}} = \lambda(s)\,\big\lVert \tfrac1K \textstyle\sum_k
+              h_\theta(x_{t'}^{(k)}, t') - h_\theta(x_t, t) \big\rVert^2 ,
+
+    added with weight ``consistency``. :math:`\lambda(s) = 1/s^2 + 1/\sigma_{\text{data}}^2`
+    is the EDM weight the official code uses (:math:`\sigma_{\text{data}} = 0.5`).
+
+    Defaults are the official EDM loss's (``num_consistency_steps=4``, ``num_primes=4``,
+    ``consistency_coeff=1``, 4 consistency examples per batch). Departures: the official code
+    draws :math:`t'` from its training distribution clamped below :math:`t` and runs its
+    sampler; this draws :math:`t'` uniformly below :math:`t` and takes ancestral steps, whose
+    law is the model's reverse process that the martingale property is about (a deterministic
+    sampler would make every draw equal).
+
+    Args:
+        sigma: :math:`\sigma_n`, the data's noise standard deviation (positive), in the data's
+            units (the VE level: for a VP schedule, the ratio :math:`\sigma/\alpha`).
+        consistency: weight of the consistency loss (0 trains above :math:`\sigma_n` only; then
+            sample through :class:`NoiseFloorDenoiser`).
+        consistency_steps, consistency_draws, consistency_batch: the sampler's steps, the
+            draws averaged, and the examples of each batch given the consistency loss.
+        t_min: the smallest :math:`t'`.
+
+    References:
+        Daras, Dimakis, Daskalakis. Consistent Diffusion Meets Tweedie. ICML 2024.
+        arXiv:2404.10177 (github.com/giannisdaras/ambient-tweedie). Daras, Dagan, Dimakis,
+        Daskalakis. Consistent Diffusion Models. NeurIPS 2023. arXiv:2302.09057.
+    """
+
+    sigma: float
+    consistency: float = 1.0
+    consistency_steps: int = 4
+    consistency_draws: int = 4
+    consistency_batch: int = 4
+    t_min: float = 1e-3
+    sigma_data: float = 0.5
+    unbiased: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.sigma, bool) or not float(self.sigma) > 0:
+            raise ValueError(f"TweedieLoss: sigma must be positive; got {self.sigma!r}")
+        if isinstance(self.consistency, bool) or not float(self.consistency) >= 0:
+            raise ValueError(
+                f"TweedieLoss: consistency must be non-negative; got {self.consistency!r}"
+            )
+        for name in ("consistency_steps", "consistency_draws", "consistency_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TweedieLoss: {name} must be a positive integer; got {value!r}")
+        if self.unbiased and self.consistency_draws < 2:
+            raise ValueError(
+                "TweedieLoss: the unbiased consistency estimate needs consistency_draws >= 2; "
+                f"got {self.consistency_draws}"
+            )
+        if not 0 < self.t_min < 1:
+            raise ValueError(f"TweedieLoss: t_min must lie in (0, 1); got {self.t_min!r}")
+
+    def __call__(self, denoiser, x_n, t, noise, condition, generator) -> Tensor:
+        schedule = denoiser.schedule
+        sigma_n = float(self.sigma)
+        t = _at_least(schedule, t, torch.full_like(t, sigma_n))
+        alpha, sigma = schedule(t)
+        s = _per_example(sigma / alpha, x_n)
+        z = x_n + (s**2 - sigma_n**2).clamp_min(0).sqrt() * noise
+        x_t = _per_example(alpha, x_n) * z
+        h = denoiser(x_t, t)
+        ratio = sigma_n**2 / s**2
+        weight = 1 / s**2 + 1 / self.sigma_data**2
+        loss = (weight * (ratio * z + (1 - ratio) * h - x_n) ** 2).mean()
+        if self.consistency == 0:
+            return loss
+        m = min(self.consistency_batch, x_n.shape[0])
+        repeated = t[:m].repeat_interleave(self.consistency_draws)
+        earlier = self.t_min + (repeated - self.t_min) * torch.rand(
+            repeated.shape, generator=generator, dtype=t.dtype, device=t.device
+        )
+        start = x_t[:m].repeat_interleave(self.consistency_draws, 0).detach()
+        with torch.no_grad():
+            x_early = self._ancestral(denoiser, start, repeated, earlier, generator)
+        h_early = denoiser(x_early, earlier).reshape(m, self.consistency_draws, *x_n.shape[1:])
+        if self.unbiased:  # two independent halves: E[(a - h)(b - h)] = |E[h'] - h|^2
+            half = self.consistency_draws // 2
+            first = h_early[:, :half].mean(1) - h[:m]
+            second = h_early[:, half:].mean(1) - h[:m]
+            mismatch = weight[:m] * first * second
+        else:
+            mismatch = weight[:m] * (h_early.mean(1) - h[:m]) ** 2
+        # added to the first m examples' terms of the batch mean, as the official code does
+        return loss + float(self.consistency) * mismatch.sum() / x_n.numel()
+
+    def _ancestral(self, denoiser, x, t, s, generator) -> Tensor:
+        """``consistency_steps`` DDPM steps from ``x`` at times ``t`` to ``s`` (both ``(N,)``,
+        a uniform grid between them per example)."""
+        for k in range(self.consistency_steps):
+            now = t + (s - t) * (k / self.consistency_steps)
+            after = t + (s - t) * ((k + 1) / self.consistency_steps)
+            x0 = denoiser(x, now)
+            a, b, c = (
+                _per_example(v, x)
+                for v in ddim_coefficients(denoiser.schedule, now, after, eta=1.0)
+            )
+            x = (
+                a * x0
+                + b * epsilon_from_x0(denoiser.schedule, x, x0, now)
+                + c * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            )
+        return x
+
+
+class NoiseFloorDenoiser(Denoiser):
+    r"""A denoiser trained only down to a noise level :math:`\sigma_f` (by :class:`GSURELoss`,
+    or :class:`TweedieLoss` without its consistency term), held there below it: at a time
+    whose :math:`s = \sigma(t)/\alpha(t)` is under :math:`\sigma_f` it returns
+    :math:`D(\alpha(t_f)\, x_t / \alpha(t), t_f)` with :math:`s(t_f) = \sigma_f`, the network
+    at the lowest level it learned on the input at the same signal scale (GSURE-diffusion's
+    schedule likewise ends at the data's noise level). Above :math:`\sigma_f` it is ``denoiser``.
+
+    Args:
+        denoiser: the trained denoiser.
+        noise_level: :math:`\sigma_f`, on the VE scale (the data's noise level).
+    """
+
+    def __init__(self, denoiser: Denoiser, noise_level: float):
+        super().__init__(denoiser.schedule)
+        if isinstance(noise_level, bool) or not float(noise_level) > 0:
+            raise ValueError(
+                f"NoiseFloorDenoiser: noise_level must be positive; got {noise_level!r}"
+            )
+        self.denoiser = denoiser
+        self.noise_level = float(noise_level)
+        self.event_shape = getattr(denoiser, "event_shape", None)
+
+    def forward(self, x_t: Tensor, t) -> Tensor:
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
+        floor = self.schedule.time_of_noise_ratio(torch.full_like(t, self.noise_level))
+        raised = torch.maximum(t, floor)
+        scale = _per_example(self.schedule.alpha(raised) / self.schedule.alpha(t), x_t)
+        return self.denoiser(scale * x_t, raised)
