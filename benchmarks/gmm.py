@@ -65,7 +65,7 @@ PAPER = {
 #: engines that can run a noisy linear Gaussian problem, in table order
 ENGINE_NAMES = (
     "MCGDiff", "TDS", "FPS", "FKSteering", "DDRM", "DPS", "PiGDM", "MMPS", "SNIPS", "DDS",
-    "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD", "FlowVI",
+    "DiffPIR", "DSG", "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD", "FlowVI",
 )  # fmt: skip
 FAMILIES = ("smc", "explicit", "langevin", "variational")
 

@@ -147,14 +147,15 @@ def measure(name: str, schedule: str, prior: str, seed: int = 0) -> tuple[float,
 
 
 if __name__ == "__main__":
-    # regenerate MEASURED: python tests/test_conformance.py [seed ...]
+    # regenerate MEASURED: python tests/test_conformance.py [prior ...] [engine ...] [seed ...]
     import time
 
     torch.set_num_threads(1)
     priors = [value for value in sys.argv[1:] if value in PRIORS] or PRIORS
-    seeds = [int(value) for value in sys.argv[1:] if value not in PRIORS] or [0]
+    engines = [value for value in sys.argv[1:] if value in ENGINES] or ENGINES
+    seeds = [int(value) for value in sys.argv[1:] if value.isdigit()] or [0]
     for prior in priors:
-        for name in ENGINES:
+        for name in engines:
             for schedule in SCHEDULES:
                 start = time.perf_counter()
                 values = [measure(name, schedule, prior, seed) for seed in seeds]
@@ -218,6 +219,18 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("gaussian", "DDS", "ve"): (0.129, 0.150, 0.696, 0.091),
     ("gaussian", "DDS", "edm"): (0.159, 0.092, 0.690, 0.094),
     ("gaussian", "DDS", "rectified_flow"): (0.073, 0.079, 0.693, 0.102),
+    ("gaussian", "DiffPIR", "vp_linear"): (0.265, 0.063, 1.064, 0.106),
+    ("gaussian", "DiffPIR", "vp_cosine"): (0.215, 0.057, 1.034, 0.135),
+    ("gaussian", "DiffPIR", "discrete_linear"): (0.265, 0.064, 1.064, 0.107),
+    ("gaussian", "DiffPIR", "ve"): (0.253, 0.099, 1.041, 0.107),
+    ("gaussian", "DiffPIR", "edm"): (0.275, 0.076, 1.058, 0.229),
+    ("gaussian", "DiffPIR", "rectified_flow"): (0.224, 0.062, 1.038, 0.139),
+    ("gaussian", "DSG", "vp_linear"): (0.295, 0.063, 0.853, 0.043),
+    ("gaussian", "DSG", "vp_cosine"): (0.295, 0.088, 0.782, 0.057),
+    ("gaussian", "DSG", "discrete_linear"): (0.295, 0.063, 0.853, 0.044),
+    ("gaussian", "DSG", "ve"): (0.298, 0.079, 0.801, 0.082),
+    ("gaussian", "DSG", "edm"): (0.283, 0.073, 0.862, 0.188),
+    ("gaussian", "DSG", "rectified_flow"): (0.299, 0.075, 0.779, 0.058),
     ("gaussian", "DPS", "vp_linear"): (0.275, 0.157, 0.922, 0.104),
     ("gaussian", "DPS", "vp_cosine"): (0.281, 0.168, 0.930, 0.160),
     ("gaussian", "DPS", "discrete_linear"): (0.275, 0.153, 0.922, 0.113),
@@ -326,6 +339,18 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("mixture", "DDS", "ve"): (0.632, 0.083, 0.588, 0.034),
     ("mixture", "DDS", "edm"): (0.684, 0.082, 0.597, 0.060),
     ("mixture", "DDS", "rectified_flow"): (0.596, 0.038, 0.591, 0.090),
+    ("mixture", "DiffPIR", "vp_linear"): (0.504, 0.077, 1.095, 0.086),
+    ("mixture", "DiffPIR", "vp_cosine"): (0.410, 0.105, 1.078, 0.104),
+    ("mixture", "DiffPIR", "discrete_linear"): (0.504, 0.077, 1.095, 0.085),
+    ("mixture", "DiffPIR", "ve"): (0.491, 0.132, 1.128, 0.192),
+    ("mixture", "DiffPIR", "edm"): (0.540, 0.145, 1.142, 0.214),
+    ("mixture", "DiffPIR", "rectified_flow"): (0.423, 0.099, 1.094, 0.143),
+    ("mixture", "DSG", "vp_linear"): (0.267, 0.069, 3.139, 0.500),
+    ("mixture", "DSG", "vp_cosine"): (0.413, 0.205, 1.729, 0.389),
+    ("mixture", "DSG", "discrete_linear"): (0.268, 0.066, 3.146, 0.535),
+    ("mixture", "DSG", "ve"): (0.470, 0.440, 2.909, 1.080),
+    ("mixture", "DSG", "edm"): (0.387, 0.386, 3.941, 1.198),
+    ("mixture", "DSG", "rectified_flow"): (0.448, 0.243, 1.893, 0.508),
     ("mixture", "DPS", "vp_linear"): (3.185, 0.138, 2.542, 0.165),
     ("mixture", "DPS", "vp_cosine"): (3.975, 0.091, 2.538, 0.178),
     ("mixture", "DPS", "discrete_linear"): (3.170, 0.122, 2.572, 0.135),
@@ -623,7 +648,7 @@ def test_the_registry_lists_every_public_engine_once_by_family():
         n for n in public if issubclass(getattr(posterior, n), posterior.Engine)
     } - {"Engine"}
     assert public - set(engines) >= {"Problem", "ParticleSet", "EngineFailed", "Engine", "Sharding"}
-    assert len(engines) == 22 and all(
+    assert len(engines) == 24 and all(
         posterior.engines.FAMILIES.count(c.family) for c in engines.values()
     )
     assert list(posterior.registry("smc")) == ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

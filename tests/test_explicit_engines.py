@@ -1,5 +1,5 @@
-"""DPS, ΠGDM, DDRM, MMPS, SNIPS and DDS against closed-form posteriors, on non-linear and Poisson
-problems, and their refusals and bookkeeping.
+"""DPS, ΠGDM, DDRM, MMPS, SNIPS, DDS, DiffPIR and DSG against closed-form posteriors, on
+non-linear and Poisson problems, and their refusals and bookkeeping.
 
 These engines are approximations: their samples are biased even with an exact denoiser. Each
 bound below is derived from a measured run (numbers in the comments, same seeds) with a margin,
@@ -20,7 +20,7 @@ from diffpost import posterior
 from diffpost.diagnostics import sliced_wasserstein
 from diffpost.models import Gaussian, GaussianMixture, GaussianObservation, operators
 from diffpost.models.operators import LinearOperator
-from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, MMPS, SNIPS, PiGDM
+from diffpost.posterior.engines.explicit import DDRM, DDS, DPS, DSG, MMPS, SNIPS, DiffPIR, PiGDM
 
 DTYPE = torch.float64
 
@@ -73,6 +73,10 @@ def _mixture():
         (DDS(gamma=None), 0.35),
         # 0.037, 0.035, 0.048: at the noise floor with 100 levels and a 10x larger step
         (SNIPS(num_steps=100, step_lr=3.3e-5), 0.08),
+        # 0.212, 0.193, 0.222 (lambda = 8, InverseBench's: 0.63-0.65; zeta = 1: 0.13-0.14)
+        (DiffPIR(), 0.3),
+        # 0.266, 0.263, 0.283 (guidance rate 0.1: 0.62-0.66, 0.5: 0.55; DPS at 100 steps 0.41)
+        (DSG(), 0.35),
     ],
     ids=lambda value: getattr(value, "name", None) if not isinstance(value, float) else None,
 )
@@ -152,6 +156,11 @@ def test_ddrm_thin_path_draws_the_same_law_as_the_full_rotation():
         (DDS(gamma=None), (0.45, 0.85)),
         # 1.03 1.03 / 1.02 1.04
         (SNIPS(num_steps=100, step_lr=3.3e-5), (0.92, 1.12)),
+        # 0.86 0.95 / 0.90 0.94
+        (DiffPIR(), (0.75, 1.05)),
+        # 1.17 0.91 / 1.23 0.91 (the fixed-length step over-disperses the sharp direction less
+        # than DPS's 4.2)
+        (DSG(), (0.8, 1.4)),
     ],
     ids=lambda value: getattr(value, "name", None) if not isinstance(value, tuple) else None,
 )
@@ -179,7 +188,7 @@ def _masked_gaussian():
     return gaussian_model(prior, operator, 0.0), prior, prior.posterior(operator, y, 0.0), mask, y
 
 
-def test_noiseless_ddrm_and_dds_reproduce_the_measurement():
+def test_noiseless_ddrm_dds_and_diffpir_reproduce_the_measurement():
     model, prior, exact, mask, y = _masked_gaussian()
     x = _run(model, DDRM(), {"y": y}, 4000).values["x"][0]
     # DDRM returns x0_hat of its last noisy state, whose observed coordinates are y plus the
@@ -192,6 +201,9 @@ def test_noiseless_ddrm_and_dds_reproduce_the_measurement():
     assert bool((error < 0.4).all()) and float(error.sum()) < float(prior_error.sum()), error
     x = _run(model, DDS(), {"y": y}, 500).values["x"][0]
     # DDS ends on the CG solution of A^T A x = A^T y from x0_hat: exact for a mask (measured 0.0)
+    torch.testing.assert_close(x[:, mask], y.expand(500, 2), atol=1e-10, rtol=0)
+    # DiffPIR's proximal step with noiseless data is the projection onto {Ax = y} (measured 0.0)
+    x = _run(model, DiffPIR(), {"y": y}, 500).values["x"][0]
     torch.testing.assert_close(x[:, mask], y.expand(500, 2), atol=1e-10, rtol=0)
 
 
@@ -225,7 +237,7 @@ def test_pigdm_conjugate_gradient_matches_the_svd_closed_form(sigma):
 # ----------------------------------------------------------------------------- non-linear, Poisson
 
 
-def test_dps_solves_phase_retrieval():
+def test_dps_and_dsg_solve_phase_retrieval():
     g = torch.Generator().manual_seed(0)
     prior = GaussianMixture(
         torch.full((3,), 1 / 3, dtype=DTYPE),
@@ -248,9 +260,15 @@ def test_dps_solves_phase_retrieval():
     # draws 11.5); residual 0.74 (the noise alone gives 0.05 * 16 = 0.8; prior draws 5.2)
     assert float(error.median()) < 0.3 * float((prior.mean - x_true).norm())
     assert float(residual.median()) < 1.6
+    # DSG at its defaults (100 steps): measured medians error 1.28, residual 0.96
+    x = _run(model, DSG(), {"y": y}, 64).values["x"][0]
+    assert float((x - x_true).flatten(1).norm(dim=1).median()) < 0.3 * float(
+        (prior.mean - x_true).norm()
+    )
+    assert float((operator(x) - y).flatten(1).norm(dim=1).median()) < 1.6
 
 
-def test_dps_with_a_poisson_likelihood():
+def test_dps_and_dsg_with_a_poisson_likelihood():
     g = torch.Generator().manual_seed(1)
     prior = GaussianMixture(
         torch.full((3,), 1 / 3, dtype=DTYPE),
@@ -276,6 +294,11 @@ def test_dps_with_a_poisson_likelihood():
     assert float((counts - rate(x)).norm(dim=1).median()) < 10.0
     assert torch.isfinite(result.log_likelihood).all()
     assert result.stats["residual_norm"][0, -1] < result.stats["residual_norm"][0, 0]
+    # DSG at its defaults: measured medians error 2.75, count residual 2.3
+    result = _run(model, DSG(), {"counts": counts}, 64)
+    x = result.values["x"][0]
+    assert float((x - x_true).norm(dim=1).median()) < 0.55 * float((prior.mean - x_true).norm())
+    assert float((counts - rate(x)).norm(dim=1).median()) < 10.0
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -289,6 +312,9 @@ def test_dps_with_a_poisson_likelihood():
         (MMPS(num_steps=5), 5, 10),  # (cg_iterations + 1) VJPs per step
         (DDRM(num_steps=5), 5, 0),
         (DDS(num_steps=5), 5, 0),
+        (DiffPIR(num_steps=5), 5, 0),
+        (DSG(num_steps=5), 5, 5),
+        (DSG(num_steps=6, interval=3), 6, 2),  # guided steps 0 and 3 only
         (SNIPS(num_steps=4, steps_per_level=2), 8, 0),
     ],
     ids=lambda value: getattr(value, "name", None) if not isinstance(value, int) else None,
@@ -341,6 +367,7 @@ def _model_without_svd(sigma=0.1):
         (PiGDM(), _poisson_model, r"PiGDM needs a GaussianObservation"),
         (MMPS(), _nonlinear_model, r"MMPS needs a linear operator"),
         (DDS(), _nonlinear_model, r"DDS needs a linear operator"),
+        (DiffPIR(), _nonlinear_model, r"DiffPIR needs a linear operator"),
         (PiGDM(), _nonlinear_model, r"PiGDM needs a linear operator"),
     ],
 )
@@ -390,6 +417,13 @@ def test_svd_engines_need_one_noise_level_and_dps_an_observation():
         (lambda: DDS(cg_iterations=0), "DDS: cg_iterations"),
         (lambda: DDS(gamma=0.0), "DDS: gamma"),
         (lambda: DDS(eta=1.1), "DDS: eta"),
+        (lambda: DiffPIR(lambda_=0.0), "DiffPIR: lambda_ must be a positive number"),
+        (lambda: DiffPIR(zeta=1.5), "DiffPIR: zeta must lie in"),
+        (lambda: DiffPIR(cg_iterations=0), "DiffPIR: cg_iterations"),
+        (lambda: DiffPIR(num_steps=0), "DiffPIR: num_steps"),
+        (lambda: DSG(guidance_rate=1.5), "DSG: guidance_rate must lie in"),
+        (lambda: DSG(interval=0), "DSG: interval must be a positive integer"),
+        (lambda: DSG(eta=0.0), "DSG: eta must be > 0"),
         (lambda: SNIPS(steps_per_level=0), "SNIPS: steps_per_level"),
         (lambda: SNIPS(step_lr=0.0), "SNIPS: step_lr"),
         (lambda: SNIPS(sigma_min=1.0, sigma_max=0.5), "SNIPS: needs 0 < sigma_min < sigma_max"),
@@ -408,3 +442,5 @@ def test_defaults_are_the_papers():
     assert (MMPS().num_steps, MMPS().cg_iterations) == (64, 1)
     assert (SNIPS().num_steps, SNIPS().steps_per_level, SNIPS().step_lr) == (500, 5, 3.3e-6)
     assert (DDS().num_steps, DDS().eta, DDS().cg_iterations, DDS().gamma) == (50, 0.85, 5, 1.0)
+    assert (DiffPIR().num_steps, DiffPIR().lambda_, DiffPIR().zeta) == (100, 1.0, 0.1)
+    assert (DSG().num_steps, DSG().guidance_rate, DSG().interval, DSG().eta) == (100, 0.2, 1, 1.0)

@@ -37,6 +37,8 @@ def _run(engine, num_draws, particles_per_chain=8, seed=0):
     [
         (posterior.Exact(), True),
         (posterior.DPS(), True),
+        (posterior.DiffPIR(), True),
+        (posterior.DSG(), True),
         (posterior.DAPS(), True),
         (posterior.REDDiff(), True),
         (posterior.FlowVI(), True),

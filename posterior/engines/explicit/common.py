@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from diffpost.models.operators.base import SVD
+from diffpost.models.operators.base import SVD, conjugate_gradient
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import (
     initial_particles,
@@ -36,6 +36,7 @@ __all__ = [
     "chain_mean",
     "gaussian_noise",
     "initial_state",
+    "proximal_data_step",
     "scalar_noise_level",
     "spectral_observation",
 ]
@@ -109,6 +110,37 @@ def chain_mean(values: Tensor, state: ExplicitState) -> Tensor:
 def gaussian_noise(like: Tensor, generator: torch.Generator) -> Tensor:
     """Standard normal draws shaped like ``like``, on its device and dtype."""
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def proximal_data_step(
+    problem: Problem, x0: Tensor, weight: Tensor | float, max_iterations: int
+) -> Tensor:
+    r"""The estimate :math:`\hat x_0` pulled to the data: conjugate gradients from :math:`\hat x_0`
+    on :math:`\min_x \tfrac12 \lVert x - \hat x_0\rVert^2 + \tfrac12 \sum_i w_i (y - A x)_i^2`,
+    i.e. :math:`(I + A^\top W A)(x - \hat x_0) = A^\top W (y - A \hat x_0)`, and for noiseless
+    data on :math:`A^\top A (x - \hat x_0) = A^\top (y - A \hat x_0)` (from zero: the smallest
+    correction, the projection onto :math:`\{A x = y\}` when converged). DDS stops after a few
+    iterations; DiffPIR runs to convergence (relative tolerance 1e-6).
+
+    Args:
+        problem: a linear Gaussian problem.
+        x0: ``(n, *event)``.
+        weight: :math:`w`, a number or a tensor broadcastable to the measurements ``(n, m)``.
+        max_iterations: the CG iteration cap.
+
+    Returns:
+        The refined estimate, ``(n, *event)``.
+    """
+    gaussian = problem.gaussian
+    operator = gaussian.operator
+    residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
+    if gaussian.noiseless:
+        normal = lambda v: operator.adjoint(operator(v))  # noqa: E731
+        rhs = operator.adjoint(residual)
+    else:
+        normal = lambda v: v + operator.adjoint(weight * operator(v))  # noqa: E731
+        rhs = operator.adjoint(weight * residual)
+    return x0 + conjugate_gradient(normal, rhs, max_iterations=max_iterations)
 
 
 def scalar_noise_level(problem: Problem, engine_name: str) -> float:

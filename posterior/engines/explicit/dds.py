@@ -54,7 +54,6 @@ import torch
 from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.operators.base import conjugate_gradient
 from diffpost.posterior.engines.common import (
     check_positive_integers,
     check_unit_interval,
@@ -67,6 +66,7 @@ from diffpost.posterior.engines.explicit.common import (
     chain_mean,
     gaussian_noise,
     initial_state,
+    proximal_data_step,
 )
 from diffpost.posterior.guidance import prior_variance, residual_norm, tweedie_variance
 from diffpost.posterior.problem import Problem
@@ -120,18 +120,10 @@ class DDS(ExplicitEngine, family="explicit"):
         return variance.to(problem.dtype) / problem.gaussian.sigma.to(problem.dtype) ** 2
 
     def _refine(self, problem: Problem, x0: Tensor, t: Tensor) -> Tensor:
-        """:math:`\\hat x_0'`: ``cg_iterations`` CG steps on the data term from :math:`\\hat x_0`"""
-        gaussian = problem.gaussian
-        operator = gaussian.operator
-        residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
-        if gaussian.noiseless:  # A^T A (x - x0) = A^T (y - A x0)
-            normal = lambda v: operator.adjoint(operator(v))  # noqa: E731
-            rhs = operator.adjoint(residual)
-        else:  # (I + A^T W A) (x - x0) = A^T W (y - A x0), W = gamma I or diag(r_t^2 / sigma_y^2)
-            weight = self._data_weight(problem, t)
-            normal = lambda v: v + operator.adjoint(weight * operator(v))  # noqa: E731
-            rhs = operator.adjoint(weight * residual)
-        return x0 + conjugate_gradient(normal, rhs, max_iterations=self.cg_iterations)
+        r""":math:`\hat x_0'`: ``cg_iterations`` CG steps on the data term from :math:`\hat x_0`
+        (weight :math:`\gamma` or :math:`r_t^2 / \sigma_y^2`; projection for noiseless data)."""
+        weight = None if problem.gaussian.noiseless else self._data_weight(problem, t)
+        return proximal_data_step(problem, x0, weight, self.cg_iterations)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
         schedule = problem.prior.schedule
