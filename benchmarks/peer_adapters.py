@@ -396,7 +396,10 @@ ADAPTATIONS: dict[str, str] = {
     "multinomially at every step (ours: systematic) and returns its last particles unweighted.",
     "azula.diffpir": _AZULA_COMMON
     + " DiffPIRDenoiser with its defaults (lambda = 10, 1 GMRES iteration), var_y = sigma_y^2, in "
-    "DDPMSampler (eta = 1); diffpost has no DiffPIR engine to compare with.",
+    "DDPMSampler (eta = 1): azula's step is DDPM's ancestral step from the proximal estimate, "
+    "ours is DiffPIR's (a fraction zeta = 0.1 of fresh noise), and azula solves the proximal "
+    "step by one GMRES iteration where ours runs CG to convergence; lambda 10 against our "
+    "official 1 (DiffPIR(lambda=10) matches it).",
     "deepinv.dps": _DEEPINV_COMMON
     + " PosteriorDiffusion + DPSDataFidelity(clip=None: the DPS class clips x0 to [-1, 1], which "
     "ruins means at +-16), weight 1, 'norm' guidance (per draw); EDMDiffusionSDE with sigma(t) = "

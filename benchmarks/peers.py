@@ -77,6 +77,9 @@ PAIRS = [
     Pair("DDRM", lambda k: posterior.DDRM(num_steps=k), "deepinv", "ddrm"),
     Pair("DDRM", lambda k: posterior.DDRM(num_steps=k), "deepinv", "ddrm", {"exact": True}),
     Pair("TDS", lambda k: posterior.TDS(num_steps=k), "azula", "tds"),
+    Pair("DiffPIR", lambda k: posterior.DiffPIR(num_steps=k), "azula", "diffpir"),
+    Pair("DiffPIR(lambda=10)", lambda k: posterior.DiffPIR(num_steps=k, lambda_=10.0), "azula",
+         "diffpir"),
 ]  # fmt: skip
 
 

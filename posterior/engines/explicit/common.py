@@ -24,6 +24,7 @@ from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import (
     initial_particles,
     rotated_observation,
+    sampling_grid,
     uniform_log_weights,
 )
 from diffpost.posterior.problem import Problem
@@ -71,6 +72,17 @@ class ExplicitEngine(Engine):
 
     def particle_time(self, state: ExplicitState) -> float:
         return float(state.grid[state.step])
+
+    def init(
+        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
+    ) -> ExplicitState:
+        """Draws of the diffusion's reference law at the first time of the engines' shared grid
+        (:func:`~diffpost.posterior.engines.common.sampling_grid` with ``num_steps``); engines
+        that start elsewhere (DDRM, PiGDM, SNIPS) override it."""
+        if not problem.likelihood_sites:
+            raise ValueError(f"{self.name} needs an observed site: the model observes nothing")
+        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
+        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def _check_num_steps(self) -> None:
         if self.num_steps < 1:

@@ -57,7 +57,6 @@ from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.posterior.engines.common import (
     check_positive_integers,
     check_unit_interval,
-    sampling_grid,
 )
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
@@ -65,7 +64,6 @@ from diffpost.posterior.engines.explicit.common import (
     advance,
     chain_mean,
     gaussian_noise,
-    initial_state,
     proximal_data_step,
 )
 from diffpost.posterior.guidance import prior_variance, residual_norm, tweedie_variance
@@ -104,12 +102,6 @@ class DDS(ExplicitEngine, family="explicit"):
             isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0
         ):
             raise ValueError(f"DDS: gamma must be a finite number > 0 or None; got {self.gamma!r}")
-
-    def init(
-        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
-    ) -> ExplicitState:
-        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def _data_weight(self, problem: Problem, t: Tensor) -> Tensor:
         """:math:`\\gamma`, or :math:`r_t^2 / \\sigma_y^2` per measurement if ``gamma`` is None."""

@@ -50,7 +50,6 @@ from diffpost.posterior.engines.common import (
     check_positive,
     check_positive_integers,
     check_unit_interval,
-    sampling_grid,
 )
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
@@ -58,7 +57,6 @@ from diffpost.posterior.engines.explicit.common import (
     advance,
     chain_mean,
     gaussian_noise,
-    initial_state,
     proximal_data_step,
 )
 from diffpost.posterior.guidance import residual_norm
@@ -93,12 +91,6 @@ class DiffPIR(ExplicitEngine, family="explicit"):
         check_positive("DiffPIR", lambda_=self.lambda_)
         check_unit_interval("DiffPIR", zeta=self.zeta)
         check_positive_integers("DiffPIR", cg_iterations=self.cg_iterations)
-
-    def init(
-        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
-    ) -> ExplicitState:
-        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def _data_weight(self, problem: Problem, t: Tensor) -> Tensor | None:
         """:math:`\\bar\\sigma_t^2 / (\\lambda \\sigma_y^2)`, per measurement."""

@@ -78,14 +78,13 @@ import torch
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import check_choice, sampling_grid
+from diffpost.posterior.engines.common import check_choice
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
     chain_mean,
     gaussian_noise,
-    initial_state,
 )
 from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
@@ -130,14 +129,6 @@ class DPS(ExplicitEngine, family="explicit"):
             isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0
         ):
             raise ValueError(f"DPS: scale must be a finite number >= 0; got {self.scale!r}")
-
-    def init(
-        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
-    ) -> ExplicitState:
-        if not problem.likelihood_sites:
-            raise ValueError("DPS needs an observed site: the model observes nothing")
-        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
         schedule = problem.prior.schedule

@@ -44,7 +44,6 @@ from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
     check_positive_integers,
     check_unit_interval,
-    sampling_grid,
 )
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
@@ -52,7 +51,6 @@ from diffpost.posterior.engines.explicit.common import (
     advance,
     chain_mean,
     gaussian_noise,
-    initial_state,
 )
 from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
@@ -94,14 +92,6 @@ class DSG(ExplicitEngine, family="explicit"):
         check_positive_integers("DSG", interval=self.interval)
         if self.eta == 0:
             raise ValueError("DSG: eta must be > 0 (the sphere's radius is the step's noise)")
-
-    def init(
-        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
-    ) -> ExplicitState:
-        if not problem.likelihood_sites:
-            raise ValueError("DSG needs an observed site: the model observes nothing")
-        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
         schedule = problem.prior.schedule

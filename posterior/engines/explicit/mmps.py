@@ -61,7 +61,6 @@ from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
     check_positive_integers,
     check_unit_interval,
-    sampling_grid,
 )
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
@@ -69,7 +68,6 @@ from diffpost.posterior.engines.explicit.common import (
     advance,
     chain_mean,
     gaussian_noise,
-    initial_state,
 )
 from diffpost.posterior.guidance import (
     VJP,
@@ -108,12 +106,6 @@ class MMPS(ExplicitEngine, family="explicit"):
         self._check_num_steps()
         check_unit_interval("MMPS", eta=self.eta)
         check_positive_integers("MMPS", cg_iterations=self.cg_iterations)
-
-    def init(
-        self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
-    ) -> ExplicitState:
-        grid = sampling_grid(problem.prior.schedule, self.num_steps, device=problem.device)
-        return initial_state(problem, grid, num_chains, num_particles, generator)
 
     def _posterior_denoiser(
         self, problem: Problem, covariance_scale: Tensor, x0: Tensor, vjp: VJP
