@@ -211,6 +211,22 @@ def _standard_gaussian(dtype) -> Gaussian:
     return Gaussian(torch.zeros(64, dtype=dtype), torch.eye(64, dtype=dtype), event_shape=(1, 8, 8))
 
 
+def _scored_rows(lines, quality, data_name, name, prior, kinds, truth, particles, seconds):
+    """One table row per corruption in ``kinds``: the quality of 500 prior samples (DDPM, seed
+    0) and MMPS posteriors of ``truth`` corrupted that way; ``seconds`` is the time column."""
+    samples = prior.sample((500,), generator=torch.Generator().manual_seed(0))
+    scores = quality.evaluate(samples.float(), 8)
+    for kind in kinds:
+        post = posterior_scores(prior, truth, kind, posterior.MMPS(), particles)
+        lines.append(
+            f"| {data_name} | {name} | {scores['confidence']:.3f} | "
+            f"{scores['class_entropy']:.3f} | {scores['nn_distance']:.3f} | "
+            f"{scores['near_copies']:.3f} | {post['psnr']:.2f} ({kind}) | "
+            f"{post['coverage']:.3f} | {seconds} |"
+        )
+        print(lines[-1], flush=True)
+
+
 def network_part(args, train_images, heldout, quality, lines):
     total = args.rounds * args.steps_per_round
     lines += [
@@ -265,20 +281,9 @@ def network_part(args, train_images, heldout, quality, lines):
             progress=True,
         )
         rows.append((kind, "EM (MMPS)", em.prior, f"{time.perf_counter() - began:.0f} s"))
-    engine = posterior.MMPS()
     for data_name, name, prior, seconds in rows:
-        samples = prior.sample((500,), generator=torch.Generator().manual_seed(0))
-        scores = quality.evaluate(samples.float(), 8)
         kinds = args.corruptions if data_name == "clean digits" else [data_name]
-        for kind in kinds:
-            post = posterior_scores(prior, truth, kind, engine, args.particles)
-            lines.append(
-                f"| {data_name} | {name} | {scores['confidence']:.3f} | "
-                f"{scores['class_entropy']:.3f} | {scores['nn_distance']:.3f} | "
-                f"{scores['near_copies']:.3f} | {post['psnr']:.2f} ({kind}) | "
-                f"{post['coverage']:.3f} | {seconds} |"
-            )
-            print(lines[-1], flush=True)
+        _scored_rows(lines, quality, data_name, name, prior, kinds, truth, args.particles, seconds)
     lines.append("")
 
 
@@ -321,33 +326,12 @@ def ambient_part(args, train_images, heldout, quality, lines):
     keep = KEEP * (1 - args.ambient_further)
     fixed = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(3)) < keep
     prior = DiffusionPrior(AmbientDenoiser(trained, fixed.float()), (1, 8, 8), num_steps=100)
-    samples = prior.sample((500,), generator=torch.Generator().manual_seed(0))
-    scores = quality.evaluate(samples.float(), 8)
-    post = posterior_scores(
-        prior, heldout[: args.posterior_images].float(), "masked", posterior.MMPS(), args.particles
+    name = f"Ambient Diffusion (further {args.ambient_further})"
+    truth = heldout[: args.posterior_images].float()
+    _scored_rows(
+        lines, quality, "masked", name, prior, ["masked"], truth, args.particles, f"{seconds:.0f} s"
     )
-    lines.append(
-        f"| masked | Ambient Diffusion (further {args.ambient_further}) | "
-        f"{scores['confidence']:.3f} | "
-        f"{scores['class_entropy']:.3f} | {scores['nn_distance']:.3f} | "
-        f"{scores['near_copies']:.3f} | {post['psnr']:.2f} (masked) | {post['coverage']:.3f} | "
-        f"{seconds:.0f} s |"
-    )
-    print(lines[-1], flush=True)
     lines.append("")
-
-
-def _scored_row(lines, quality, data_name, name, prior, kind, truth, particles, seconds):
-    samples = prior.sample((500,), generator=torch.Generator().manual_seed(0))
-    scores = quality.evaluate(samples.float(), 8)
-    post = posterior_scores(prior, truth, kind, posterior.MMPS(), particles)
-    lines.append(
-        f"| {data_name} | {name} | {scores['confidence']:.3f} | "
-        f"{scores['class_entropy']:.3f} | {scores['nn_distance']:.3f} | "
-        f"{scores['near_copies']:.3f} | {post['psnr']:.2f} ({kind}) | "
-        f"{post['coverage']:.3f} | {seconds:.0f} s |"
-    )
-    print(lines[-1], flush=True)
 
 
 def unbiased_part(args, train_images, heldout, quality, lines):
@@ -408,7 +392,9 @@ def unbiased_part(args, train_images, heldout, quality, lines):
             trained if method == "tweedie-consistency" else NoiseFloorDenoiser(trained, data.sigma)
         )
         prior = DiffusionPrior(denoiser, (1, 8, 8), num_steps=100)
-        _scored_row(lines, quality, kind, name, prior, kind, truth, args.particles, seconds)
+        _scored_rows(
+            lines, quality, kind, name, prior, [kind], truth, args.particles, f"{seconds:.0f} s"
+        )
     lines.append("")
 
 
