@@ -321,37 +321,45 @@ def _at_least(schedule: Schedule, t: Tensor, noise_ratio: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class GSURELoss:
     r"""GSURE-diffusion's objective (Kawar et al. 2024): learn :math:`E[x_0 \mid x_t]` from noisy
-    measurements :math:`y = g \odot x_0 + \sigma_0 e` through entry-wise gains :math:`g` (a
-    :class:`~diffpost.models.operators.Diagonal`; 0/1 gains are masks), for
-    :func:`~diffpost.models.training.train`'s ``loss``.
+    linear measurements :math:`y = A x_0 + \sigma_0 e`, for
+    :func:`~diffpost.models.training.train`'s ``loss``, in the operator's singular basis
+    :math:`A = U \operatorname{diag}(s) V^\top`. Two forms of data:
 
-    The data are the measurements ``y`` and their gains (``conditions``). On an observed entry
-    the least-squares estimate :math:`\hat x = y / g` carries noise :math:`\nu = \sigma_0 / |g|`;
-    the input is topped up to the diffusion's level, :math:`z = \hat x + (s^2 - \nu^2)^{1/2}
-    \epsilon` with :math:`s = \sigma(t)/\alpha(t)`, and an unobserved entry is noise alone,
-    :math:`z = s\epsilon`; the network sees :math:`x_t = \alpha z`. With :math:`h =
-    D_\theta(x_t, t)` the generalised Stein unbiased estimate of the risk on the observed
-    entries :math:`P` (weighted by ENSURE's :math:`w`) is
+    - entry-wise gains, one per measurement (``operator=None``): the data are the measurements
+      and ``conditions`` their gains :math:`g` (a :class:`~diffpost.models.operators.Diagonal`;
+      0/1 gains are masks, with noise), the basis is the pixels, :math:`s = |g|`;
+    - one operator with an SVD shared by all measurements (``operator=A``): the data are the
+      pseudo-inverse images :math:`A^+ y` (``operator.pinv(y)``), no conditions.
 
-    .. math:: \mathcal L = \sum_{j \in P} w_j \big[(h_j - \hat x_j)^2
-              + 2 \nu_j^2\, \partial h_j / \partial z_j\big] / \textstyle\sum_{j\in P} w_j ,
+    On an observed coordinate (:math:`s_k > 0`) the estimate :math:`\hat x_k = \bar y_k / s_k`
+    carries noise :math:`\nu_k = \sigma_0 / s_k`; the input is topped up to the diffusion's level,
+    :math:`\bar z_k = \hat x_k + (s_t^2 - \nu_k^2)^{1/2} \bar\epsilon_k` with :math:`s_t =
+    \sigma(t)/\alpha(t)`, an unobserved coordinate is noise alone, :math:`\bar z_k = s_t
+    \bar\epsilon_k`, and the network sees :math:`x_t = \alpha V \bar z`. With :math:`\bar h =
+    V^\top D_\theta(x_t, t)` the generalised Stein unbiased estimate of the risk on the observed
+    coordinates :math:`P` (weighted by ENSURE's :math:`w`) is
 
-    whose expectation is :math:`E \sum_P w_j (h_j - x_{0,j})^2` up to a constant, the divergence
-    estimated by Hutchinson's trace with one Gaussian probe (a second backward pass). Times
-    whose :math:`s` lies below an example's largest :math:`\nu` are raised to it (the official
-    code's schedule starts at :math:`\sigma_0`): the data say nothing below their noise, so
-    sample the trained network through :class:`NoiseFloorDenoiser`.
+    .. math:: \mathcal L = \sum_{k \in P} w_k \big[(\bar h_k - \hat x_k)^2
+              + 2 \nu_k^2\, \partial \bar h_k / \partial \bar z_k\big]
+              / \textstyle\sum_{k\in P} w_k ,
+
+    whose expectation is :math:`E \sum_P w_k (\bar h_k - (V^\top x_0)_k)^2` up to a constant, the
+    divergence estimated by Hutchinson's trace with one Gaussian probe (a second backward pass).
+    Times whose :math:`s_t` lies below an example's largest :math:`\nu` are raised to it (the
+    official code's schedule starts at :math:`\sigma_0`): the data say nothing below their noise,
+    so sample the trained network through :class:`NoiseFloorDenoiser`.
 
     Departure: the official code scales the divergence by ``Lambda * (1 - alpha_bar_t)``
     (``Lambda`` = 1e-4 in its CelebA configurations) where the estimator above has
     :math:`2\nu^2`; this follows the estimator, so its minimiser is the clean-data denoiser on
-    the observed entries (``tests/test_corrupted.py`` checks it in closed form).
+    the observed coordinates (``tests/test_corrupted.py`` checks it in closed form).
 
     Args:
         sigma: :math:`\sigma_0`, the measurements' noise standard deviation (positive).
-        weights: ENSURE's per-entry weights of the event shape, the inverse of how often an
-            entry is observed (the official code weighs its MRI lines so); ``None``: uniform, as
-            the official code for random masks, where they are constant.
+        operator: the shared operator (it must have an SVD), or ``None`` for gains.
+        weights: with gains, ENSURE's per-entry weights of the event shape, the inverse of how
+            often an entry is observed (the official code weighs its MRI lines so); ``None``:
+            uniform, as the official code for random masks, where they are constant.
 
     References:
         Kawar, Elata, Michaeli, Elad. GSURE-Based Diffusion Model Training with Corrupted Data.
@@ -360,6 +368,7 @@ class GSURELoss:
     """
 
     sigma: float
+    operator: LinearOperator | None = None
     weights: Tensor | None = None
 
     def __post_init__(self):
@@ -369,33 +378,72 @@ class GSURELoss:
             not isinstance(self.weights, Tensor) or not (self.weights > 0).all()
         ):
             raise ValueError("GSURELoss: weights must be a tensor of positive entries")
+        if self.operator is not None:
+            if not isinstance(self.operator, LinearOperator) or self.operator.svd() is None:
+                raise ValueError(
+                    "GSURELoss: operator must be a linear operator with an SVD; got "
+                    f"{type(self.operator).__name__}"
+                )
+            if self.weights is not None:
+                raise ValueError("GSURELoss: weights are for gains; a shared operator has none")
 
     def __repr__(self) -> str:
         weights = None if self.weights is None else tuple(self.weights.shape)
-        return f"GSURELoss(sigma={float(self.sigma)!r}, weights={weights})"
+        operator = None if self.operator is None else type(self.operator).__name__
+        return f"GSURELoss(sigma={float(self.sigma)!r}, operator={operator}, weights={weights})"
 
-    def __call__(self, denoiser, y, t, noise, condition, generator) -> Tensor:
-        if condition is None or condition.shape != y.shape:
-            raise ValueError(
-                "GSURELoss needs the measurements' gains as train's conditions (0 where an "
-                f"entry is not observed), one per example and of its shape {tuple(y.shape[1:])}"
-            )
+    def __call__(self, denoiser, data, t, noise, condition, generator) -> Tensor:
+        shape = data.shape
+        if self.operator is None:
+            if condition is None or condition.shape != shape:
+                raise ValueError(
+                    "GSURELoss needs the measurements' gains as train's conditions (0 where an "
+                    f"entry is not observed), one per example and of its shape {tuple(shape[1:])}"
+                )
+            observed = (condition != 0).to(data.dtype).flatten(1)
+            gains = torch.where(condition != 0, condition, torch.ones_like(condition)).flatten(1)
+            estimate = observed * data.flatten(1) / gains
+            nu = observed * float(self.sigma) / gains.abs()
+            weights = observed if self.weights is None else observed * self.weights.to(data)
+            return self._risk(
+                denoiser, t, noise, estimate, nu, weights.flatten(1), generator,
+                lambda z: z.reshape(shape), lambda x: x.flatten(1),
+            )  # fmt: skip
+        svd = self.operator.svd()
+        to_spectral = svd.vt
+        estimate = to_spectral(data)
+        singular = torch.zeros_like(estimate[0])
+        singular[: svd.rank_bound] = svd.singular_values.to(data)
+        observed = (singular > 1e-10 * singular.max().clamp_min(1e-300)).to(data.dtype)
+        nu = (observed * float(self.sigma) / torch.where(observed > 0, singular, 1.0)).expand_as(
+            estimate
+        )
+        return self._risk(
+            denoiser, t, noise, observed * estimate, nu, observed.expand_as(estimate), generator,
+            svd.v, to_spectral,
+        )  # fmt: skip
+
+    def _risk(
+        self, denoiser, t, noise, estimate, nu, weights, generator, to_pixels, to_spectral
+    ) -> Tensor:
+        """The estimate of the risk in the spectral coordinates ``(N, d)``: ``estimate`` of
+        :math:`\\hat x`, ``nu`` its noise, ``weights`` :math:`w` (0 where unobserved)."""
         schedule = denoiser.schedule
-        observed = (condition != 0).to(y.dtype)
-        gains = torch.where(condition != 0, condition, torch.ones_like(condition))
-        estimate = observed * y / gains
-        nu = observed * float(self.sigma) / gains.abs()
-        t = _at_least(schedule, t, nu.flatten(1).amax(1))
+        observed = (weights > 0).to(estimate.dtype)
+        t = _at_least(schedule, t, nu.amax(1))
         alpha, sigma = schedule(t)
-        s = _per_example(sigma / alpha, y)
+        s = (sigma / alpha).reshape(-1, 1).to(estimate)
+        noise = to_spectral(noise)
         top_up = (s**2 - nu**2).clamp_min(0).sqrt()
-        z = observed * (estimate + top_up * noise) + (1 - observed) * s * noise
-        x_t = (_per_example(alpha, y) * z).requires_grad_(True)
-        h = denoiser(x_t, t)
-        weights = observed if self.weights is None else observed * self.weights.to(y)
-        probe = observed * torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
-        (pulled,) = torch.autograd.grad(h, x_t, weights * nu**2 * probe, create_graph=True)
-        divergence = _per_example(alpha, y) * pulled * probe  # d/dz = alpha d/dx_t
+        z = to_pixels(observed * (estimate + top_up * noise) + (1 - observed) * s * noise)
+        x_t = (_per_example(alpha, z) * z).requires_grad_(True)
+        h = to_spectral(denoiser(x_t, t))
+        probe = observed * torch.randn(
+            estimate.shape, generator=generator, dtype=estimate.dtype, device=estimate.device
+        )
+        # Hutchinson: probe^T diag(w nu^2) (dh/dz) probe, through one vector-Jacobian product
+        (pulled,) = torch.autograd.grad((h * weights * nu**2 * probe).sum(), x_t, create_graph=True)
+        divergence = alpha.reshape(-1, 1).to(h) * to_spectral(pulled) * probe  # d/dz = a d/dx_t
         risk = weights * (h - estimate) ** 2 + 2 * divergence
         return risk.sum() / weights.sum().clamp_min(1e-12)
 
