@@ -69,6 +69,12 @@ from diffpost.models.training import fit_gaussian_mixture, train
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA = {"masked": 0.02, "noisy": 0.3}
 KEEP = 0.5  # fraction of pixels a mask keeps
+#: the header of the network tables, whose rows `_scored_rows` writes
+NETWORK_TABLE = [
+    "| data | prior | confidence | class entropy | NN distance | near copies "
+    "| posterior PSNR (dB) | 90% coverage | time |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
 
 
 def _quality():
@@ -240,9 +246,7 @@ def network_part(args, train_images, heldout, quality, lines):
         f"steps, seed 0. Posterior: MMPS (defaults), {args.particles} draws, on the first "
         f"{args.posterior_images} held-out digits corrupted the same way (new masks and noise).",
         "",
-        "| data | prior | confidence | class entropy | NN distance | near copies "
-        "| posterior PSNR (dB) | 90% coverage | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *NETWORK_TABLE,
     ]
     truth = heldout[: args.posterior_images].float()
     rows = [("clean digits", "zoo.digits()", zoo.digits(num_steps=100), "")]
@@ -300,9 +304,7 @@ def ambient_part(args, train_images, heldout, quality, lines):
         f"{KEEP} x {1 - args.ambient_further:g}), the paper's fixed-mask sampler. Columns as "
         "above.",
         "",
-        "| data | prior | confidence | class entropy | NN distance | near copies "
-        "| posterior PSNR (dB) | 90% coverage | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *NETWORK_TABLE,
     ]
     data = corrupt(train_images.float(), "masked", seed=0)
     masks = data.operator.gains.float()
@@ -348,9 +350,7 @@ def unbiased_part(args, train_images, heldout, quality, lines):
         "in the network section (DDPM 100 steps; MMPS, "
         f"{args.particles} draws, {args.posterior_images} held-out digits).",
         "",
-        "| data | prior | confidence | class entropy | NN distance | near copies "
-        "| posterior PSNR (dB) | 90% coverage | time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *NETWORK_TABLE,
     ]
     truth = heldout[: args.posterior_images].float()
     runs = [(kind, "gsure") for kind in args.corruptions]
