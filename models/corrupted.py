@@ -409,6 +409,10 @@ class GSURELoss:
                 denoiser, t, noise, estimate, nu, weights.flatten(1), generator,
                 lambda z: z.reshape(shape), lambda x: x.flatten(1),
             )  # fmt: skip
+        if condition is not None:
+            raise ValueError(
+                "GSURELoss with a shared operator takes no conditions (its data are A.pinv(y))"
+            )
         svd = self.operator.svd()
         to_spectral = svd.vt
         estimate = to_spectral(data)
@@ -527,6 +531,8 @@ class TweedieLoss:
             raise ValueError(f"TweedieLoss: t_min must lie in (0, 1); got {self.t_min!r}")
 
     def __call__(self, denoiser, x_n, t, noise, condition, generator) -> Tensor:
+        if condition is not None:
+            raise ValueError("TweedieLoss takes no conditions: its data are the noisy images")
         schedule = denoiser.schedule
         sigma_n = float(self.sigma)
         t = _at_least(schedule, t, torch.full_like(t, sigma_n))

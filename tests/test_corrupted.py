@@ -639,3 +639,21 @@ def test_unbiased_objectives_refuse_bad_input():
     network = X0Denoiser(_Shrinkage(schedule), schedule)
     with pytest.raises(ValueError, match="GSURELoss needs the measurements' gains"):
         train(network, torch.zeros(4, 1, 2, 2), loss=GSURELoss(0.1), num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="takes no conditions"):
+        train(
+            network,
+            torch.zeros(4, 1, 2, 2),
+            conditions=torch.ones(4, 1, 2, 2),
+            loss=TweedieLoss(0.1),
+            num_steps=1,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="shared operator takes no conditions"):
+        train(
+            network,
+            torch.zeros(4, 1, 2, 2),
+            conditions=torch.ones(4, 1, 2, 2),
+            loss=GSURELoss(0.1, operator=operators.Identity((1, 2, 2))),
+            num_steps=1,
+            progress=False,
+        )
