@@ -23,6 +23,7 @@ For each, three priors of the same family are compared with the one fitted to th
 - ``ambient`` part (masked only): the same UNet with a mask channel trained with Ambient
   Diffusion's loss (``models.corrupted.AmbientLoss``) for the same number of steps, sampled
   through one fixed mask (``AmbientDenoiser``), scored like the networks.
+- ``speed`` part: the training cost per step of each objective, interleaved.
 - ``unbiased`` part: the same UNet trained on the measurements with GSURE-diffusion's objective
   (``GSURELoss``, both corruptions) and Consistent-Tweedie's (``TweedieLoss``, noisy only, with
   and without its consistency loss), for the same number of steps, scored like the networks.
@@ -398,10 +399,60 @@ def unbiased_part(args, train_images, heldout, quality, lines):
     lines.append("")
 
 
+def speed_part(args, train_images, heldout, quality, lines):
+    """Training cost of each objective on the same data and network, interleaved rounds."""
+    data = corrupt(train_images.float(), "masked", seed=0)
+    gains = data.operator.gains.float()
+    objectives = {
+        "denoising score matching (`train`'s default)": {},
+        "`AmbientLoss(0.1)` (one more condition channel)": None,
+        "`TweedieLoss(0.3, consistency=0)`": {"loss": TweedieLoss(0.3, consistency=0.0)},
+        "`TweedieLoss(0.3)` (consistency, its defaults)": {"loss": TweedieLoss(0.3)},
+        "`GSURELoss(0.02)` (masks as gains)": {"loss": GSURELoss(0.02), "conditions": gains},
+    }
+    steps, rounds = 100, 3
+    times = {name: [] for name in objectives}
+    for _ in range(rounds):
+        for name, options in objectives.items():
+            torch.manual_seed(0)
+            if options is None:
+                unet = UNet(
+                    channels=1,
+                    base_channels=16,
+                    channel_multipliers=(1, 2, 2),
+                    condition_channels=1,
+                )
+                denoiser = X0Denoiser(unet, VP("cosine"))
+                options = {"loss": AmbientLoss(0.1), "conditions": gains}
+            else:
+                denoiser = network()
+            began = time.perf_counter()
+            train(denoiser, data.y.float(), num_steps=steps, batch_size=128, progress=False,
+                  **options)  # fmt: skip
+            times[name].append(time.perf_counter() - began)
+    base = sorted(times[next(iter(objectives))])[rounds // 2]
+    lines += [
+        "## Training cost of the objectives",
+        "",
+        f"The zoo's 8x8 UNet, {steps} steps of batch 128 on the measurements, each objective in "
+        f"turn, {rounds} interleaved rounds, medians ({args.threads} threads):",
+        "",
+        "| objective | s per 100 steps | relative to denoising |",
+        "|---|---|---|",
+    ]
+    for name, values in times.items():
+        median = sorted(values)[rounds // 2]
+        lines.append(f"| {name} | {median:.2f} | {median / base:.2f} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--part", choices=["gmm", "network", "ambient", "unbiased", "all"], default="all"
+        "--part",
+        choices=["gmm", "network", "ambient", "unbiased", "speed", "all"],
+        default="all",
     )
     parser.add_argument("--corruptions", default="masked,noisy")
     parser.add_argument("--gmm-rounds", type=int, default=40)
@@ -445,6 +496,8 @@ def main() -> None:
         ambient_part(args, train_images, heldout, quality, lines)
     if args.part in ("unbiased", "all"):
         unbiased_part(args, train_images, heldout, quality, lines)
+    if args.part in ("speed", "all"):
+        speed_part(args, train_images, heldout, quality, lines)
     write_report(lines, args.output)
 
 
