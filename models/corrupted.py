@@ -45,11 +45,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffpost.models.denoisers import Denoiser, epsilon_from_x0
+from diffpost.models.denoisers import Denoiser
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.operators.compose import PerProblem
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
-from diffpost.models.samplers import ddim_coefficients
+from diffpost.models.samplers import ddim_step
 from diffpost.models.schedules import Schedule
 from diffpost.models.training import diffused, fit_gaussian_mixture, train
 
@@ -571,16 +571,7 @@ class TweedieLoss:
         for k in range(self.consistency_steps):
             now = t + (s - t) * (k / self.consistency_steps)
             after = t + (s - t) * ((k + 1) / self.consistency_steps)
-            x0 = denoiser(x, now)
-            a, b, c = (
-                _per_example(v, x)
-                for v in ddim_coefficients(denoiser.schedule, now, after, eta=1.0)
-            )
-            x = (
-                a * x0
-                + b * epsilon_from_x0(denoiser.schedule, x, x0, now)
-                + c * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            )
+            x = ddim_step(denoiser, x, now, after, generator, eta=1.0)
         return x
 
 
@@ -606,10 +597,13 @@ class NoiseFloorDenoiser(Denoiser):
         self.denoiser = denoiser
         self.noise_level = float(noise_level)
         self.event_shape = getattr(denoiser, "event_shape", None)
+        #: :math:`t_f`, found once (a bisection) rather than at every call
+        self.floor_time = float(
+            self.schedule.time_of_noise_ratio(torch.tensor(self.noise_level, dtype=torch.float64))
+        )
 
     def forward(self, x_t: Tensor, t) -> Tensor:
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        floor = self.schedule.time_of_noise_ratio(torch.full_like(t, self.noise_level))
-        raised = torch.maximum(t, floor)
+        raised = t.clamp_min(self.floor_time)
         scale = _per_example(self.schedule.alpha(raised) / self.schedule.alpha(t), x_t)
         return self.denoiser(scale * x_t, raised)

@@ -110,8 +110,8 @@ def ddim_step(
     Args:
         denoiser: the Tweedie denoiser.
         x_t: ``(N, *event)``.
-        t: current time (0-d tensor).
-        s: next time, ``s < t`` (0-d tensor).
+        t: current time (0-d tensor, or ``(N,)``: one per example).
+        s: next time, ``s < t`` (shaped like ``t``).
         generator: source of the step's noise.
         eta: stochasticity.
 
@@ -119,9 +119,12 @@ def ddim_step(
         ``x_s``, shape ``(N, *event)``.
     """
     x0 = denoiser(x_t, t)
-    a, b, c = (v.to(x_t) for v in ddim_coefficients(denoiser.schedule, t, s, eta))
+    a, b, c = (
+        v.to(x_t).reshape(v.shape + (1,) * (x_t.dim() - v.dim()))
+        for v in ddim_coefficients(denoiser.schedule, t, s, eta)
+    )
     x_s = a * x0 + b * epsilon_from_x0(denoiser.schedule, x_t, x0, t)
-    if eta > 0 and float(c) > 0:
+    if eta > 0 and bool((c > 0).any()):
         x_s = x_s + c * torch.randn(
             x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device
         )
