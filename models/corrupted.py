@@ -331,6 +331,9 @@ class GSURELoss:
     - one operator with an SVD shared by all measurements (``operator=A``): the data are the
       pseudo-inverse images :math:`A^+ y` (``operator.pinv(y)``), no conditions.
 
+    Shapes: ``train``'s data ``(M, *event)`` (for gains, measurements of the event's shape, as a
+    ``Diagonal`` gives them) and conditions ``(M, *event)``; each call returns a scalar.
+
     On an observed coordinate (:math:`s_k > 0`) the estimate :math:`\hat x_k = \bar y_k / s_k`
     carries noise :math:`\nu_k = \sigma_0 / s_k`; the input is topped up to the diffusion's level,
     :math:`\bar z_k = \hat x_k + (s_t^2 - \nu_k^2)^{1/2} \bar\epsilon_k` with :math:`s_t =
@@ -456,7 +459,8 @@ class GSURELoss:
 class TweedieLoss:
     r"""Consistent Diffusion meets Tweedie (Daras et al. 2024): learn :math:`E[x_0 \mid x_t]`
     from images with Gaussian noise of a known level, :math:`x_n = x_0 + \sigma_n e`, for
-    :func:`~diffpost.models.training.train`'s ``loss`` (the data are the noisy images).
+    :func:`~diffpost.models.training.train`'s ``loss`` (the data are the noisy images,
+    ``(M, *event)``, no conditions; each call returns a scalar).
 
     Above the data's level (:math:`s = \sigma(t)/\alpha(t) > \sigma_n`) the input
     :math:`z = x_n + (s^2 - \sigma_n^2)^{1/2}\epsilon`, :math:`x_t = \alpha z`, is exactly
