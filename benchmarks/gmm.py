@@ -65,7 +65,8 @@ PAPER = {
 #: engines that can run a noisy linear Gaussian problem, in table order
 ENGINE_NAMES = (
     "MCGDiff", "TDS", "FPS", "FKSteering", "DDRM", "DPS", "PiGDM", "MMPS", "SNIPS", "DDS",
-    "DiffPIR", "DSG", "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD", "FlowVI",
+    "DiffPIR", "DSG", "DPPS", "MCG", "ScoreSDE", "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD",
+    "FlowVI",
 )  # fmt: skip
 FAMILIES = ("smc", "explicit", "langevin", "variational")
 

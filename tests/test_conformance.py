@@ -231,6 +231,24 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("gaussian", "DSG", "ve"): (0.298, 0.079, 0.801, 0.082),
     ("gaussian", "DSG", "edm"): (0.283, 0.073, 0.862, 0.188),
     ("gaussian", "DSG", "rectified_flow"): (0.299, 0.075, 0.779, 0.058),
+    ("gaussian", "MCG", "vp_linear"): (0.643, 0.042, 0.219, 0.030),
+    ("gaussian", "MCG", "vp_cosine"): (0.649, 0.055, 0.174, 0.030),
+    ("gaussian", "MCG", "discrete_linear"): (0.643, 0.042, 0.219, 0.030),
+    ("gaussian", "MCG", "ve"): (0.636, 0.080, 0.205, 0.030),
+    ("gaussian", "MCG", "edm"): (0.633, 0.085, 0.226, 0.030),
+    ("gaussian", "MCG", "rectified_flow"): (0.652, 0.055, 0.213, 0.034),
+    ("gaussian", "ScoreSDE", "vp_linear"): (0.065, 0.056, 0.972, 0.093),
+    ("gaussian", "ScoreSDE", "vp_cosine"): (0.065, 0.057, 0.972, 0.091),
+    ("gaussian", "ScoreSDE", "discrete_linear"): (0.065, 0.056, 0.972, 0.093),
+    ("gaussian", "ScoreSDE", "ve"): (0.065, 0.056, 0.972, 0.088),
+    ("gaussian", "ScoreSDE", "edm"): (0.065, 0.057, 0.971, 0.088),
+    ("gaussian", "ScoreSDE", "rectified_flow"): (0.065, 0.057, 0.972, 0.089),
+    ("gaussian", "DPPS", "vp_linear"): (0.275, 0.125, 1.312, 0.128),
+    ("gaussian", "DPPS", "vp_cosine"): (0.310, 0.170, 1.274, 0.149),
+    ("gaussian", "DPPS", "discrete_linear"): (0.287, 0.155, 1.304, 0.092),
+    ("gaussian", "DPPS", "ve"): (0.215, 0.123, 1.268, 0.126),
+    ("gaussian", "DPPS", "edm"): (0.250, 0.158, 1.299, 0.176),
+    ("gaussian", "DPPS", "rectified_flow"): (0.320, 0.260, 1.304, 0.152),
     ("gaussian", "DPS", "vp_linear"): (0.275, 0.157, 0.922, 0.104),
     ("gaussian", "DPS", "vp_cosine"): (0.281, 0.168, 0.930, 0.160),
     ("gaussian", "DPS", "discrete_linear"): (0.275, 0.153, 0.922, 0.113),
@@ -351,6 +369,24 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("mixture", "DSG", "ve"): (0.470, 0.440, 2.909, 1.080),
     ("mixture", "DSG", "edm"): (0.387, 0.386, 3.941, 1.198),
     ("mixture", "DSG", "rectified_flow"): (0.448, 0.243, 1.893, 0.508),
+    ("mixture", "MCG", "vp_linear"): (5.694, 0.041, 0.567, 0.098),
+    ("mixture", "MCG", "vp_cosine"): (8.616, 0.108, 0.551, 0.078),
+    ("mixture", "MCG", "discrete_linear"): (5.688, 0.041, 0.568, 0.098),
+    ("mixture", "MCG", "ve"): (4.129, 0.085, 0.509, 0.086),
+    ("mixture", "MCG", "edm"): (3.533, 0.073, 0.538, 0.048),
+    ("mixture", "MCG", "rectified_flow"): (11.790, 0.161, 0.628, 0.044),
+    ("mixture", "ScoreSDE", "vp_linear"): (0.720, 0.055, 0.774, 0.178),
+    ("mixture", "ScoreSDE", "vp_cosine"): (0.726, 0.060, 0.771, 0.161),
+    ("mixture", "ScoreSDE", "discrete_linear"): (0.720, 0.055, 0.773, 0.177),
+    ("mixture", "ScoreSDE", "ve"): (0.723, 0.067, 0.771, 0.154),
+    ("mixture", "ScoreSDE", "edm"): (0.724, 0.065, 0.770, 0.154),
+    ("mixture", "ScoreSDE", "rectified_flow"): (0.726, 0.062, 0.771, 0.157),
+    ("mixture", "DPPS", "vp_linear"): (4.845, 0.295, 8.491, 0.363),
+    ("mixture", "DPPS", "vp_cosine"): (5.692, 0.147, 8.449, 0.167),
+    ("mixture", "DPPS", "discrete_linear"): (4.857, 0.247, 8.464, 0.432),
+    ("mixture", "DPPS", "ve"): (3.465, 0.144, 8.270, 0.299),
+    ("mixture", "DPPS", "edm"): (3.143, 0.269, 8.283, 0.189),
+    ("mixture", "DPPS", "rectified_flow"): (5.935, 0.205, 8.585, 0.434),
     ("mixture", "DPS", "vp_linear"): (3.185, 0.138, 2.542, 0.165),
     ("mixture", "DPS", "vp_cosine"): (3.975, 0.091, 2.538, 0.178),
     ("mixture", "DPS", "discrete_linear"): (3.170, 0.122, 2.572, 0.135),
@@ -648,7 +684,7 @@ def test_the_registry_lists_every_public_engine_once_by_family():
         n for n in public if issubclass(getattr(posterior, n), posterior.Engine)
     } - {"Engine"}
     assert public - set(engines) >= {"Problem", "ParticleSet", "EngineFailed", "Engine", "Sharding"}
-    assert len(engines) == 24 and all(
+    assert len(engines) == 27 and all(
         posterior.engines.FAMILIES.count(c.family) for c in engines.values()
     )
     assert list(posterior.registry("smc")) == ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

@@ -39,6 +39,9 @@ def _run(engine, num_draws, particles_per_chain=8, seed=0):
         (posterior.DPS(), True),
         (posterior.DiffPIR(), True),
         (posterior.DSG(), True),
+        (posterior.DPPS(), True),
+        (posterior.MCG(), True),
+        (posterior.ScoreSDE(), False),  # a chain shares its corrector step
         (posterior.DAPS(), True),
         (posterior.REDDiff(), True),
         (posterior.FlowVI(), True),

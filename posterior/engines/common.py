@@ -117,6 +117,15 @@ def check_positive(engine: str, **values: float) -> None:
             raise ValueError(f"{engine}: {name} must be a positive number; got {value!r}")
 
 
+def check_nonnegative(engine: str, **values: float) -> None:
+    """Raise ``ValueError`` naming the engine and the field when a value is not finite and >= 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        ):
+            raise ValueError(f"{engine}: {name} must be a finite number >= 0; got {value!r}")
+
+
 def check_unit_interval(engine: str, **values: float) -> None:
     """Raise ``ValueError`` naming the engine and the field when a value is not a number in [0,
     1]."""

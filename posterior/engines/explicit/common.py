@@ -37,6 +37,8 @@ __all__ = [
     "chain_mean",
     "gaussian_noise",
     "initial_state",
+    "noised_measurement_projection",
+    "per_particle_norm",
     "proximal_data_step",
     "scalar_noise_level",
     "spectral_observation",
@@ -153,6 +155,52 @@ def proximal_data_step(
         normal = lambda v: v + operator.adjoint(weight * operator(v))  # noqa: E731
         rhs = operator.adjoint(weight * residual)
     return x0 + conjugate_gradient(normal, rhs, max_iterations=max_iterations)
+
+
+def per_particle_norm(v: Tensor) -> Tensor:
+    """:math:`\\lVert v_i \\rVert` over every axis but the first, ``(n, 1, ..., 1)`` to broadcast
+    against ``v`` of shape ``(n, *event)``."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1).reshape((-1,) + (1,) * (v.dim() - 1))
+
+
+def noised_measurement_projection(
+    problem: Problem,
+    x: Tensor,
+    t: Tensor,
+    generator: torch.Generator,
+    weight: float = 1.0,
+) -> Tensor:
+    r"""``x`` moved towards the measurement noised to time ``t``: :math:`x + \lambda A^+ (y_t - A
+    x)` with :math:`y_t = \alpha_t y + \sigma_t A z`, :math:`z \sim \mathcal N(0, I)` in the
+    signal space.
+
+    At :math:`\lambda = 1` the observed part of ``x`` (the row space of :math:`A`) is replaced by
+    that of :math:`\alpha_t A^+ y + \sigma_t z`, a draw of :math:`x_t`'s observed part given
+    :math:`x_0` with :math:`A x_0 = y`; the rest of ``x`` is kept. This is the data-consistency
+    step of score-SDE inverse solvers (Song et al. 2022: :math:`\lambda` their ``coeff``, the
+    noise drawn in image space and carried to the measurement space) and of MCG (Chung et al.
+    2022, for masks :math:`\alpha_t y + \sigma_t z`, the noised measurement ``q_sample``).
+    :math:`A^+` is the operator's :meth:`~diffpost.models.operators.base.LinearOperator.pinv`
+    (closed form with an SVD, conjugate gradients otherwise). The observation's own noise is not
+    modelled: :math:`y` is treated as :math:`A x_0`.
+
+    Args:
+        problem: a problem with a linear Gaussian observation.
+        x: ``(n, *event)`` at time ``t``.
+        t: 0-d time of the noise added to the measurement.
+        generator: source of :math:`z`.
+        weight: :math:`\lambda \in [0, 1]`.
+
+    Returns:
+        ``(n, *event)``.
+    """
+    gaussian = problem.gaussian
+    operator = gaussian.operator
+    alpha, sigma = (v.to(x) for v in problem.prior.schedule(t))
+    noised_y = alpha * gaussian.y_for(x.shape[0]).to(x)
+    if float(sigma) > 0:
+        noised_y = noised_y + sigma * operator(gaussian_noise(x, generator))
+    return x + weight * operator.pinv(noised_y - operator(x))
 
 
 def scalar_noise_level(problem: Problem, engine_name: str) -> float:

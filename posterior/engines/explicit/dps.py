@@ -70,7 +70,6 @@ github.com/DPS2022/diffusion-posterior-sampling (``guided_diffusion/condition_me
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -78,7 +77,7 @@ import torch
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import check_choice
+from diffpost.posterior.engines.common import check_choice, check_nonnegative
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -125,10 +124,7 @@ class DPS(ExplicitEngine, family="explicit"):
         check_choice("DPS", "guidance", self.guidance, tuple(DEFAULT_SCALE))
         if self.scale is None:  # resolved once, so that the engine shows the scale it uses
             object.__setattr__(self, "scale", DEFAULT_SCALE[self.guidance])
-        if not (
-            isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0
-        ):
-            raise ValueError(f"DPS: scale must be a finite number >= 0; got {self.scale!r}")
+        check_nonnegative("DPS", scale=self.scale)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
         schedule = problem.prior.schedule

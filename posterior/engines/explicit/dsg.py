@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
@@ -51,16 +50,12 @@ from diffpost.posterior.engines.explicit.common import (
     advance,
     chain_mean,
     gaussian_noise,
+    per_particle_norm,
 )
 from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
 
 __all__ = ["DSG"]
-
-
-def _per_particle_norm(v: Tensor) -> Tensor:
-    """:math:`\\lVert v_i \\rVert` over every axis but the first, shaped to broadcast."""
-    return torch.linalg.vector_norm(v.flatten(1), dim=1).reshape((-1,) + (1,) * (v.dim() - 1))
 
 
 @dataclass(frozen=True)
@@ -108,9 +103,9 @@ class DSG(ExplicitEngine, family="explicit"):
         sampled = c * gaussian_noise(x_t, generator)
         if guided and float(c) > 0:
             radius = c * x_t[0].numel() ** 0.5
-            towards_data = -radius * grad / _per_particle_norm(grad).clamp_min(1e-30)
+            towards_data = -radius * grad / per_particle_norm(grad).clamp_min(1e-30)
             direction = sampled + self.guidance_rate * (towards_data - sampled)
-            x_s = mean + radius * direction / _per_particle_norm(direction).clamp_min(1e-30)
+            x_s = mean + radius * direction / per_particle_norm(direction).clamp_min(1e-30)
         else:
             x_s = mean + sampled
         return advance(state, x_s, residual_norm=chain_mean(norm.to(x_t), state))

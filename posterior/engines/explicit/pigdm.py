@@ -74,7 +74,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,7 +83,12 @@ from torch import Tensor
 from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.operators.base import LinearOperator, conjugate_gradient
 from diffpost.models.samplers import ddim_coefficients
-from diffpost.posterior.engines.common import check_choice, check_unit_interval, sampling_grid
+from diffpost.posterior.engines.common import (
+    check_choice,
+    check_nonnegative,
+    check_unit_interval,
+    sampling_grid,
+)
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
@@ -134,14 +138,7 @@ class PiGDM(ExplicitEngine, family="explicit"):
         super().__post_init__()
         self._check_num_steps()
         check_unit_interval("PiGDM", eta=self.eta)
-        if not (
-            isinstance(self.guidance_weight, (int, float))
-            and math.isfinite(self.guidance_weight)
-            and self.guidance_weight >= 0
-        ):
-            raise ValueError(
-                f"PiGDM: guidance_weight must be a finite number >= 0; got {self.guidance_weight!r}"
-            )
+        check_nonnegative("PiGDM", guidance_weight=self.guidance_weight)
         if self.data_variance is not None and not self.data_variance > 0:
             raise ValueError(f"PiGDM: data_variance must be > 0; got {self.data_variance!r}")
         check_choice("PiGDM", "guidance", self.guidance, ("paper", "score"))

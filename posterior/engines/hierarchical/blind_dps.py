@@ -33,7 +33,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -44,6 +43,7 @@ from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients, initial_noise
 from diffpost.posterior.engines.base import Draws, Engine
 from diffpost.posterior.engines.common import (
+    check_nonnegative,
     check_positive_integers,
     initial_particles,
     sampling_grid,
@@ -99,12 +99,9 @@ class BlindDPS(Engine, family="hierarchical"):
     def __post_init__(self):
         super().__post_init__()
         check_positive_integers("BlindDPS", num_steps=self.num_steps)
-        for name in ("scale", "kernel_scale", "sparsity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (
-                isinstance(value, int | float) and math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"BlindDPS: {name} must be a finite number >= 0; got {value!r}")
+        check_nonnegative(
+            "BlindDPS", scale=self.scale, kernel_scale=self.kernel_scale, sparsity=self.sparsity
+        )
 
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator

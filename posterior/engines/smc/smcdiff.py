@@ -87,7 +87,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -98,6 +97,7 @@ from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
     check_choice,
+    check_nonnegative,
     initial_particles,
     sampling_grid,
     uniform_log_weights,
@@ -184,10 +184,7 @@ class SMCDiff(SMCEngine, family="smc"):
             "SMCDiff", self.resampling, 0.0 if self.ess_threshold is None else self.ess_threshold
         )
         check_choice("SMCDiff", "variance", self.variance, ("large", "small"))
-        if not (isinstance(self.departure, (int, float)) and 0.0 <= self.departure < math.inf):
-            raise ValueError(
-                f"SMCDiff: departure must be a finite number >= 0; got {self.departure!r}"
-            )
+        check_nonnegative("SMCDiff", departure=self.departure)
 
     # ------------------------------------------------------------------ set-up
     def init(

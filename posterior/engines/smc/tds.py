@@ -98,7 +98,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -110,6 +109,7 @@ from diffpost.models.operators.base import LinearOperator
 from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
     check_choice,
+    check_nonnegative,
     initial_particles,
     sampling_grid,
     uniform_log_weights,
@@ -177,14 +177,7 @@ class TDS(SMCEngine, family="smc"):
             raise ValueError(f"TDS: num_steps must be >= 1; got {self.num_steps}")
         if not (isinstance(self.eta, (int, float)) and 0.0 < self.eta <= 1.0):
             raise ValueError(f"TDS: eta must lie in (0, 1]; got {self.eta!r}")
-        if not (
-            isinstance(self.twist_scale, (int, float))
-            and math.isfinite(self.twist_scale)
-            and self.twist_scale >= 0
-        ):
-            raise ValueError(
-                f"TDS: twist_scale must be a finite number >= 0; got {self.twist_scale!r}"
-            )
+        check_nonnegative("TDS", twist_scale=self.twist_scale)
         check_choice("TDS", "twist", self.twist, ("inflated", "plain"))
         if self.data_variance is not None and not self.data_variance > 0:
             raise ValueError(f"TDS: data_variance must be > 0; got {self.data_variance!r}")
