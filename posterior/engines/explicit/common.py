@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from diffpost.models.denoisers import epsilon_from_x0
 from diffpost.models.operators.base import SVD, conjugate_gradient
+from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import (
     initial_particles,
@@ -27,14 +29,17 @@ from diffpost.posterior.engines.common import (
     sampling_grid,
     uniform_log_weights,
 )
+from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
 
 __all__ = [
     "ExplicitEngine",
     "ExplicitState",
+    "GuidedMean",
     "SpectralObservation",
     "advance",
     "chain_mean",
+    "dps_mean",
     "gaussian_noise",
     "initial_state",
     "noised_measurement_projection",
@@ -119,6 +124,41 @@ def advance(
 def chain_mean(values: Tensor, state: ExplicitState) -> Tensor:
     """Per-chain mean of a per-particle statistic, ``(chains * N,) -> (chains,)``."""
     return values.reshape(state.log_weights.shape).mean(-1)
+
+
+class GuidedMean(NamedTuple):
+    """DPS's update before its noise (:func:`dps_mean`).
+
+    Attributes:
+        mean: ``(n, *event)``, the ancestral step's mean moved down the residual's gradient.
+        noise_scale: 0-d, the ancestral step's noise standard deviation :math:`c`.
+        epsilon: ``(n, *event)``, the noise estimate :math:`\\hat\\epsilon` at ``t``.
+        residual_norm: ``(n,)``, :math:`\\lVert y - \\mathbb{E}[y \\mid \\hat x_0] \\rVert`.
+    """
+
+    mean: Tensor
+    noise_scale: Tensor
+    epsilon: Tensor
+    residual_norm: Tensor
+
+
+def dps_mean(problem: Problem, x_t: Tensor, t: Tensor, s: Tensor, scale: float) -> GuidedMean:
+    r"""DPS's official update from ``t`` to ``s`` without its noise: :math:`a \hat x_0 + b
+    \hat\epsilon - \zeta \nabla_{x_t} \lVert y - \mathbb{E}[y \mid \hat x_0(x_t)] \rVert_2`,
+    with :math:`(a, b, c)` the DDPM ancestral coefficients (one NFE, one VJP). DPS adds
+    :math:`c z`; MCG then projects, DPPS picks :math:`z` among candidates.
+
+    Args:
+        problem: the problem (any likelihood with a residual).
+        x_t: ``(n, *event)`` at time ``t``.
+        t, s: 0-d times, ``s < t``.
+        scale: :math:`\zeta`.
+    """
+    schedule = problem.prior.schedule
+    x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
+    epsilon = epsilon_from_x0(schedule, x_t, x0, t)
+    a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
+    return GuidedMean(a * x0 + b * epsilon - scale * grad, c, epsilon, norm)
 
 
 def gaussian_noise(like: Tensor, generator: torch.Generator) -> Tensor:

@@ -44,8 +44,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.samplers import ddim_coefficients
 from diffpost.models.schedules import Schedule
 from diffpost.posterior.engines.common import check_nonnegative, check_positive_integers
 from diffpost.posterior.engines.explicit.common import (
@@ -53,8 +51,8 @@ from diffpost.posterior.engines.explicit.common import (
     ExplicitState,
     advance,
     chain_mean,
+    dps_mean,
 )
-from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
 
 __all__ = ["DPPS"]
@@ -132,15 +130,18 @@ class DPPS(ExplicitEngine, family="explicit"):
         t, s = state.grid[state.step], state.grid[state.step + 1]
         x_t = state.particles
 
-        x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
-        epsilon = epsilon_from_x0(schedule, x_t, x0, t)
-        a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
-        mean = a * x0 + b * epsilon - self.scale * grad
+        guided = dps_mean(problem, x_t, t, s, self.scale)
+        x_s, c = guided.mean, guided.noise_scale
         count = candidate_count(schedule, t, self.max_candidates)
         if float(c) > 0:
             alpha_s, sigma_s = (v.to(x_t) for v in schedule(s))
-            # the candidates' residuals alpha_s y - A(mean + c z - sigma_s eps), A linear
+            # the candidates' residuals alpha_s y - A(x_s + c z - sigma_s eps), A linear
             target = alpha_s * problem.gaussian.y_for(x_t.shape[0]).to(x_t)
-            target = target - operator(mean - sigma_s * epsilon)
-            mean = mean + c * most_consistent_noise(operator, target, c, x_t, count, generator)
-        return advance(state, mean, residual_norm=chain_mean(norm, state), candidates=float(count))
+            target = target - operator(x_s - sigma_s * guided.epsilon)
+            x_s = x_s + c * most_consistent_noise(operator, target, c, x_t, count, generator)
+        return advance(
+            state,
+            x_s,
+            residual_norm=chain_mean(guided.residual_norm, state),
+            candidates=float(count),
+        )

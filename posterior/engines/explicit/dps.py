@@ -83,6 +83,7 @@ from diffpost.posterior.engines.explicit.common import (
     ExplicitState,
     advance,
     chain_mean,
+    dps_mean,
     gaussian_noise,
 )
 from diffpost.posterior.guidance import denoise_with_residual_gradient
@@ -131,11 +132,12 @@ class DPS(ExplicitEngine, family="explicit"):
         t, s = state.grid[state.step], state.grid[state.step + 1]
         x_t = state.particles
 
-        x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
-        a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
         if self.guidance == "paper":  # the DDPM step, then a step of `scale` down the gradient
-            x_s = a * x0 + b * epsilon_from_x0(schedule, x_t, x0, t) - self.scale * grad
+            guided = dps_mean(problem, x_t, t, s, self.scale)
+            x_s, c, norm = guided.mean, guided.noise_scale, guided.residual_norm
         else:  # -scale * grad as the score of p(y | x_t), through Tweedie's formula
+            x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
+            a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
             alpha_t, sigma_t = (v.to(x_t) for v in schedule(t))
             guided_x0 = x0 - self.scale * sigma_t**2 / alpha_t * grad
             x_s = a * guided_x0 + b * epsilon_from_x0(schedule, x_t, guided_x0, t)

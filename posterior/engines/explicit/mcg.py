@@ -43,18 +43,16 @@ from typing import ClassVar
 
 import torch
 
-from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import check_nonnegative
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
     advance,
     chain_mean,
+    dps_mean,
     gaussian_noise,
     noised_measurement_projection,
 )
-from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
 
 __all__ = ["MCG"]
@@ -83,14 +81,11 @@ class MCG(ExplicitEngine, family="explicit"):
         check_nonnegative("MCG", scale=self.scale)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
-        schedule = problem.prior.schedule
         t, s = state.grid[state.step], state.grid[state.step + 1]
-        x_t = state.particles
 
-        x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
-        a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
-        x_s = a * x0 + b * epsilon_from_x0(schedule, x_t, x0, t) - self.scale * grad
-        if float(c) > 0:
-            x_s = x_s + c * gaussian_noise(x_s, generator)
+        guided = dps_mean(problem, state.particles, t, s, self.scale)
+        x_s = guided.mean
+        if float(guided.noise_scale) > 0:
+            x_s = x_s + guided.noise_scale * gaussian_noise(x_s, generator)
         x_s = noised_measurement_projection(problem, x_s, s, generator)
-        return advance(state, x_s, residual_norm=chain_mean(norm, state))
+        return advance(state, x_s, residual_norm=chain_mean(guided.residual_norm, state))
