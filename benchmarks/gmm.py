@@ -44,7 +44,8 @@ from reporting import interval  # benchmarks/reporting.py (the script's own fold
 
 from diffpost import posterior
 from diffpost.diagnostics import sliced_wasserstein
-from diffpost.models.problems import gaussian_mixture_benchmark
+from diffpost.models.problems import gaussian_mixture_benchmark, mcgdiff_schedule
+from diffpost.models.schedules import RectifiedFlow
 from diffpost.posterior.engines.smc.core import SMCEngine
 
 #: the paper's Table (v2, "Sliced Wasserstein, GM"): (d, d_y) -> (MCGDiff, DDRM, DPS, RNVP), 20
@@ -62,11 +63,14 @@ PAPER = {
 }
 
 
+#: the prior's diffusion by ``--schedule`` name
+SCHEDULES = {"mcgdiff": mcgdiff_schedule, "rectified_flow": RectifiedFlow}
+
 #: engines that can run a noisy linear Gaussian problem, in table order
 ENGINE_NAMES = (
     "MCGDiff", "TDS", "FPS", "FKSteering", "DDRM", "DPS", "PiGDM", "MMPS", "SNIPS", "DDS",
-    "DiffPIR", "DSG", "DPPS", "MCG", "ScoreSDE", "ScoreALD", "DAPS", "DCDP", "REDDiff", "RSLD",
-    "FlowVI",
+    "DiffPIR", "DSG", "DPPS", "MCG", "ScoreSDE", "FlowChef", "FlowDPS", "ScoreALD", "DAPS", "DCDP",
+    "REDDiff", "RSLD", "FlowVI",
 )  # fmt: skip
 FAMILIES = ("smc", "explicit", "langevin", "variational")
 
@@ -143,6 +147,12 @@ def main() -> None:
     parser.add_argument("--metric", choices=tuple(METRICS), default="paper")
     parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="comma-separated")
     parser.add_argument("--output", default=None, help="markdown file to write the table to")
+    parser.add_argument(
+        "--schedule",
+        choices=("mcgdiff", "rectified_flow"),
+        default="mcgdiff",
+        help="the prior's diffusion: the paper's discrete VP, or rectified flow (flow engines)",
+    )
     args = parser.parse_args()
     if args.layout == "pooled" and args.draws % args.particles:
         parser.error("--layout pooled needs --draws to be a multiple of --particles")
@@ -160,7 +170,7 @@ def main() -> None:
         f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/gmm.py --dims "
         f"{args.dims} --obs-dims {args.obs_dims} --steps {args.steps} --seeds {args.seeds} --draws "
         f"{args.draws} --particles {args.particles} --layout {args.layout} --metric {args.metric} "
-        f"--engines {args.engines}`.",
+        f"--engines {args.engines} --schedule {args.schedule}`.",
         "",
         f"Metric: {description}, between {args.draws} engine draws and {args.draws} exact "
         f"posterior draws; mean ± 1.96 sd/sqrt(seeds) over {args.seeds} seeds. Particle filters: "
@@ -179,7 +189,9 @@ def main() -> None:
                 rows: dict[str, dict[str, list[float]]] = {}
                 floors = []
                 for seed in range(args.seeds):
-                    problem = gaussian_mixture_benchmark(dim, obs_dim, seed=seed)
+                    problem = gaussian_mixture_benchmark(
+                        dim, obs_dim, seed=seed, schedule=SCHEDULES[args.schedule]()
+                    )
                     exact = problem.exact_posterior()
                     reference = exact.sample(
                         (args.draws,), generator=torch.Generator().manual_seed(10_000 + seed)

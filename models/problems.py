@@ -39,7 +39,7 @@ from diffpost.models.operators.base import Operator
 from diffpost.models.operators.basic import Identity, Mask, Matrix
 from diffpost.models.operators.blur import Blur, gaussian_kernel
 from diffpost.models.priors import DiffusionPrior, GaussianMixture
-from diffpost.models.schedules import DiscreteVP
+from diffpost.models.schedules import DiscreteVP, Schedule
 
 __all__ = [
     "HierarchicalProblem",
@@ -109,6 +109,7 @@ def gaussian_mixture_benchmark(
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    schedule: Schedule | None = None,
 ) -> InverseProblem:
     """The MCGDiff Gaussian-mixture benchmark problem (see the module docstring).
 
@@ -118,6 +119,9 @@ def gaussian_mixture_benchmark(
         seed: seed of every random draw.
         dtype: dtype of all tensors.
         device: device of all tensors.
+        schedule: the prior's diffusion (default :func:`mcgdiff_schedule`, the paper's); the
+            problem and its exact posterior do not depend on it (e.g.
+            :class:`~diffpost.models.schedules.RectifiedFlow` for flow engines).
 
     Returns:
         An :class:`InverseProblem` with a :class:`~diffpost.models.priors.GaussianMixture` prior, a
@@ -149,7 +153,8 @@ def gaussian_mixture_benchmark(
     def cast(value: Tensor) -> Tensor:
         return value.to(dtype=dtype, device=device)
 
-    prior = GaussianMixture(cast(weights), cast(means), cast(covariances), mcgdiff_schedule())
+    schedule = mcgdiff_schedule() if schedule is None else schedule
+    prior = GaussianMixture(cast(weights), cast(means), cast(covariances), schedule)
     return InverseProblem(
         prior=prior,
         operator=Matrix(cast(matrix)),

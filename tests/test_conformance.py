@@ -249,6 +249,18 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("gaussian", "DPPS", "ve"): (0.215, 0.123, 1.268, 0.126),
     ("gaussian", "DPPS", "edm"): (0.250, 0.158, 1.299, 0.176),
     ("gaussian", "DPPS", "rectified_flow"): (0.320, 0.260, 1.304, 0.152),
+    ("gaussian", "FlowChef", "vp_linear"): (0.533, 0.194, 1.136, 0.266),
+    ("gaussian", "FlowChef", "vp_cosine"): (0.206, 0.156, 1.035, 0.251),
+    ("gaussian", "FlowChef", "discrete_linear"): (0.534, 0.194, 1.137, 0.266),
+    ("gaussian", "FlowChef", "ve"): (0.373, 0.161, 1.162, 0.291),
+    ("gaussian", "FlowChef", "edm"): (0.391, 0.098, 1.239, 0.305),
+    ("gaussian", "FlowChef", "rectified_flow"): (0.174, 0.150, 0.997, 0.242),
+    ("gaussian", "FlowDPS", "vp_linear"): (0.243, 0.114, 0.954, 0.099),
+    ("gaussian", "FlowDPS", "vp_cosine"): (0.219, 0.153, 0.909, 0.110),
+    ("gaussian", "FlowDPS", "discrete_linear"): (0.243, 0.114, 0.954, 0.100),
+    ("gaussian", "FlowDPS", "ve"): (0.228, 0.060, 0.869, 0.135),
+    ("gaussian", "FlowDPS", "edm"): (0.241, 0.116, 0.891, 0.208),
+    ("gaussian", "FlowDPS", "rectified_flow"): (0.213, 0.150, 0.897, 0.127),
     ("gaussian", "DPS", "vp_linear"): (0.275, 0.157, 0.922, 0.104),
     ("gaussian", "DPS", "vp_cosine"): (0.281, 0.168, 0.930, 0.160),
     ("gaussian", "DPS", "discrete_linear"): (0.275, 0.153, 0.922, 0.113),
@@ -387,6 +399,18 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("mixture", "DPPS", "ve"): (3.465, 0.144, 8.270, 0.299),
     ("mixture", "DPPS", "edm"): (3.143, 0.269, 8.283, 0.189),
     ("mixture", "DPPS", "rectified_flow"): (5.935, 0.205, 8.585, 0.434),
+    ("mixture", "FlowChef", "vp_linear"): (1.610, 0.162, 1.271, 0.315),
+    ("mixture", "FlowChef", "vp_cosine"): (0.544, 0.076, 1.220, 0.248),
+    ("mixture", "FlowChef", "discrete_linear"): (1.611, 0.162, 1.274, 0.316),
+    ("mixture", "FlowChef", "ve"): (2.038, 0.250, 2.772, 0.330),
+    ("mixture", "FlowChef", "edm"): (2.334, 0.309, 3.939, 0.457),
+    ("mixture", "FlowChef", "rectified_flow"): (0.476, 0.075, 0.957, 0.215),
+    ("mixture", "FlowDPS", "vp_linear"): (0.494, 0.240, 3.114, 0.553),
+    ("mixture", "FlowDPS", "vp_cosine"): (0.588, 0.279, 2.448, 0.388),
+    ("mixture", "FlowDPS", "discrete_linear"): (0.493, 0.241, 3.116, 0.555),
+    ("mixture", "FlowDPS", "ve"): (0.487, 0.176, 2.750, 0.594),
+    ("mixture", "FlowDPS", "edm"): (0.525, 0.229, 3.310, 0.730),
+    ("mixture", "FlowDPS", "rectified_flow"): (0.537, 0.253, 2.453, 0.331),
     ("mixture", "DPS", "vp_linear"): (3.185, 0.138, 2.542, 0.165),
     ("mixture", "DPS", "vp_cosine"): (3.975, 0.091, 2.538, 0.178),
     ("mixture", "DPS", "discrete_linear"): (3.170, 0.122, 2.572, 0.135),
@@ -684,7 +708,7 @@ def test_the_registry_lists_every_public_engine_once_by_family():
         n for n in public if issubclass(getattr(posterior, n), posterior.Engine)
     } - {"Engine"}
     assert public - set(engines) >= {"Problem", "ParticleSet", "EngineFailed", "Engine", "Sharding"}
-    assert len(engines) == 27 and all(
+    assert len(engines) == 29 and all(
         posterior.engines.FAMILIES.count(c.family) for c in engines.values()
     )
     assert list(posterior.registry("smc")) == ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

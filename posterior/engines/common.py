@@ -9,17 +9,21 @@ import warnings
 import torch
 from torch import Tensor
 
+from diffpost.models.operators.base import LinearOperator
 from diffpost.models.samplers import initial_noise_scale
 from diffpost.models.schedules import EDM, DiscreteVP, Schedule, time_grid
-from diffpost.posterior.problem import Problem
+from diffpost.posterior.problem import GaussianStructure, Problem
 from diffpost.posterior.sharding import current_shard, particle_noise
 
 __all__ = [
     "check_choice",
+    "check_nonnegative",
     "check_positive",
     "check_positive_integers",
     "check_unit_interval",
+    "gaussian_data_gradient",
     "initial_particles",
+    "operator_gain",
     "rotated_observation",
     "sampling_grid",
     "uniform_log_weights",
@@ -99,6 +103,49 @@ def initial_particles(
 def uniform_log_weights(num_chains: int, num_particles: int, like: Tensor) -> Tensor:
     """``(chains, N)`` log-weights all equal to ``-log N``, on ``like``'s device and dtype."""
     return like.new_full((num_chains, num_particles), -math.log(num_particles))
+
+
+def operator_gain(problem: Problem) -> float:
+    r""":math:`\lVert A \rVert_2^2` of a linear GaussianObservation's operator
+    (:meth:`~diffpost.models.operators.base.LinearOperator.norm`), 1 otherwise.
+
+    A Gaussian data term of variance :math:`v` has largest curvature :math:`\lVert A
+    \rVert^2 / v`; step sizes are set against it. Non-linear operators are taken as 1-Lipschitz
+    (as :class:`~diffpost.models.operators.PhaseRetrieval` is), other likelihoods as of unit
+    curvature.
+    """
+    gaussian = problem.gaussian
+    if gaussian is not None and isinstance(gaussian.operator, LinearOperator):
+        return gaussian.operator.norm() ** 2
+    return 1.0
+
+
+def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Tensor) -> Tensor:
+    r""":math:`\nabla_x \big[-\tfrac12 \sum_j (y_j - A(x)_j)^2 / v_j\big] = J_A(x)^\top ((y - A(x))
+    / v)`.
+
+    The gradient of a Gaussian data term whose variance ``v`` is not (only) the observation's own,
+    e.g. Score-ALD's annealed :math:`\sigma_y^2 + \gamma_t^2` or DAPS' :math:`\tau^2`. For a linear
+    operator this is :math:`A^\top (y - A x) / v`; otherwise one vector-Jacobian product through
+    the operator (never through the denoiser).
+
+    Args:
+        gaussian: the observation's structure (operator and ``y``).
+        x: ``(n, *event)``.
+        variance: broadcastable to the operator's output shape (a 0-d tensor for a scalar).
+
+    Returns:
+        ``(n, *event)``.
+    """
+    operator = gaussian.operator
+    if isinstance(operator, LinearOperator):
+        return operator.adjoint((gaussian.y_for(x.shape[0]) - operator(x)) / variance)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        residual = gaussian.y_for(x.shape[0]) - operator(x)
+        objective = -0.5 * (residual**2 / variance).sum()
+        (gradient,) = torch.autograd.grad(objective, x)
+    return gradient
 
 
 def check_positive_integers(engine: str, **values: int) -> None:

@@ -1,7 +1,8 @@
 """Explicit-approximation engines: guidance by an approximation of :math:`p(y \\mid x_t)` built
-from the Tweedie estimate (DPS, ΠGDM, MMPS, DDS) or by the observation in the SVD basis (DDRM,
-SNIPS). Unweighted: every particle is one approximate posterior draw (uniform log-weights, no
-evidence estimate)."""
+from the Tweedie estimate (DPS, DSG, DPPS, ΠGDM, MMPS, DDS, DiffPIR), by projections onto the
+noised measurement (MCG, ScoreSDE), by the observation in the SVD basis (DDRM, SNIPS), or, for
+flows, by steering the clean estimate (FlowChef, FlowDPS). Unweighted: every particle is one
+approximate posterior draw (uniform log-weights, no evidence estimate)."""
 
 from diffpost.posterior.engines.base import import_engines
 

@@ -22,21 +22,18 @@ import torch
 from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.operators.base import LinearOperator
 from diffpost.models.samplers import ddim_coefficients
 from diffpost.models.schedules import Schedule
-from diffpost.posterior.engines.common import uniform_log_weights
-from diffpost.posterior.problem import GaussianStructure, Problem
+from diffpost.posterior.engines.common import operator_gain, uniform_log_weights
+from diffpost.posterior.problem import Problem
 
 __all__ = [
     "AnnealingState",
     "deterministic_ddim",
-    "gaussian_data_gradient",
     "inverse_data_curvature",
     "langevin_move",
     "noise_levels",
     "noised",
-    "operator_gain",
     "spaced_ratios",
 ]
 
@@ -126,21 +123,6 @@ def langevin_move(
     return x + step_size * drift + torch.sqrt(2 * step_size) * noise
 
 
-def operator_gain(problem: Problem) -> float:
-    r""":math:`\lVert A \rVert_2^2` of a linear GaussianObservation's operator
-    (:meth:`~diffpost.models.operators.base.LinearOperator.norm`), 1 otherwise.
-
-    A Gaussian data term of variance :math:`v` has largest curvature :math:`\lVert A
-    \rVert^2 / v`; step sizes are set against it. Non-linear operators are taken as 1-Lipschitz
-    (as :class:`~diffpost.models.operators.PhaseRetrieval` is), other likelihoods as of unit
-    curvature.
-    """
-    gaussian = problem.gaussian
-    if gaussian is not None and isinstance(gaussian.operator, LinearOperator):
-        return gaussian.operator.norm() ** 2
-    return 1.0
-
-
 def inverse_data_curvature(problem: Problem, variance: float | None = None) -> float:
     r"""The inverse of the data term's largest curvature, :math:`v / \lVert A \rVert^2`: the unit
     of data-term step sizes.
@@ -156,34 +138,6 @@ def inverse_data_curvature(problem: Problem, variance: float | None = None) -> f
     if variance is None:
         return 1.0 / problem.likelihood_curvature()
     return variance / operator_gain(problem)
-
-
-def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Tensor) -> Tensor:
-    r""":math:`\nabla_x \big[-\tfrac12 \sum_j (y_j - A(x)_j)^2 / v_j\big] = J_A(x)^\top ((y - A(x))
-    / v)`.
-
-    The gradient of a Gaussian data term whose variance ``v`` is not (only) the observation's own,
-    e.g. Score-ALD's annealed :math:`\sigma_y^2 + \gamma_t^2` or DAPS' :math:`\tau^2`. For a linear
-    operator this is :math:`A^\top (y - A x) / v`; otherwise one vector-Jacobian product through
-    the operator (never through the denoiser).
-
-    Args:
-        gaussian: the observation's structure (operator and ``y``).
-        x: ``(n, *event)``.
-        variance: broadcastable to the operator's output shape (a 0-d tensor for a scalar).
-
-    Returns:
-        ``(n, *event)``.
-    """
-    operator = gaussian.operator
-    if isinstance(operator, LinearOperator):
-        return operator.adjoint((gaussian.y_for(x.shape[0]) - operator(x)) / variance)
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        residual = gaussian.y_for(x.shape[0]) - operator(x)
-        objective = -0.5 * (residual**2 / variance).sum()
-        (gradient,) = torch.autograd.grad(objective, x)
-    return gradient
 
 
 def deterministic_ddim(problem: Problem, x_t: Tensor, grid: Tensor) -> Tensor:

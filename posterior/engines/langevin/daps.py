@@ -109,12 +109,12 @@ from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import (
     check_positive,
     check_positive_integers,
+    gaussian_data_gradient,
     initial_particles,
 )
 from diffpost.posterior.engines.langevin.common import (
     AnnealingState,
     deterministic_ddim,
-    gaussian_data_gradient,
     inverse_data_curvature,
     langevin_move,
     noise_levels,

@@ -88,14 +88,14 @@ from diffpost.posterior.engines.base import Engine
 from diffpost.posterior.engines.common import (
     check_positive,
     check_positive_integers,
+    gaussian_data_gradient,
     initial_particles,
+    operator_gain,
 )
 from diffpost.posterior.engines.langevin.common import (
     AnnealingState,
-    gaussian_data_gradient,
     langevin_move,
     noise_levels,
-    operator_gain,
 )
 from diffpost.posterior.problem import Problem
 
