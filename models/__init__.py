@@ -3,8 +3,8 @@ the shipped priors (``zoo``), the training utility (``training``) and what learn
 corrupted measurements needs (``corrupted``).
 
 ``models`` never imports ``posterior`` or ``diagnostics``. ``zoo``, ``training``, ``corrupted``,
-``networks``, ``patches``, ``problems`` and ``flows`` are imported on first use, so that
-``import models`` stays fast.
+``covariance``, ``networks``, ``patches``, ``problems`` and ``flows`` are imported on first use, so
+that ``import models`` stays fast.
 """
 
 import importlib
@@ -13,7 +13,16 @@ from diffpost.models import denoisers, densities, operators, samplers, schedules
 from diffpost.models.observations import GaussianObservation
 from diffpost.models.priors import DiffusionPrior, Gaussian, GaussianMixture
 
-_LAZY_MODULES = ("corrupted", "flows", "networks", "patches", "problems", "training", "zoo")
+_LAZY_MODULES = (
+    "corrupted",
+    "covariance",
+    "flows",
+    "networks",
+    "patches",
+    "problems",
+    "training",
+    "zoo",
+)
 
 __all__ = [
     "DiffusionPrior",
@@ -21,6 +30,7 @@ __all__ = [
     "GaussianMixture",
     "GaussianObservation",
     "corrupted",
+    "covariance",
     "densities",
     "denoisers",
     "flows",
