@@ -8,6 +8,7 @@ Example::
     tree = result.to_datatree()
 """
 
+from diffpost.posterior.amortized import APS, AmortizedPosterior
 from diffpost.posterior.driver import draw_layout, sample
 from diffpost.posterior.engines import ENGINES, Engine, EngineFailed, EngineState, registry
 from diffpost.posterior.learning import EMResult, learn_prior
@@ -33,5 +34,7 @@ __all__ = [
     "RunsFailed",
     "Engine",
     "EngineState",
+    "APS",
+    "AmortizedPosterior",
     *ENGINES,
 ]

@@ -261,6 +261,12 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("gaussian", "FlowDPS", "ve"): (0.228, 0.060, 0.869, 0.135),
     ("gaussian", "FlowDPS", "edm"): (0.241, 0.116, 0.891, 0.208),
     ("gaussian", "FlowDPS", "rectified_flow"): (0.213, 0.150, 0.897, 0.127),
+    ("gaussian", "SITCOM", "vp_linear"): (0.224, 0.117, 0.446, 0.069),
+    ("gaussian", "SITCOM", "vp_cosine"): (0.167, 0.131, 0.458, 0.030),
+    ("gaussian", "SITCOM", "discrete_linear"): (0.224, 0.117, 0.446, 0.070),
+    ("gaussian", "SITCOM", "ve"): (0.221, 0.125, 0.448, 0.081),
+    ("gaussian", "SITCOM", "edm"): (0.291, 0.091, 0.437, 0.052),
+    ("gaussian", "SITCOM", "rectified_flow"): (0.159, 0.091, 0.452, 0.030),
     ("gaussian", "DPS", "vp_linear"): (0.275, 0.157, 0.922, 0.104),
     ("gaussian", "DPS", "vp_cosine"): (0.281, 0.168, 0.930, 0.160),
     ("gaussian", "DPS", "discrete_linear"): (0.275, 0.153, 0.922, 0.113),
@@ -411,6 +417,12 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("mixture", "FlowDPS", "ve"): (0.487, 0.176, 2.750, 0.594),
     ("mixture", "FlowDPS", "edm"): (0.525, 0.229, 3.310, 0.730),
     ("mixture", "FlowDPS", "rectified_flow"): (0.537, 0.253, 2.453, 0.331),
+    ("mixture", "SITCOM", "vp_linear"): (0.306, 0.138, 0.651, 0.155),
+    ("mixture", "SITCOM", "vp_cosine"): (0.192, 0.110, 0.537, 0.068),
+    ("mixture", "SITCOM", "discrete_linear"): (0.306, 0.135, 0.650, 0.157),
+    ("mixture", "SITCOM", "ve"): (0.537, 0.163, 0.847, 0.079),
+    ("mixture", "SITCOM", "edm"): (0.733, 0.143, 1.008, 0.130),
+    ("mixture", "SITCOM", "rectified_flow"): (0.156, 0.091, 0.516, 0.065),
     ("mixture", "DPS", "vp_linear"): (3.185, 0.138, 2.542, 0.165),
     ("mixture", "DPS", "vp_cosine"): (3.975, 0.091, 2.538, 0.178),
     ("mixture", "DPS", "discrete_linear"): (3.170, 0.122, 2.572, 0.135),
@@ -708,7 +720,7 @@ def test_the_registry_lists_every_public_engine_once_by_family():
         n for n in public if issubclass(getattr(posterior, n), posterior.Engine)
     } - {"Engine"}
     assert public - set(engines) >= {"Problem", "ParticleSet", "EngineFailed", "Engine", "Sharding"}
-    assert len(engines) == 29 and all(
+    assert len(engines) == 30 and all(
         posterior.engines.FAMILIES.count(c.family) for c in engines.values()
     )
     assert list(posterior.registry("smc")) == ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

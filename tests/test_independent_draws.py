@@ -44,6 +44,7 @@ def _run(engine, num_draws, particles_per_chain=8, seed=0):
         (posterior.ScoreSDE(), False),  # a chain shares its corrector step
         (posterior.FlowChef(), True),
         (posterior.FlowDPS(), True),
+        (posterior.SITCOM(), True),
         (posterior.DAPS(), True),
         (posterior.REDDiff(), True),
         (posterior.FlowVI(), True),

@@ -75,6 +75,7 @@ ENGINES = [
     posterior.ScoreSDE(num_steps=10),
     posterior.FlowChef(num_steps=10),
     posterior.FlowDPS(num_steps=10),
+    posterior.SITCOM(num_steps=5, max_iterations=5),
     posterior.DPS(num_steps=10),
     posterior.MMPS(num_steps=10),
     posterior.PiGDM(num_steps=10),
