@@ -327,6 +327,12 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("gaussian", "RSLD", "ve"): (0.459, 0.104, 2.165, 0.292),
     ("gaussian", "RSLD", "edm"): (0.474, 0.122, 2.377, 0.345),
     ("gaussian", "RSLD", "rectified_flow"): (0.481, 0.159, 1.872, 0.213),
+    ("gaussian", "FLAIR", "vp_linear"): (0.056, 0.132, 1.577, 0.253),
+    ("gaussian", "FLAIR", "vp_cosine"): (0.056, 0.132, 1.577, 0.253),
+    ("gaussian", "FLAIR", "discrete_linear"): (0.056, 0.132, 1.577, 0.253),
+    ("gaussian", "FLAIR", "ve"): (0.056, 0.132, 1.578, 0.253),
+    ("gaussian", "FLAIR", "edm"): (0.056, 0.132, 1.577, 0.253),
+    ("gaussian", "FLAIR", "rectified_flow"): (0.056, 0.132, 1.577, 0.253),
     ("mixture", "Exact", "vp_linear"): (0.052, 0.093, 0.982, 0.124),
     ("mixture", "Exact", "vp_cosine"): (0.052, 0.093, 0.982, 0.124),
     ("mixture", "Exact", "discrete_linear"): (0.052, 0.093, 0.982, 0.124),
@@ -483,6 +489,12 @@ MEASURED: dict[tuple[str, str, str], tuple[float, float, float, float]] = {
     ("mixture", "RSLD", "ve"): (2.788, 0.128, 8.239, 1.185),
     ("mixture", "RSLD", "edm"): (2.928, 0.159, 9.114, 1.070),
     ("mixture", "RSLD", "rectified_flow"): (2.794, 0.117, 6.542, 1.249),
+    ("mixture", "FLAIR", "vp_linear"): (0.182, 0.370, 2.239, 0.307),
+    ("mixture", "FLAIR", "vp_cosine"): (0.182, 0.370, 2.239, 0.307),
+    ("mixture", "FLAIR", "discrete_linear"): (0.182, 0.370, 2.239, 0.307),
+    ("mixture", "FLAIR", "ve"): (0.182, 0.370, 2.240, 0.306),
+    ("mixture", "FLAIR", "edm"): (0.182, 0.370, 2.239, 0.307),
+    ("mixture", "FLAIR", "rectified_flow"): (0.182, 0.370, 2.239, 0.307),
 }
 
 # engines whose moments at their defaults are claimed right on every schedule: measured centres
@@ -720,7 +732,7 @@ def test_the_registry_lists_every_public_engine_once_by_family():
         n for n in public if issubclass(getattr(posterior, n), posterior.Engine)
     } - {"Engine"}
     assert public - set(engines) >= {"Problem", "ParticleSet", "EngineFailed", "Engine", "Sharding"}
-    assert len(engines) == 30 and all(
+    assert len(engines) == 31 and all(
         posterior.engines.FAMILIES.count(c.family) for c in engines.values()
     )
     assert list(posterior.registry("smc")) == ["FKSteering", "FPS", "MCGDiff", "SMCDiff", "TDS"]

@@ -45,6 +45,7 @@ def _run(engine, num_draws, particles_per_chain=8, seed=0):
         (posterior.FlowChef(), True),
         (posterior.FlowDPS(), True),
         (posterior.SITCOM(), True),
+        (posterior.FLAIR(), True),
         (posterior.DAPS(), True),
         (posterior.REDDiff(), True),
         (posterior.FlowVI(), True),

@@ -76,6 +76,7 @@ ENGINES = [
     posterior.FlowChef(num_steps=10),
     posterior.FlowDPS(num_steps=10),
     posterior.SITCOM(num_steps=5, max_iterations=5),
+    posterior.FLAIR(num_steps=10),
     posterior.DPS(num_steps=10),
     posterior.MMPS(num_steps=10),
     posterior.PiGDM(num_steps=10),

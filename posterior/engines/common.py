@@ -21,6 +21,7 @@ __all__ = [
     "check_positive",
     "check_positive_integers",
     "check_unit_interval",
+    "flow_time",
     "gaussian_data_gradient",
     "initial_particles",
     "operator_gain",
@@ -146,6 +147,14 @@ def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Ten
         objective = -0.5 * (residual**2 / variance).sum()
         (gradient,) = torch.autograd.grad(objective, x)
     return gradient
+
+
+def flow_time(schedule: Schedule, t: Tensor) -> Tensor:
+    r""":math:`\rho_t = \sigma_t / (\alpha_t + \sigma_t)`: the time of the rectified flow whose
+    noise-to-signal ratio is the schedule's at ``t`` (``t`` itself on rectified flow; 0-d). The
+    flow engines (FlowDPS, FLAIR) weigh by it, so that they run on every schedule."""
+    alpha, sigma = schedule(t)
+    return sigma / (alpha + sigma)
 
 
 def check_positive_integers(engine: str, **values: int) -> None:

@@ -43,13 +43,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from diffpost.models.denoisers import epsilon_from_x0
-from diffpost.models.schedules import Schedule
 from diffpost.posterior.engines.common import (
     check_positive,
     check_positive_integers,
+    flow_time,
     gaussian_data_gradient,
     operator_gain,
 )
@@ -64,13 +63,6 @@ from diffpost.posterior.guidance import residual_norm
 from diffpost.posterior.problem import Problem
 
 __all__ = ["FlowDPS"]
-
-
-def flow_time(schedule: Schedule, t: Tensor) -> Tensor:
-    r""":math:`\rho_t = \sigma_t / (\alpha_t + \sigma_t)`: the time of the rectified flow whose
-    noise-to-signal ratio is the schedule's at ``t`` (``t`` itself on rectified flow; 0-d)."""
-    alpha, sigma = schedule(t)
-    return sigma / (alpha + sigma)
 
 
 @dataclass(frozen=True)
