@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from diffpost.models.covariance import PosteriorVariance
 from diffpost.models.operators.base import LinearOperator
 from diffpost.models.samplers import initial_noise_scale
 from diffpost.models.schedules import EDM, DiscreteVP, Schedule, time_grid
@@ -20,6 +21,7 @@ __all__ = [
     "check_nonnegative",
     "check_positive",
     "check_positive_integers",
+    "check_posterior_variance",
     "check_unit_interval",
     "flow_time",
     "gaussian_data_gradient",
@@ -180,6 +182,16 @@ def check_nonnegative(engine: str, **values: float) -> None:
             isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
         ):
             raise ValueError(f"{engine}: {name} must be a finite number >= 0; got {value!r}")
+
+
+def check_posterior_variance(engine: str, value: object) -> None:
+    """Raise ``ValueError`` naming the engine unless ``value`` is ``None`` or a fitted
+    :class:`~diffpost.models.covariance.PosteriorVariance`."""
+    if value is not None and not isinstance(value, PosteriorVariance):
+        raise ValueError(
+            f"{engine}: posterior_variance must be a PosteriorVariance (PosteriorVariance.fit); "
+            f"got {type(value).__name__}"
+        )
 
 
 def check_unit_interval(engine: str, **values: float) -> None:

@@ -100,6 +100,7 @@ from diffpost.models.samplers import ddim_coefficients
 from diffpost.posterior.engines.common import (
     check_choice,
     check_nonnegative,
+    check_posterior_variance,
     check_unit_interval,
     sampling_grid,
 )
@@ -160,13 +161,7 @@ class PiGDM(ExplicitEngine, family="explicit"):
         if self.data_variance is not None and not self.data_variance > 0:
             raise ValueError(f"PiGDM: data_variance must be > 0; got {self.data_variance!r}")
         check_choice("PiGDM", "guidance", self.guidance, ("paper", "score"))
-        if self.posterior_variance is not None and not isinstance(
-            self.posterior_variance, PosteriorVariance
-        ):
-            raise ValueError(
-                "PiGDM: posterior_variance must be a PosteriorVariance (PosteriorVariance.fit); "
-                f"got {type(self.posterior_variance).__name__}"
-            )
+        check_posterior_variance("PiGDM", self.posterior_variance)
 
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator

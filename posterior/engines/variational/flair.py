@@ -68,6 +68,7 @@ from diffpost.posterior.engines.common import (
     check_nonnegative,
     check_positive,
     check_positive_integers,
+    check_posterior_variance,
     flow_time,
     gaussian_data_gradient,
     operator_gain,
@@ -134,13 +135,7 @@ class FLAIR(Engine, family="variational"):
         )
         check_nonnegative("FLAIR", regularizer_weight=self.regularizer_weight)
         check_positive("FLAIR", regularizer_step=self.regularizer_step, data_step=self.data_step)
-        if self.posterior_variance is not None and not isinstance(
-            self.posterior_variance, PosteriorVariance
-        ):
-            raise ValueError(
-                "FLAIR: posterior_variance must be a PosteriorVariance (PosteriorVariance.fit); "
-                f"got {type(self.posterior_variance).__name__}"
-            )
+        check_posterior_variance("FLAIR", self.posterior_variance)
 
     def init(
         self, problem: Problem, num_chains: int, num_particles: int, generator: torch.Generator
