@@ -362,31 +362,31 @@ def test_a_transformed_signal_is_refused_saying_what_to_change():
 # --------------------------------------------------------------------------------------------
 
 MASKS = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
-PER_PROBLEM = operators.PerProblem([operators.Mask(mask) for mask in MASKS])
+MASK_PER_PROBLEM = operators.PerProblem([operators.Mask(mask) for mask in MASKS])
 
 
 def per_problem_masks(y=None):
     with pyro.plate("images", 3):
         x = pyro.sample("x", PRIOR)
-        return pyro.sample("y", GaussianObservation(PER_PROBLEM, x, SIGMA), obs=y)
+        return pyro.sample("y", GaussianObservation(MASK_PER_PROBLEM, x, SIGMA), obs=y)
 
 
 def single_mask(y=None, b=0):
     x = pyro.sample("x", PRIOR)
-    return pyro.sample("y", GaussianObservation(PER_PROBLEM.operators[b], x, SIGMA), obs=y)
+    return pyro.sample("y", GaussianObservation(MASK_PER_PROBLEM.operators[b], x, SIGMA), obs=y)
 
 
 def test_per_problem_operator_applies_each_problems_operator():
     x = torch.randn(5, 3, 3, dtype=D, generator=torch.Generator().manual_seed(0))  # (K, B, d)
     expected = torch.stack([x[:, b][:, MASKS[b]] for b in range(3)], dim=1)
-    torch.testing.assert_close(PER_PROBLEM(x), expected)
-    operators.check_adjoint(PER_PROBLEM.operators[0])
+    torch.testing.assert_close(MASK_PER_PROBLEM(x), expected)
+    operators.check_adjoint(MASK_PER_PROBLEM.operators[0])
     y = torch.randn(5, 3, 2, dtype=D, generator=torch.Generator().manual_seed(1))
-    lhs = (PER_PROBLEM(x) * y).sum()
-    rhs = (x * PER_PROBLEM.adjoint(y)).sum()
+    lhs = (MASK_PER_PROBLEM(x) * y).sum()
+    rhs = (x * MASK_PER_PROBLEM.adjoint(y)).sum()
     torch.testing.assert_close(lhs, rhs)
     with pytest.raises(ValueError, match="last batch dim must be the plate's, of size 3"):
-        PER_PROBLEM(torch.zeros(4, 3, dtype=D))
+        MASK_PER_PROBLEM(torch.zeros(4, 3, dtype=D))
     with pytest.raises(ValueError, match="same shapes"):
         operators.PerProblem([operators.Mask(MASKS[0]), operators.Identity((3,))])
 
@@ -395,7 +395,7 @@ def test_exact_with_one_mask_per_problem_matches_each_closed_form():
     """Means within 4.5 standard errors (sd <= 1, 4000 draws: 0.071); evidence exactly."""
     result = _run(per_problem_masks, posterior.Exact(), Y, num_particles=2000)
     for b in range(3):
-        operator = PER_PROBLEM.operators[b]
+        operator = MASK_PER_PROBLEM.operators[b]
         exact = PRIOR.posterior(operator, Y[b], torch.tensor(SIGMA, dtype=D))
         torch.testing.assert_close(result.select_problem(b).mean(), exact.mean, atol=0.071, rtol=0)
         evidence = PRIOR.log_evidence(operator, Y[b], torch.tensor(SIGMA, dtype=D))
@@ -415,7 +415,7 @@ def test_zero_filled_masks_are_one_vectorised_product_with_masks_posteriors():
     x = torch.randn(5, 3, 3, dtype=D, generator=torch.Generator().manual_seed(0))  # (K, B, d)
     looped = torch.stack([op(x[:, b]) for b, op in enumerate(ZERO_FILLED.operators)], dim=1)
     assert ZERO_FILLED.gains.shape == (3, 3)  # the vectorised path is the one under test
-    assert PER_PROBLEM.gains is None
+    assert MASK_PER_PROBLEM.gains is None
     torch.testing.assert_close(ZERO_FILLED(x), looped)
     torch.testing.assert_close(ZERO_FILLED.adjoint(x), looped)
     # the same posterior as Mask: y on the observed entries; the others are pure noise, here 5.0
