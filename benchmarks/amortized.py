@@ -27,6 +27,7 @@ import time
 
 import pyro
 import torch
+from reporting import interval, write_report  # benchmarks/reporting.py (the script's own folder)
 
 from diffpost import posterior
 from diffpost.models import GaussianMixture, GaussianObservation, operators, zoo
@@ -109,9 +110,7 @@ def main() -> None:
     rows["FlowVI"] = flowvi_rows
 
     def cell(values, position):
-        column = [value[position] for value in values]
-        half = 1.96 * statistics.stdev(column) / len(column) ** 0.5 if len(column) > 1 else 0.0
-        return f"{statistics.mean(column):.3f} ± {half:.3f}"
+        return interval([value[position] for value in values], digits=3)
 
     lines = [
         "# Amortized posterior sampling (APS) on the digits mixture prior",
@@ -140,10 +139,7 @@ def main() -> None:
         f"APS has paid for itself after {train_seconds / statistics.mean(flowvi_seconds):.1f} "
         "measurements.",
     ]
-    print("\n".join(lines))
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,12 @@ import statistics
 import time
 
 import torch
+from reporting import interval, write_report  # benchmarks/reporting.py (the script's own folder)
 
 from diffpost import posterior
 from diffpost.diagnostics import sliced_wasserstein
 from diffpost.models.covariance import PosteriorVariance
 from diffpost.models.problems import gaussian_mixture_benchmark
-
-
-def interval(values: list[float]) -> str:
-    """``mean ± 1.96 sd / sqrt(n)``."""
-    half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {half:.2f}"
 
 
 def main() -> None:
@@ -61,7 +56,6 @@ def main() -> None:
         "| d | d_y | steps | PiGDM | PiGDM + fit | wins | floor | fit s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(lines), flush=True)
     for dim in map(int, args.dims.split(",")):
         for obs_dim in map(int, args.obs_dims.split(",")):
             for steps in map(int, args.steps.split(",")):
@@ -107,9 +101,7 @@ def main() -> None:
                 )
                 lines.append(line)
                 print(line, flush=True)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":

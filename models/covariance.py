@@ -119,8 +119,20 @@ class PosteriorVariance:
         return cls(schedule, times, torch.stack(variances))
 
     def __call__(self, t: float | Tensor) -> Tensor:
-        """The variance at time ``t`` (0-d), ``(*event)`` in the fit's dtype."""
-        ratio = self.schedule.noise_ratio(torch.as_tensor(t, dtype=torch.float64))
+        """The variance at time ``t`` (0-d) of the fit's schedule, ``(*event)`` in the fit's
+        dtype."""
+        return self.at_noise_ratio(
+            self.schedule.noise_ratio(torch.as_tensor(t, dtype=torch.float64))
+        )
+
+    def at_noise_ratio(self, ratio: float | Tensor) -> Tensor:
+        r"""The variance at the noise ratio :math:`\rho = \sigma_t / \alpha_t` (0-d), ``(*event)``.
+
+        :math:`\operatorname{Var}[x_0 \mid x_t]` depends on the time only through
+        :math:`\rho` (:math:`x_t / \alpha_t = x_0 + \rho\, \epsilon`), so a fit made on one
+        schedule serves a prior of the same data on any other: engines ask by their own
+        schedule's ratio."""
+        ratio = torch.as_tensor(ratio, dtype=torch.float64)
         if bool(torch.isinf(ratio)) or float(ratio.log()) >= float(self.log_ratios[-1]):
             return self.variances[-1]
         if float(ratio) <= 0:

@@ -39,6 +39,18 @@ def _initialise(network: nn.Module, generator: torch.Generator) -> None:
         output.bias.zero_()
 
 
+def _push(parts: list[T.Transform], z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, log q(x))``: standard normal base draws ``z`` ``(B, dim)`` pushed through ``parts``,
+    the log-density corrected by each part's log-Jacobian."""
+    log_q = dist.Normal(torch.zeros_like(z), torch.ones_like(z)).to_event(1).log_prob(z)
+    x = z
+    for part in parts:
+        y = part(x)
+        log_q = log_q - part.log_abs_det_jacobian(x, y)
+        x = y
+    return x, log_q
+
+
 class RealNVP(nn.Module):
     """A RealNVP flow on flat vectors of size ``dim`` built from Pyro's transforms.
 
@@ -96,13 +108,7 @@ class RealNVP(nn.Module):
     def push_forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, log q(x))`` for base draws ``z`` of shape ``(B, dim)``, differentiable in the
         parameters."""
-        log_q = self.base().log_prob(z)
-        x = z
-        for part in self.transforms():
-            y = part(x)
-            log_q = log_q - part.log_abs_det_jacobian(x, y)
-            x = y
-        return x, log_q
+        return _push(self.transforms(), z)
 
     def distribution(self, event_shape: tuple[int, ...]) -> dist.TransformedDistribution:
         """The fitted :math:`q` as a Pyro distribution over signals of shape ``event_shape``."""
@@ -181,10 +187,4 @@ class ConditionalRealNVP(nn.Module):
     def push_forward(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, log q(x | context))`` for base draws ``z`` ``(B, dim)`` and contexts ``(B,
         context_dim)``, differentiable in the parameters."""
-        log_q = dist.Normal(torch.zeros_like(z), torch.ones_like(z)).to_event(1).log_prob(z)
-        x = z
-        for part in self.transforms(context):
-            y = part(x)
-            log_q = log_q - part.log_abs_det_jacobian(x, y)
-            x = y
-        return x, log_q
+        return _push(self.transforms(context), z)

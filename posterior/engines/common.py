@@ -29,6 +29,7 @@ __all__ = [
     "operator_gain",
     "rotated_observation",
     "sampling_grid",
+    "squared_noise_level",
     "uniform_log_weights",
 ]
 
@@ -149,6 +150,17 @@ def gaussian_data_gradient(gaussian: GaussianStructure, x: Tensor, variance: Ten
         objective = -0.5 * (residual**2 / variance).sum()
         (gradient,) = torch.autograd.grad(objective, x)
     return gradient
+
+
+def squared_noise_level(gaussian: GaussianStructure, offset: float = 0.0) -> Tensor:
+    r""":math:`\sum_j (\sigma_{y,j} + \text{offset})^2` over one measurement's entries: the
+    squared residual norm a fit reaches at the noise level, where SITCOM and FLAIR stop fitting
+    (0-d; the largest over a plate's problems)."""
+    size = int(math.prod(gaussian.operator.out_shape))
+    sigma = gaussian.sigma
+    if sigma.numel() == 1:
+        return size * (sigma.reshape(()) + offset) ** 2
+    return ((sigma + offset) ** 2).expand(gaussian.y.shape).reshape(-1, size).sum(-1).max()
 
 
 def flow_time(schedule: Schedule, t: Tensor) -> Tensor:

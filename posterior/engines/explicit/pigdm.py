@@ -32,7 +32,8 @@ the fit is isotropic), and the paper's update scales it by :math:`\alpha_t \Sigm
 code uses the fit only below the noise ratio 0.2 and ΠGDM's :math:`r_t^2` above; the fit here
 covers every time and is used at every time. For a Gaussian prior with a diagonal covariance the
 fit converges to the exact :math:`\operatorname{Cov}[x_0 \mid x_t]` and the guidance to the exact
-score of :math:`p(y \mid x_t)` (``tests/test_explicit_engines.py``).
+score of :math:`p(y \mid x_t)` (``tests/test_covariance.py``). The fit is read by noise ratio,
+so one made on another schedule of the same data serves.
 
 **Update** (the official implementation, ``algos/pgdm.py`` of NVlabs/RED-diff with its default
 ``awd = True``): one DDIM step with the *unguided* :math:`\hat x_0` and
@@ -223,7 +224,7 @@ class PiGDM(ExplicitEngine, family="explicit"):
         if self.posterior_variance is None:
             variance = tweedie_variance(schedule, t, state.constants["data_variance"]).to(x_t)
         else:
-            variance = self.posterior_variance(t).to(x_t)
+            variance = self.posterior_variance.at_noise_ratio(schedule.noise_ratio(t)).to(x_t)
 
         x0, gradient = denoise_with_cotangent(
             problem, x_t, t, lambda x0: self._cotangent(problem, variance, x0)

@@ -39,7 +39,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,6 +49,7 @@ from diffpost.posterior.engines.common import (
     check_nonnegative,
     check_positive,
     check_positive_integers,
+    squared_noise_level,
 )
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
@@ -119,7 +119,7 @@ class SITCOM(ExplicitEngine, family="explicit"):
         :math:`v = x_t`, each particle stopping once its misfit is below the noise level;
         ``(n, *event)``, ``(n,)`` squared misfits, ``(n,)`` steps taken."""
         gaussian = problem.gaussian
-        floor = noise_floor(gaussian.sigma.to(x_t), int(math.prod(gaussian.operator.out_shape)))
+        floor = squared_noise_level(gaussian, offset=1e-3).to(x_t)
         misfits: list[Tensor] = []
 
         def squared_misfit(x0: Tensor) -> Tensor:
@@ -146,14 +146,6 @@ class SITCOM(ExplicitEngine, family="explicit"):
             v = v + torch.where(_rows(active, v), step, torch.zeros_like(step))
             iterations = iterations + active.to(x_t.dtype)
         return x0, misfit, iterations
-
-
-def noise_floor(sigma: Tensor, size: int) -> Tensor:
-    r""":math:`\sum_j (\sigma_{y,j} + 10^{-3})^2` over one measurement's ``size`` entries (0-d;
-    the largest over a plate's problems when ``sigma`` has one per entry of each)."""
-    if sigma.numel() == 1:
-        return size * (sigma.reshape(()) + 1e-3) ** 2
-    return ((sigma + 1e-3) ** 2).reshape(-1, size).sum(-1).max()
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

@@ -52,7 +52,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -72,6 +71,7 @@ from diffpost.posterior.engines.common import (
     flow_time,
     gaussian_data_gradient,
     operator_gain,
+    squared_noise_level,
     uniform_log_weights,
 )
 from diffpost.posterior.guidance import measurement_inverse, prior_variance, tweedie_variance
@@ -168,7 +168,10 @@ class FLAIR(Engine, family="variational"):
         schedule = problem.prior.schedule
         if self.posterior_variance is not None:
             variances = torch.stack(
-                [self.posterior_variance(t).to(torch.float64).mean() for t in times]
+                [
+                    self.posterior_variance.at_noise_ratio(schedule.noise_ratio(t)).mean()
+                    for t in times
+                ]
             )
         else:
             variance = prior_variance(problem)
@@ -202,17 +205,15 @@ class FLAIR(Engine, family="variational"):
         :math:`\lambda w_t \lVert y - A(\mu) \rVert^2`, each particle stopping once its squared
         residual is below :math:`\sum_j \sigma_{y,j}^2`."""
         gaussian = problem.gaussian
-        size = int(math.prod(gaussian.operator.out_shape))
-        sigma = gaussian.sigma.to(mu)
-        floor = (sigma**2).expand(gaussian.y.shape).reshape(-1, size).sum(-1).max()
+        floor = squared_noise_level(gaussian).to(mu)
         step = 2 * self.data_step * weight / operator_gain(problem)
         unit = torch.ones((), dtype=mu.dtype, device=mu.device)
         taken = torch.zeros(mu.shape[0], dtype=mu.dtype, device=mu.device)
-        for _ in range(self.data_iterations + 1):
+        for iteration in range(self.data_iterations + 1):
             residual = gaussian.y_for(mu.shape[0]).to(mu) - gaussian.operator(mu)
             squared = residual.flatten(1).pow(2).sum(-1)
-            active = squared >= floor
-            if int(taken.max()) >= self.data_iterations or not bool(active.any()):
+            active = squared >= floor  # a particle below the floor stays there: it no longer moves
+            if iteration == self.data_iterations or not bool(active.any()):
                 break
             move = step * gaussian_data_gradient(gaussian, mu, unit)
             mu = mu + move * active.reshape((-1,) + (1,) * (mu.dim() - 1))
