@@ -352,7 +352,8 @@ def test_flowdps_on_an_exact_flow_mixture():
     x = _run(model, FlowDPS(), {"y": y}, 1000).values["x"][0]
     # measured SW over seeds 0, 1, 2: 0.263, 0.259, 0.262 (DPS at 100 steps on this flow:
     # 0.40; DSG: 0.23-0.25; the prior: 1.08)
-    assert float(sliced_wasserstein(x, reference)) < 0.35
+    # two-sided: the spread over seeds is 0.004; 1000 against 1000 exact draws alone give 0.04-0.07
+    assert 0.15 < float(sliced_wasserstein(x, reference)) < 0.35
 
 
 def test_flowchef_steers_every_draw_onto_the_data():

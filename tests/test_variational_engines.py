@@ -441,7 +441,8 @@ def test_flair_on_an_exact_mixture_is_the_same_on_every_schedule(schedule):
     model, exact, y = _tds_mixture(schedule)
     reference = exact.sample((1000,), generator=torch.Generator().manual_seed(1))
     x = _run(model, posterior.FLAIR(), y, 1000).values["x"][0]
-    assert float(sliced_wasserstein(x, reference)) < 0.3
+    # two-sided: the spread over seeds is 0.014; the noise floor alone is 0.04-0.07
+    assert 0.12 < float(sliced_wasserstein(x, reference)) < 0.3
 
 
 def test_flair_mean_and_data_consistency_on_a_gaussian_posterior():
