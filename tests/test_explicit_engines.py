@@ -658,3 +658,27 @@ def test_defaults_are_the_papers():
         0.02,
         0.5,
     )
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.0])
+def test_the_closed_form_proximal_step_is_the_converged_conjugate_gradient_point(sigma):
+    # DiffPIR's proximal step through the SVD (one noise level) against CG run to convergence
+    # (relative tolerance 1e-6): the same point, noisy (weight 2.7) and noiseless (projection)
+    from diffpost.posterior.engines.explicit.common import proximal_data_step
+
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    prior = Gaussian(torch.zeros(6, dtype=torch.float64), torch.eye(6, dtype=torch.float64))
+
+    def model(y=None):
+        x = pyro.sample("x", prior)
+        return pyro.sample("y", GaussianObservation(operators.Matrix(matrix), x, sigma), obs=y)
+
+    y = torch.randn(3, generator=generator, dtype=torch.float64)
+    problem = posterior.Problem.from_model(model, y=y)
+    x0 = torch.randn(7, 6, generator=generator, dtype=torch.float64)
+    weight = None if sigma == 0 else torch.tensor(2.7, dtype=torch.float64)
+    closed = proximal_data_step(problem, x0, weight, 500, closed_form=True)
+    iterative = proximal_data_step(problem, x0, weight, 500)
+    assert torch.allclose(closed, iterative, atol=1e-6, rtol=0)
+    assert not torch.allclose(closed, x0, atol=1e-2)

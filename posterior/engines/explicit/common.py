@@ -167,7 +167,12 @@ def gaussian_noise(like: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def proximal_data_step(
-    problem: Problem, x0: Tensor, weight: Tensor | float, max_iterations: int
+    problem: Problem,
+    x0: Tensor,
+    weight: Tensor | float | None,
+    max_iterations: int,
+    *,
+    closed_form: bool = False,
 ) -> Tensor:
     r"""The estimate :math:`\hat x_0` pulled to the data: conjugate gradients from :math:`\hat x_0`
     on :math:`\min_x \tfrac12 \lVert x - \hat x_0\rVert^2 + \tfrac12 \sum_i w_i (y - A x)_i^2`,
@@ -176,11 +181,19 @@ def proximal_data_step(
     correction, the projection onto :math:`\{A x = y\}` when converged). DDS stops after a few
     iterations; DiffPIR runs to convergence (relative tolerance 1e-6).
 
+    With ``closed_form`` the converged point is computed directly where the operator has an SVD
+    :math:`A = U \operatorname{diag}(s) V^\top` and the weight is one number:
+    :math:`x - \hat x_0 = V \operatorname{diag}\big(w s / (1 + w s^2)\big) U^\top r` on the
+    :math:`r = \min(m, d)` leading coordinates (:meth:`~diffpost.models.operators.SVD.v_head`, thin
+    where the operator offers it), and :math:`A^+ r` for noiseless data; otherwise by CG as above.
+
     Args:
         problem: a linear Gaussian problem.
         x0: ``(n, *event)``.
-        weight: :math:`w`, a number or a tensor broadcastable to the measurements ``(n, m)``.
+        weight: :math:`w`, a number or a tensor broadcastable to the measurements ``(n, m)``
+            (``None`` for noiseless data).
         max_iterations: the CG iteration cap.
+        closed_form: solve to the exact point through the SVD where there is one.
 
     Returns:
         The refined estimate, ``(n, *event)``.
@@ -188,6 +201,14 @@ def proximal_data_step(
     gaussian = problem.gaussian
     operator = gaussian.operator
     residual = gaussian.y_for(x0.shape[0]).to(x0) - operator(x0)
+    decomposition = operator.svd() if closed_form else None
+    if decomposition is not None and gaussian.noiseless:
+        return x0 + operator.pinv(residual)
+    if decomposition is not None and torch.as_tensor(weight).numel() == 1:
+        s = decomposition.singular_values.to(x0)
+        w = torch.as_tensor(weight).to(x0).reshape(())
+        coordinates = decomposition.ut(residual)[:, : s.shape[0]] * (w * s / (1 + w * s**2))
+        return x0 + decomposition.v_head(coordinates, tuple(x0.shape[1:]))
     if gaussian.noiseless:
         normal = lambda v: operator.adjoint(operator(v))  # noqa: E731
         rhs = operator.adjoint(residual)

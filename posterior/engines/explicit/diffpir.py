@@ -17,18 +17,19 @@ minimiser); for noiseless data the projection of :math:`\hat x_0` onto :math:`\{
 last step returns :math:`\hat x_0'`. One NFE per step, no VJP.
 
 Defaults (official deblurring and super-resolution scripts): 100 steps, :math:`\lambda = 1`,
-:math:`\zeta = 0.1` (its inpainting scripts use 20 steps and :math:`\zeta = 1`). Departures: the
-official code solves the proximal step in closed form per operator (FFT for blur and
-super-resolution, entry-wise for inpainting) and this by conjugate gradients to a relative
+:math:`\zeta = 0.1` (its inpainting scripts use 20 steps and :math:`\zeta = 1`). The proximal
+step is solved in closed form through the operator's SVD where it has one and the noise level is
+one number (the official code has one closed form per operator: FFT for blur and
+super-resolution, entry-wise for inpainting), and otherwise by conjugate gradients to a relative
 tolerance of 1e-6 (at most ``cg_iterations``), which reaches the same point for any linear
-operator; the time grid is the engines' shared one
+operator. Departures: the time grid is the engines' shared one
 (:func:`~diffpost.posterior.engines.common.sampling_grid`: the DDIM sub-sequence, Karras
 spacing on EDM) rather than the official quadratic skip, so that the engine is right on every
 schedule; and it starts from the reference noise, not from :math:`y` noised to
 :math:`t_{T-1}` (where :math:`y` carries a weight of 0.006).
 
 Requires a :class:`~diffpost.models.observations.GaussianObservation` with a linear operator
-(:math:`A` and :math:`A^\top`; no SVD, no VJP).
+(:math:`A` and :math:`A^\top`; an SVD is used where there is one; no VJP).
 
 References:
     Zhu, Zhang, Liang, Cao, Wen, Timofte, Van Gool. Denoising Diffusion Models for Plug-and-Play
@@ -73,7 +74,8 @@ class DiffPIR(ExplicitEngine, family="explicit"):
         num_steps: steps of the grid (official: 100).
         lambda_: :math:`\\lambda > 0`, the prior's weight in the proximal step (official: 1).
         zeta: :math:`\\zeta \\in [0, 1]`, the fraction of fresh noise (official: 0.1).
-        cg_iterations: cap on the conjugate-gradient iterations of the proximal step.
+        cg_iterations: cap on the conjugate-gradient iterations of the proximal step (used
+            without an SVD or with one noise level per measurement).
 
     Per-step statistics: ``t`` and ``residual_norm`` (chain mean of :math:`\\lVert y - A \\hat
     x_0'\\rVert`).
@@ -107,7 +109,9 @@ class DiffPIR(ExplicitEngine, family="explicit"):
         x_t = state.particles
 
         x0 = problem.denoise(x_t, t)
-        refined = proximal_data_step(problem, x0, self._data_weight(problem, t), self.cg_iterations)
+        refined = proximal_data_step(
+            problem, x0, self._data_weight(problem, t), self.cg_iterations, closed_form=True
+        )
         if last:
             x_s = refined
         else:
