@@ -64,7 +64,14 @@ from diffpost.models.denoisers import Denoiser
 from diffpost.models.priors import GaussianMixture
 from diffpost.models.schedules import DiscreteVP, Schedule
 
-__all__ = ["TrainingResult", "train", "denoising_loss", "diffused", "fit_gaussian_mixture"]
+__all__ = [
+    "TrainingResult",
+    "train",
+    "denoising_loss",
+    "diffused",
+    "fit_gaussian_mixture",
+    "training_times",
+]
 
 
 class TrainingResult(NamedTuple):
@@ -107,7 +114,7 @@ def _validate(denoiser, data, num_steps, batch_size, learning_rate, warmup_steps
         raise ValueError(f"t_min must lie in (0, 1); got {t_min}")
 
 
-def _sample_times(schedule: Schedule, n: int, t_min: float, generator, like: Tensor) -> Tensor:
+def training_times(schedule: Schedule, n: int, t_min: float, generator, like: Tensor) -> Tensor:
     """Training times, shape ``(n,)``: the grid of a discrete schedule, else uniform on [t_min,
     1]."""
     if isinstance(schedule, DiscreteVP):
@@ -308,7 +315,7 @@ def train(
                 0, data.shape[0], (batch_size,), generator=generator, device=data.device
             )
             x0 = data[index]
-            t = _sample_times(denoiser.schedule, batch_size, t_min, generator, x0)
+            t = training_times(denoiser.schedule, batch_size, t_min, generator, x0)
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
             condition = None if conditions is None else conditions[index]
             objective = (loss or denoising_loss)(denoiser, x0, t, noise, condition, generator)

@@ -9,6 +9,7 @@ Example::
 """
 
 from diffpost.posterior.amortized import APS, AmortizedPosterior
+from diffpost.posterior.davi import DAVI
 from diffpost.posterior.driver import draw_layout, sample
 from diffpost.posterior.engines import ENGINES, Engine, EngineFailed, EngineState, registry
 from diffpost.posterior.learning import EMResult, learn_prior
@@ -36,5 +37,6 @@ __all__ = [
     "EngineState",
     "APS",
     "AmortizedPosterior",
+    "DAVI",
     *ENGINES,
 ]

@@ -53,7 +53,47 @@ from diffpost.posterior.engines.common import (
 from diffpost.posterior.particles import ParticleSet
 from diffpost.posterior.problem import Problem
 
-__all__ = ["APS", "AmortizedPosterior"]
+__all__ = ["APS", "AmortizedPosterior", "StandardisedMeasurement", "amortized_problem"]
+
+
+def amortized_problem(name: str, model: Callable, measurements: Tensor, observed: str) -> Problem:
+    """The :class:`~diffpost.posterior.Problem` of ``model`` at the first of ``measurements``,
+    checked for what an amortized method trains on: at least two measurements ``(M,
+    *out_shape)``, the signal as the only latent, one Gaussian observation, no plate.
+
+    Raises:
+        ValueError: naming ``name`` and what is wrong.
+    """
+    if not isinstance(measurements, Tensor) or measurements.dim() < 2:
+        raise ValueError(
+            f"{name}: measurements must be a tensor (M, *out_shape) holding M measurements; got "
+            f"{tuple(getattr(measurements, 'shape', ()))}"
+        )
+    problem = Problem.from_model(model, **{observed: measurements[0]})
+    if problem.gaussian is None or problem.global_latents or problem.plate is not None:
+        raise ValueError(
+            f"{name} needs a model whose only latent is the signal, observed through one "
+            "GaussianObservation, without a plate"
+        )
+    if measurements.shape[0] < 2:
+        raise ValueError(f"{name}: give at least 2 measurements to train on")
+    return problem
+
+
+@dataclass(frozen=True)
+class StandardisedMeasurement:
+    """APS's context: a measurement flattened and standardised by the training measurements'
+    ``centre`` and ``scale`` (each ``(m,)``); ``(n, *out_shape) -> (n, m)``."""
+
+    centre: Tensor
+    scale: Tensor
+
+    @property
+    def measurement_numel(self) -> int:
+        return self.centre.numel()
+
+    def __call__(self, y: Tensor) -> Tensor:
+        return (y.reshape(y.shape[0], -1).to(self.centre) - self.centre) / self.scale
 
 
 @dataclass(frozen=True)
@@ -115,20 +155,8 @@ class APS:
                 measurements that are not ``(M, *out_shape)`` (the model names the site and the
                 shape it expects); ``"exact"`` without a Gaussian-mixture prior.
         """
-        if not isinstance(measurements, Tensor) or measurements.dim() < 2:
-            raise ValueError(
-                "APS: measurements must be a tensor (M, *out_shape) holding M measurements; got "
-                f"{tuple(getattr(measurements, 'shape', ()))}"
-            )
-        problem = Problem.from_model(model, **{observed: measurements[0]})
+        problem = amortized_problem("APS", model, measurements, observed)
         gaussian = problem.gaussian
-        if gaussian is None or problem.global_latents or problem.plate is not None:
-            raise ValueError(
-                "APS needs a model whose only latent is the signal, observed through one "
-                "GaussianObservation, without a plate"
-            )
-        if measurements.shape[0] < 2:
-            raise ValueError("APS: give at least 2 measurements to train on")
         density = self._density(problem)
         generator = torch.Generator(device=problem.device).manual_seed(seed)
         dim = int(math.prod(problem.event_shape))
@@ -167,14 +195,14 @@ class APS:
                 callback(step, losses[-1])
         flow.requires_grad_(False)
         return AmortizedPosterior(
-            flow=flow,
+            network=flow,
+            context=StandardisedMeasurement(centre, scale),
             model=model,
             observed=observed,
-            centre=centre,
-            scale=scale,
             event_shape=tuple(problem.event_shape),
             latent_name=problem.latent_name,
             info={
+                "method": "APS",
                 "engine": repr(self),
                 "losses": losses,
                 "train_time": time.perf_counter() - start,
@@ -212,21 +240,25 @@ class AmortizedPosterior:
     """A trained :math:`q_\\phi(x \\mid y)`: :meth:`sample` draws for any measurement.
 
     Attributes:
-        flow: the trained :class:`~diffpost.models.flows.ConditionalRealNVP` (frozen).
+        network: the trained sampler (frozen): ``network.push_forward(z, context)`` maps standard
+            normal draws ``z`` ``(B, network.dim)`` and contexts ``(B, c)`` to ``(x, log q)``
+            (``log q`` is ``None`` for an implicit sampler). APS: a
+            :class:`~diffpost.models.flows.ConditionalRealNVP`; DAVI: an
+            :class:`~diffpost.models.implicit.ImplicitGenerator`.
+        context: maps measurements ``(n, *out_shape)`` to the network's contexts ``(n, c)``, and
+            gives ``measurement_numel``.
         model: the model it was trained for.
         observed: the model's keyword for the measurement.
-        centre, scale: the training measurements' mean and standard deviation, flat ``(m,)``.
         event_shape: the signal's shape.
         latent_name: the signal's site name.
-        info: ``losses`` per step, ``train_time`` in seconds, ``nfe`` (denoiser calls in
-            training), ``prior_density``, ``num_measurements``, and the settings.
+        info: ``method``, ``losses`` per step, ``train_time`` in seconds, ``nfe`` (denoiser calls
+            in training), ``num_measurements``, and the method's settings.
     """
 
-    flow: ConditionalRealNVP
+    network: Any
+    context: Callable[[Tensor], Tensor]
     model: Callable
     observed: str
-    centre: Tensor
-    scale: Tensor
     event_shape: tuple[int, ...]
     latent_name: str
     info: dict[str, Any] = field(default_factory=dict)
@@ -238,33 +270,34 @@ class AmortizedPosterior:
         Args:
             y: one measurement, the shape of the training ones.
             num_draws: draws.
-            seed: seeds the flow's base draws.
+            seed: seeds the base draws.
         """
         check_positive_integers("AmortizedPosterior.sample", num_draws=num_draws)
-        if y.numel() != self.centre.numel():
+        expected = self.context.measurement_numel
+        if y.numel() != expected:
             raise ValueError(
-                f"AmortizedPosterior.sample: y has {y.numel()} entries; the flow was trained on "
-                f"measurements of {self.centre.numel()}"
+                f"AmortizedPosterior.sample: y has {y.numel()} entries; the sampler was trained "
+                f"on measurements of {expected}"
             )
         start = time.perf_counter()
-        dim = self.flow.dim
-        generator = torch.Generator(device=self.centre.device).manual_seed(seed)
+        parameter = next(self.network.parameters())
+        generator = torch.Generator(device=parameter.device).manual_seed(seed)
         z = torch.randn(
-            (num_draws, dim),
+            (num_draws, self.network.dim),
             generator=generator,
-            dtype=self.centre.dtype,
-            device=self.centre.device,
+            dtype=parameter.dtype,
+            device=parameter.device,
         )
-        context = ((y.reshape(-1).to(self.centre) - self.centre) / self.scale).expand(num_draws, -1)
         with torch.no_grad():
-            x, _ = self.flow.push_forward(z, context)
+            context = self.context(y.to(parameter).unsqueeze(0)).expand(num_draws, -1)
+            x, _ = self.network.push_forward(z, context)
         values = {self.latent_name: x.reshape((1, num_draws) + tuple(self.event_shape))}
         return ParticleSet(
             values=values,
             log_weights=x.new_zeros(1, num_draws),
             observed={self.observed: y},
             info={
-                "engine": "APS",
+                "engine": self.info.get("method", "amortized"),
                 "num_particles": num_draws,
                 "num_chains": 1,
                 "nfe": 0,

@@ -74,7 +74,7 @@ def test_aps_sampling_repeats_with_a_seed_and_checks_its_input():
     assert not torch.equal(first.values["x"], fitted.sample(test[0], 10, seed=2).values["x"])
     assert torch.equal(first.observed["y"], test[0])
     with pytest.raises(
-        ValueError, match="y has 3 entries; the flow was trained on measurements of 2"
+        ValueError, match="y has 3 entries; the sampler was trained on measurements of 2"
     ):
         fitted.sample(torch.zeros(3, dtype=D), 10)
     with pytest.raises(ValueError, match="num_draws must be a positive integer"):
