@@ -143,11 +143,13 @@ class DAVI:
             measurements: ``(M, *out_shape)`` measurements (at least 2).
             observed: the model's keyword for the measurement.
             seed: seeds both networks' initialisation and every draw.
-            callback: ``callback(step, loss)`` after every step (``loss``: the generator's).
+            callback: ``callback(step, loss)`` after every step (``loss``: the mean data term).
 
         Returns:
-            The trained :class:`~diffpost.posterior.AmortizedPosterior`; its ``info`` also holds
-            ``auxiliary_losses``.
+            The trained :class:`~diffpost.posterior.AmortizedPosterior`; its ``info["losses"]``
+            are the steps' mean data terms :math:`\\tfrac12 \\lVert (y - A\\hat x)/\\sigma_y
+            \\rVert^2` (the prior term's surrogate has no meaningful value) and
+            ``info["auxiliary_losses"]`` the auxiliary network's denoising losses.
 
         Raises:
             ValueError: as :class:`~diffpost.posterior.APS`, and for a non-linear operator.
