@@ -49,7 +49,9 @@ returns 0.082 and is within 0.03 (``tests/test_smc_mcgdiff.py`` keeps this compa
 
 Other choices: the DDIM kernel to ``t = 0`` is deterministic (``c = 0``); in the noiseless case the
 last step uses DDPM's "fixed large" variance :math:`\sigma_t^2 - (\alpha_t/\alpha_0)^2\sigma_0^2`
-so that the pinned proposal exists. Defaults: ``eta = 1`` (paper, images and GMM script),
+so that the pinned proposal exists. Defaults: ``eta = 1`` (paper, images and the plotting
+script ``viz_gaussian.py``; the script behind the paper's GMM table uses 0.6 at 20 steps and 0.85
+at 100),
 ``kappa = 1e-4`` (paper's GMM :math:`\kappa^2 = 10^{-4}` read as a variance, and the code's
 ``gaussian_var``), 100 steps (the official scripts; the paper's GMM tables use 20). Resampling:
 systematic when the ESS drops below N/2, not the paper's multinomial resampling at every step. At
@@ -107,7 +109,9 @@ class MCGDiff(SMCEngine, family="smc"):
     """MCGDiff (see the module docstring for the algorithm and the choices made).
 
     Attributes:
-        num_steps: DDIM steps (before inserting the observed coordinates' times).
+        num_steps: steps of the engines' shared DDIM grid (the official code spaces its grid
+            evenly in :math:`\\sqrt{\\bar\\alpha}` instead; nothing is inserted at the observed
+            coordinates' times).
         eta: DDIM stochasticity of the backward kernel.
         kappa: variance inflation of the paper's potentials at their time (noisy, ``"paper"``).
         potential: ``"smooth"`` or ``"paper"`` for noisy observations (see the module docstring).
