@@ -32,6 +32,7 @@ Run (the recorded results in ``benchmarks/results/`` give their exact commands):
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib
 import os
@@ -114,16 +115,33 @@ def engines(num_steps: int, names: list[str], first: bool) -> dict[str, posterio
     """The engines among ``names`` that exist, at ``num_steps`` (the :data:`FIXED` ones only
     with ``first``, at their own settings)."""
     found = {}
-    for name in names:
+    for label in names:
+        name, options = engine_options(label)
         cls = engine_class(name)
         if cls is None:
             continue
         if name in FIXED:
             if first:
-                found[name] = cls(**FIXED[name])
+                found[label] = cls(**FIXED[name], **options)
         else:
-            found[name] = cls(num_steps=num_steps)
+            found[label] = cls(num_steps=num_steps, **options)
     return found
+
+
+def engine_options(label: str) -> tuple[str, dict[str, object]]:
+    """``"MCGDiff(grid=log_ratio;eta=0.6)" -> ("MCGDiff", {"grid": "log_ratio", "eta": 0.6})``:
+    an engine name with settings (numbers read as numbers, the rest as strings)."""
+    if "(" not in label:
+        return label, {}
+    name, inside = label.split("(", 1)
+    options: dict[str, object] = {}
+    for item in inside.rstrip(")").split(";"):
+        key, value = item.split("=", 1)
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return name, options
 
 
 #: name -> (description, sliced_wasserstein keyword arguments)
@@ -145,7 +163,11 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=1000, help="particles per filter")
     parser.add_argument("--layout", choices=("pooled", "filters"), default="pooled")
     parser.add_argument("--metric", choices=tuple(METRICS), default="paper")
-    parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="comma-separated")
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINE_NAMES),
+        help="comma-separated; settings in brackets, e.g. MCGDiff(grid=log_ratio;eta=0.6)",
+    )
     parser.add_argument("--output", default=None, help="markdown file to write the table to")
     parser.add_argument(
         "--schedule",
