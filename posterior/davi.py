@@ -27,7 +27,8 @@ training, a draw is one pass of the generator, with no denoiser call.
 **Auxiliary score** (``auxiliary``): ``"unconditional"`` (default, official) learns the score of
 *all* outputs pooled over measurements, so the KL it measures is between that pool and the prior,
 not between :math:`q_\phi(\cdot \mid y)` and the prior for each :math:`y`; ``"conditional"`` also
-reads :math:`c`, the per-measurement form. Both are measured in ``benchmarks/results/amortized.md``.
+reads :math:`c`, the per-measurement form. Both are measured in ``benchmarks/results/amortized.md``
+(digits mixture) and ``davi_training.md`` (4-D Gaussian, by training length).
 
 **Departures.** The official training (``mlvlab/DAVI``) also uses clean images: the generator's
 training input is a bridge between the clean image and the measurement, an MSE to the clean image
@@ -85,7 +86,8 @@ class PseudoInverseMeasurement:
         return self.problem.gaussian.y.numel()
 
     def __call__(self, y: Tensor) -> Tensor:
-        y = y.to(dtype=self.problem.dtype, device=self.problem.device)
+        shape = (y.shape[0],) + tuple(self.problem.gaussian.y.shape)  # a flat y is accepted too
+        y = y.to(dtype=self.problem.dtype, device=self.problem.device).reshape(shape)
         return measurement_inverse(self.problem, y).reshape(y.shape[0], -1)
 
 
