@@ -170,12 +170,20 @@ def main() -> None:
     )
     parser.add_argument("--output", default=None, help="markdown file to write the table to")
     parser.add_argument(
+        "--compare-to",
+        default=None,
+        help="an engine label of --engines: adds a column counting the problems on which each "
+        "engine is closer than it",
+    )
+    parser.add_argument(
         "--schedule",
         choices=("mcgdiff", "rectified_flow"),
         default="mcgdiff",
         help="the prior's diffusion: the paper's discrete VP, or rectified flow (flow engines)",
     )
     args = parser.parse_args()
+    if args.compare_to is not None and args.compare_to not in args.engines.split(","):
+        parser.error(f"--compare-to {args.compare_to!r} is not one of --engines")
     if args.layout == "pooled" and args.draws % args.particles:
         parser.error("--layout pooled needs --draws to be a multiple of --particles")
     description, metric = METRICS[args.metric]
@@ -192,7 +200,9 @@ def main() -> None:
         f"torch {torch.__version__}; command: `.venv/bin/python benchmarks/gmm.py --dims "
         f"{args.dims} --obs-dims {args.obs_dims} --steps {args.steps} --seeds {args.seeds} --draws "
         f"{args.draws} --particles {args.particles} --layout {args.layout} --metric {args.metric} "
-        f"--engines {args.engines} --schedule {args.schedule}`.",
+        f"--engines {args.engines} --schedule {args.schedule}"
+        + (f" --compare-to {args.compare_to}" if args.compare_to else "")
+        + "`.",
         "",
         f"Metric: {description}, between {args.draws} engine draws and {args.draws} exact "
         f"posterior draws; mean ± 1.96 sd/sqrt(seeds) over {args.seeds} seeds. Particle filters: "
@@ -201,8 +211,9 @@ def main() -> None:
         "directions).",
         "",
         "| d | d_y | steps | engine | SW | floor | NFE | wall s | paper MCGDiff | paper DDRM | "
-        "paper DPS | paper RNVP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "paper DPS | paper RNVP |"
+        + (f" closer than {args.compare_to} |" if args.compare_to else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compare_to else ""),
     ]
     print("\n".join(lines), flush=True)
     for dim in map(int, args.dims.split(",")):
@@ -261,6 +272,10 @@ def main() -> None:
                         f"{statistics.mean(row['nfe']):.0f} | {statistics.mean(row['wall']):.1f} | "
                         f"{paper[0]} | {paper[1]} | {paper[2]} | {paper[3]} |"
                     )
+                    if args.compare_to:
+                        baseline = rows[args.compare_to]["sw"]
+                        closer = sum(a < b for a, b in zip(row["sw"], baseline, strict=True))
+                        line += f" {closer}/{len(baseline)} |"
                     lines.append(line)
                     print(line, flush=True)
     if args.output:

@@ -111,7 +111,7 @@ def _coefficients(schedule: Schedule, t: float | Tensor, x: Tensor) -> tuple[Ten
 def epsilon_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Tensor) -> Tensor:
     r""":math:`\hat\epsilon = (x_t - \alpha(t)\, \hat x_0) / \sigma(t)`, shape ``(N, *event)``."""
     alpha, sigma = _coefficients(schedule, t, x_t)
-    return (x_t - alpha * x0) / sigma
+    return torch.addcmul(x_t, x0, alpha, value=-1).div_(sigma)
 
 
 def score_from_x0(schedule: Schedule, x_t: Tensor, x0: Tensor, t: float | Tensor) -> Tensor:

@@ -360,8 +360,9 @@ class Problem(GlobalLatentMethods):
         ]
 
     def join_chunks(self, parts: list[Tensor], chunks: list[slice | Tensor]) -> Tensor:
-        """Per-chunk results (leading dim the chunk's particles) -> ``(n, ...)`` in order."""
-        joined = torch.cat(parts)
+        """Per-chunk results (leading dim the chunk's particles) -> ``(n, ...)`` in order (one
+        chunk's result is returned as it is, not copied)."""
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts)
         if all(isinstance(chunk, slice) for chunk in chunks):
             return joined
         order = torch.cat([chunk for chunk in chunks]).to(joined.device)
@@ -526,7 +527,7 @@ class Problem(GlobalLatentMethods):
             parts = [
                 self.prior.denoise(x_t[chunk], t if t.dim() == 0 else t[chunk]) for chunk in chunks
             ]
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def denoise_with_vjp(
         self, x_t: Tensor, t: float | Tensor, objective: Callable[[Tensor], Tensor]

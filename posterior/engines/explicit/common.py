@@ -40,6 +40,7 @@ __all__ = [
     "advance",
     "chain_mean",
     "dps_mean",
+    "add_gaussian_noise",
     "gaussian_noise",
     "initial_state",
     "noised_measurement_projection",
@@ -158,12 +159,20 @@ def dps_mean(problem: Problem, x_t: Tensor, t: Tensor, s: Tensor, scale: float) 
     x0, norm, grad = denoise_with_residual_gradient(problem, x_t, t)
     epsilon = epsilon_from_x0(schedule, x_t, x0, t)
     a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, 1.0))
-    return GuidedMean(a * x0 + b * epsilon - scale * grad, c, epsilon, norm)
+    mean = (x0 * a).addcmul_(epsilon, b).sub_(grad, alpha=scale)  # a x0 + b eps - scale grad
+    return GuidedMean(mean, c, epsilon, norm)
 
 
 def gaussian_noise(like: Tensor, generator: torch.Generator) -> Tensor:
     """Standard normal draws shaped like ``like``, on its device and dtype."""
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def add_gaussian_noise(x: Tensor, scale: Tensor | float, generator: torch.Generator) -> Tensor:
+    """``x + scale * z`` with ``z`` standard normal shaped like ``x`` ``(n, *event)`` (one fused
+    pass); ``scale`` a number or a tensor that broadcasts against ``x``."""
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return torch.addcmul(x, gaussian_noise(x, generator), scale)
 
 
 def proximal_data_step(

@@ -81,10 +81,10 @@ from diffpost.posterior.engines.common import check_choice, check_nonnegative
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
+    add_gaussian_noise,
     advance,
     chain_mean,
     dps_mean,
-    gaussian_noise,
 )
 from diffpost.posterior.guidance import denoise_with_residual_gradient
 from diffpost.posterior.problem import Problem
@@ -142,5 +142,5 @@ class DPS(ExplicitEngine, family="explicit"):
             guided_x0 = x0 - self.scale * sigma_t**2 / alpha_t * grad
             x_s = a * guided_x0 + b * epsilon_from_x0(schedule, x_t, guided_x0, t)
         if float(c) > 0:
-            x_s = x_s + c * gaussian_noise(x_s, generator)
+            x_s = add_gaussian_noise(x_s, c, generator)
         return advance(state, x_s, residual_norm=chain_mean(norm, state))

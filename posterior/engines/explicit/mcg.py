@@ -47,10 +47,10 @@ from diffpost.posterior.engines.common import check_nonnegative
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
+    add_gaussian_noise,
     advance,
     chain_mean,
     dps_mean,
-    gaussian_noise,
     noised_measurement_projection,
 )
 from diffpost.posterior.problem import Problem
@@ -86,6 +86,6 @@ class MCG(ExplicitEngine, family="explicit"):
         guided = dps_mean(problem, state.particles, t, s, self.scale)
         x_s = guided.mean
         if float(guided.noise_scale) > 0:
-            x_s = x_s + guided.noise_scale * gaussian_noise(x_s, generator)
+            x_s = add_gaussian_noise(x_s, guided.noise_scale, generator)
         x_s = noised_measurement_projection(problem, x_s, s, generator)
         return advance(state, x_s, residual_norm=chain_mean(guided.residual_norm, state))

@@ -65,9 +65,9 @@ from diffpost.posterior.engines.common import (
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
+    add_gaussian_noise,
     advance,
     chain_mean,
-    gaussian_noise,
 )
 from diffpost.posterior.guidance import (
     VJP,
@@ -144,5 +144,5 @@ class MMPS(ExplicitEngine, family="explicit"):
         a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
         x_s = a * posterior_x0 + b * epsilon_from_x0(schedule, x_t, posterior_x0, t)
         if float(c) > 0:
-            x_s = x_s + c * gaussian_noise(x_s, generator)
+            x_s = add_gaussian_noise(x_s, c, generator)
         return advance(state, x_s, residual_norm=chain_mean(residual_norm(problem, x0), state))

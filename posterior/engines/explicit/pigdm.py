@@ -108,9 +108,9 @@ from diffpost.posterior.engines.common import (
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
+    add_gaussian_noise,
     advance,
     chain_mean,
-    gaussian_noise,
     initial_state,
 )
 from diffpost.posterior.guidance import (
@@ -238,5 +238,5 @@ class PiGDM(ExplicitEngine, family="explicit"):
             guided_x0 = x0 + self.guidance_weight * sigma_t**2 / alpha_t * gradient
             x_s = a * guided_x0 + b * epsilon_from_x0(schedule, x_t, guided_x0, t)
         if float(c) > 0:
-            x_s = x_s + c * gaussian_noise(x_s, generator)
+            x_s = add_gaussian_noise(x_s, c, generator)
         return advance(state, x_s, residual_norm=chain_mean(residual_norm(problem, x0), state))

@@ -62,6 +62,7 @@ from diffpost.posterior.engines.common import check_positive, check_unit_interva
 from diffpost.posterior.engines.explicit.common import (
     ExplicitEngine,
     ExplicitState,
+    add_gaussian_noise,
     advance,
     chain_mean,
     gaussian_noise,
@@ -126,7 +127,7 @@ class ScoreSDE(ExplicitEngine, family="explicit"):
         a, b, c = (v.to(x) for v in ddim_coefficients(schedule, t, s, 1.0))
         x_s = a * x0 + b * epsilon_from_x0(schedule, x, x0, t)
         if float(c) > 0:
-            x_s = x_s + c * gaussian_noise(x_s, generator)
+            x_s = add_gaussian_noise(x_s, c, generator)
         if float(s) == 0:  # the official final merge of the denoised estimate with y
             x_s = noised_measurement_projection(problem, x_s, s, generator)
         return advance(state, x_s, corrector_step=chain_mean(step_size.flatten(), state))
