@@ -271,8 +271,25 @@ class DiscreteVP(_VariancePreserving):
         return grid[index], slope, position - index
 
     def log_alpha(self, t: float | Tensor) -> Tensor:
-        r""":math:`\log \alpha(t) = \tfrac12 \log \bar\alpha(t)`."""
-        start, slope, fraction = self._segment(_as_tensor(t))
+        r""":math:`\log \alpha(t) = \tfrac12 \log \bar\alpha(t)`.
+
+        A 0-d time on the CPU is looked up in a small memo of earlier times: the engines ask for
+        the same grid times a dozen times per step, and the interpolation's ten tensor operations
+        cost more than a step's arithmetic on small problems."""
+        t = _as_tensor(t)
+        if t.dim() or t.device.type != "cpu" or t.requires_grad:
+            return self._interpolate(t)
+        memo = self.__dict__.setdefault("_memo", {})
+        key = (float(t), t.dtype)
+        value = memo.get(key)
+        if value is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            value = memo[key] = self._interpolate(t)
+        return value.clone()
+
+    def _interpolate(self, t: Tensor) -> Tensor:
+        start, slope, fraction = self._segment(t)
         return start + slope * fraction
 
     def _log_alpha_derivative(self, t: Tensor) -> Tensor:

@@ -114,10 +114,9 @@ from diffpost.posterior.engines.explicit.common import (
     initial_state,
 )
 from diffpost.posterior.guidance import (
-    denoise_with_cotangent,
+    denoise_with_jacobian,
     measurement_inverse,
     prior_variance,
-    residual_norm,
     tweedie_variance,
 )
 from diffpost.posterior.problem import Problem
@@ -192,9 +191,10 @@ class PiGDM(ExplicitEngine, family="explicit"):
             constants={"data_variance": data_variance},
         )
 
-    def _cotangent(self, problem: Problem, variance: Tensor, x0: Tensor) -> Tensor:
+    def _cotangent(self, problem: Problem, variance: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`A^\top (A \Sigma_t A^\top + \sigma_y^2 I)^{-1} (y - A \hat x_0)`,
-        ``(n, *event)``, with :math:`\Sigma_t` the 0-d :math:`r_t^2` or a diagonal ``(*event)``."""
+        ``(n, *event)``, with :math:`\Sigma_t` the 0-d :math:`r_t^2` or a diagonal ``(*event)``,
+        and the residual's norm :math:`\lVert y - A \hat x_0 \rVert`, ``(n,)``."""
         gaussian = problem.gaussian
         operator: LinearOperator = gaussian.operator
         sigma = gaussian.sigma.to(x0)
@@ -215,7 +215,7 @@ class PiGDM(ExplicitEngine, family="explicit"):
             solved = conjugate_gradient(
                 lambda v: operator(variance * operator.adjoint(v)) + sigma**2 * v, residual
             )
-        return operator.adjoint(solved)
+        return operator.adjoint(solved), torch.linalg.vector_norm(residual.flatten(1), dim=1)
 
     def step(self, problem: Problem, state: ExplicitState, generator: torch.Generator):
         schedule = problem.prior.schedule
@@ -226,17 +226,27 @@ class PiGDM(ExplicitEngine, family="explicit"):
         else:
             variance = self.posterior_variance.at_noise_ratio(schedule.noise_ratio(t)).to(x_t)
 
-        x0, gradient = denoise_with_cotangent(
-            problem, x_t, t, lambda x0: self._cotangent(problem, variance, x0)
+        x0, gradient, norm = denoise_with_jacobian(
+            problem, x_t, t, self._guidance(problem, variance)
         )
         a, b, c = (v.to(x_t) for v in ddim_coefficients(schedule, t, s, self.eta))
         alpha_t, sigma_t = (v.to(x_t) for v in schedule(t))
         if self.guidance == "paper":  # shift the Tweedie estimate only, keep the network's noise
-            x_s = a * (x0 + self.guidance_weight * alpha_t * variance * gradient)
-            x_s = x_s + b * epsilon_from_x0(schedule, x_t, x0, t)
+            epsilon = epsilon_from_x0(schedule, x_t, x0, t)
+            guided_x0 = torch.addcmul(x0, gradient, self.guidance_weight * alpha_t * variance)
         else:  # g is the score of p(y | x_t): Tweedie's formula with the conditional score
-            guided_x0 = x0 + self.guidance_weight * sigma_t**2 / alpha_t * gradient
-            x_s = a * guided_x0 + b * epsilon_from_x0(schedule, x_t, guided_x0, t)
+            guided_x0 = torch.addcmul(x0, gradient, self.guidance_weight * sigma_t**2 / alpha_t)
+            epsilon = epsilon_from_x0(schedule, x_t, guided_x0, t)
+        x_s = epsilon.mul_(b).addcmul_(guided_x0, a)  # a guided_x0 + b epsilon
         if float(c) > 0:
             x_s = add_gaussian_noise(x_s, c, generator)
-        return advance(state, x_s, residual_norm=chain_mean(residual_norm(problem, x0), state))
+        return advance(state, x_s, residual_norm=chain_mean(norm, state))
+
+    def _guidance(self, problem: Problem, variance: Tensor):
+        """``(x0, vjp) -> (x0, J^T w, ||y - A x0||)`` for :func:`denoise_with_jacobian`."""
+
+        def apply(x0: Tensor, vjp) -> tuple[Tensor, Tensor, Tensor]:
+            cotangent, norm = self._cotangent(problem, variance, x0)
+            return x0, vjp(cotangent), norm
+
+        return apply
