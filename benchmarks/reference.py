@@ -207,9 +207,10 @@ def run(args) -> list[str]:
         "",
         f"Command: `.venv/bin/python benchmarks/reference.py {' '.join(args.argv)}`",
         f"Date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}; images: the first {args.images} "
-        f"held-out digits; {args.particles} particles per engine, one chain, engine seed 0 "
-        f"(the hierarchical mechanisms: chains x particles as in hierarchical.py); NUTS: "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}; images: {args.images} held-out "
+        f"digits from index {args.first_image}; {args.particles} particles per engine, one "
+        "chain, engine seed 0 (the hierarchical mechanisms: chains x particles as in "
+        "hierarchical.py); NUTS: "
         f"{args.warmup} warm-up and {args.samples} kept draws per chain, 4 chains per component."
         + (f" Left out: {', '.join(args.skip)}." if args.skip else ""),
         "",
@@ -221,7 +222,7 @@ def run(args) -> list[str]:
         rows: dict[str, dict[str, list[float]]] = {}
         reference_rows: dict[str, list[float]] = {}
         count = args.noise_images if name == "noise" and args.noise_images else args.images
-        for i in range(count):
+        for i in range(args.first_image, args.first_image + count):
             x = images[i]
             made = makers[name](prior, x, seed=i)
             model, kwargs = made[0], made[1]
@@ -337,6 +338,12 @@ def main():
     parser.add_argument("--problems", default="poisson,noise,phase")
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--noise-images", type=int, help="images of the noise problem")
+    parser.add_argument(
+        "--first-image",
+        type=int,
+        default=0,
+        help="index of the first held-out image of the poisson and noise problems (phase: from 0)",
+    )
     parser.add_argument("--particles", type=int, default=256)
     parser.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=int, default=1000, help="NUTS warm-up per chain")

@@ -92,6 +92,25 @@ def test_discrete_vp_linear_matches_python_cumprod():
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(t), rtol=0, atol=1e-14)
 
 
+def test_discrete_vp_scalar_times_are_memoised_without_sharing_the_result():
+    """A 0-d CPU time is looked up in a memo; the value equals the batched interpolation for
+    float64 and float32 times, and a caller's in-place change of it does not reach the memo."""
+    schedule = DiscreteVP.linear()
+    times = torch.tensor([0.0, 1e-3, 0.0015, 0.37, 0.5, 0.999, 1.0], dtype=F64)
+    batched = schedule.log_alpha(times)
+    for dtype in (F64, torch.float32):
+        for _ in range(2):  # the second pass reads the memo
+            scalar = torch.stack([schedule.log_alpha(t) for t in times.to(dtype)])
+            assert scalar.dtype == dtype
+            torch.testing.assert_close(scalar, batched.to(dtype), rtol=1e-6, atol=0)
+    value = schedule.log_alpha(times[3])
+    value.add_(1.0)
+    assert schedule.log_alpha(times[3]).item() == batched[3].item()
+    leaf = torch.tensor(0.37, dtype=F64, requires_grad=True)  # not memoised: differentiable
+    (gradient,) = torch.autograd.grad(schedule.log_alpha(leaf), leaf)
+    assert gradient.item() < 0
+
+
 def test_discrete_vp_from_betas_and_validation():
     betas = ddpm_linear_betas(50, 1e-3, 0.2)
     schedule = DiscreteVP.from_betas(betas)
