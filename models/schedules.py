@@ -247,6 +247,7 @@ class DiscreteVP(_VariancePreserving):
         self.num_train_steps = alphas_cumprod.numel()
         self.alphas_cumprod = alphas_cumprod
         self._log_alpha_grid = 0.5 * torch.cat([alphas_cumprod.new_zeros(1), alphas_cumprod.log()])
+        self._memo: dict[tuple[float, torch.dtype], Tensor] = {}  # log_alpha of 0-d CPU times
 
     @classmethod
     def linear(
@@ -279,13 +280,12 @@ class DiscreteVP(_VariancePreserving):
         t = _as_tensor(t)
         if t.dim() or t.device.type != "cpu" or t.requires_grad:
             return self._interpolate(t)
-        memo = self.__dict__.setdefault("_memo", {})
         key = (float(t), t.dtype)
-        value = memo.get(key)
+        value = self._memo.get(key)
         if value is None:
-            if len(memo) >= 4096:
-                memo.clear()
-            value = memo[key] = self._interpolate(t)
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            value = self._memo[key] = self._interpolate(t)
         return value.clone()
 
     def _interpolate(self, t: Tensor) -> Tensor:

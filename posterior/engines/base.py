@@ -253,7 +253,8 @@ def check_state(engine: Engine, state: Any, step: int, t: float | None) -> None:
             f"{engine.name}.init returned a {type(state).__name__} "
             f"without the EngineState fields {missing}"
         )
-    particles = state.particles  # a finite sum has no inf or nan terms; an overflowing one is
+    particles = state.particles  # one reduction: a finite sum has no inf or nan term, and a sum
+    # that overflows (every term finite but huge) is settled by the element-wise check
     finite = bool(torch.isfinite(particles.sum())) or bool(torch.isfinite(particles).all())
     shard = current_shard()
     if shard is not None:  # every rank of a sharded run fails together, or none does
