@@ -17,7 +17,14 @@ from diffpost.diagnostics.metrics import (
     mmd,
     sliced_wasserstein,
 )
-from diffpost.diagnostics.scores import central_intervals, coverage, crps, psnr, ssim
+from diffpost.diagnostics.scores import (
+    central_intervals,
+    coverage,
+    crps,
+    psnr,
+    rank_coverage,
+    ssim,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffpost.diagnostics.calibration import (
@@ -44,6 +51,7 @@ __all__ = [
     "psnr",
     "ssim",
     "coverage",
+    "rank_coverage",
     "central_intervals",
     "crps",
     "pareto_khat",
