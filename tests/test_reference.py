@@ -396,6 +396,7 @@ def refusal_cases():
         (plated, {"model_kwargs": {"y": y.expand(2, 2)}, "cache": False}, ValueError, "plate"),
         (model, kwargs | {"chains_per_component": 1}, ValueError, "at least 2"),
         (model, kwargs | {"num_samples": 0}, ValueError, "num_samples"),
+        (model, kwargs | {"climbs_per_component": 0}, ValueError, "climbs_per_component"),
         (model, kwargs | {"target_accept_prob": 1.0}, ValueError, "target_accept_prob"),
         (model, kwargs | {"dense_mass": 1}, TypeError, "dense_mass"),
         (model, kwargs | {"seed": 1.5}, TypeError, "seed"),
