@@ -142,10 +142,26 @@ def phase_quadrature(prior, A, y, sigma: float, n: int = 1201, limit: float = 3.
     return mean, sd, torch.softmax(log_joint.logsumexp(1), 0), log_evidence, halves
 
 
-def weighted_halves(result) -> tuple[float, float]:
+def check_against_quadrature(result, quadrature, weights: float, evidence: float, halves: tuple):
+    """The reference against :func:`phase_quadrature`: mean within 0.064 sd and sd ratios in
+    0.91-1.09 (the other tests' bounds), component weights, log-evidence and the masses of
+    ``a > b`` and ``a + b > 0`` within the given absolute bounds."""
+    mean, sd, exact_weights, log_evidence, exact_halves = quadrature
+    assert float(((result.mean().reshape(2) - mean) / sd).abs().max()) < 0.064
+    ratio = result.var().reshape(2).sqrt() / sd
+    assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
+    torch.testing.assert_close(
+        torch.tensor(result.info["component_weights"], dtype=DTYPE),
+        exact_weights,
+        atol=weights,
+        rtol=0,
+    )
+    assert abs(float(result.log_evidence[0]) - log_evidence) < evidence
     x = result.values["x"].reshape(-1, 2)
     w = (result.log_weights.exp() / result.num_chains).reshape(-1)
-    return float(w[x[:, 0] > x[:, 1]].sum()), float(w[x.sum(1) > 0].sum())
+    above, positive = float(w[x[:, 0] > x[:, 1]].sum()), float(w[x.sum(1) > 0].sum())
+    assert abs(above - exact_halves[0]) < halves[0]
+    assert abs(positive - exact_halves[1]) < halves[1]
 
 
 def test_separated_modes_of_a_component_are_sampled_apart_and_weighed(tmp_path):
@@ -153,7 +169,6 @@ def test_separated_modes_of_a_component_are_sampled_apart_and_weighed(tmp_path):
     # about 35 nats. Before the split into modes the chains of one component started at
     # different modes and the reference was refused (R-hat 2.4, bulk ESS 5).
     prior, A, y, model = phase_problem(0.03)
-    mean, sd, weights, log_evidence, halves = phase_quadrature(prior, A, y, 0.03)
     result = nuts_reference(model, model_kwargs={"y": y}, cache=tmp_path)
     info = result.info
     assert info["accepted"], info["verdict"]
@@ -166,15 +181,9 @@ def test_separated_modes_of_a_component_are_sampled_apart_and_weighed(tmp_path):
     # 0.0065 (sd 0.003), the masses of a > b and a + b > 0 by at most 0.0051 and 0.0009 (sd
     # 0.0032 and 0.0007). Bounds: the other tests' 0.064 sd and 0.91-1.09 for the moments, 4
     # Monte Carlo sds for the rest.
-    assert float(((result.mean().reshape(2) - mean) / sd).abs().max()) < 0.064
-    ratio = result.var().reshape(2).sqrt() / sd
-    assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
-    torch.testing.assert_close(
-        torch.tensor(info["component_weights"], dtype=DTYPE), weights, atol=0.007, rtol=0
+    check_against_quadrature(
+        result, phase_quadrature(prior, A, y, 0.03), 0.007, 0.012, (0.013, 0.003)
     )
-    assert abs(float(result.log_evidence[0]) - log_evidence) < 0.012
-    above, positive = weighted_halves(result)
-    assert abs(above - halves[0]) < 0.013 and abs(positive - halves[1]) < 0.003
 
 
 def test_modes_whose_chains_cross_are_merged_into_one_basin(tmp_path):
@@ -184,7 +193,6 @@ def test_modes_whose_chains_cross_are_merged_into_one_basin(tmp_path):
     # Gaussian fitted to the pooled draws of this curved basin, Pareto k-hat was 1.0-2.2 and the
     # checks refused 3 of 5 seeds.
     prior, A, y, model = phase_problem(0.1)
-    mean, sd, weights, log_evidence, halves = phase_quadrature(prior, A, y, 0.1)
     result = nuts_reference(model, model_kwargs={"y": y}, cache=tmp_path)
     info = result.info
     assert info["accepted"], info["verdict"]
@@ -198,15 +206,9 @@ def test_modes_whose_chains_cross_are_merged_into_one_basin(tmp_path):
     # 0.0065 (sd 0.005), the mass of a > b by at most 0.014 (sd 0.008: the pooled chains cross the
     # barrier slowly), of a + b > 0 by at most 0.001 (sd 0.0005). Bounds: 0.064 sd and 0.91-1.09
     # for the moments, 4 Monte Carlo sds else.
-    assert float(((result.mean().reshape(2) - mean) / sd).abs().max()) < 0.064
-    ratio = result.var().reshape(2).sqrt() / sd
-    assert float(ratio.min()) > 0.91 and float(ratio.max()) < 1.09, ratio
-    torch.testing.assert_close(
-        torch.tensor(info["component_weights"], dtype=DTYPE), weights, atol=0.007, rtol=0
+    check_against_quadrature(
+        result, phase_quadrature(prior, A, y, 0.1), 0.007, 0.02, (0.034, 0.002)
     )
-    assert abs(float(result.log_evidence[0]) - log_evidence) < 0.02
-    above, positive = weighted_halves(result)
-    assert abs(above - halves[0]) < 0.034 and abs(positive - halves[1]) < 0.002
 
 
 @pytest.fixture(scope="module")
