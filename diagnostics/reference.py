@@ -1014,12 +1014,16 @@ def sample_reference(problem: Problem, settings: NUTSSettings, seed: int) -> Par
             shares=shares,
             return_weights=True,
         )
+        nearest = nearest_mode(u, centres[k])  # once for all the component's groups
         for g in here:
             members = groups_list[g]
             listed = cells(members)
-            estimate = evidence_summary(
-                log_weights, None if listed is None else cell_mask(u, *listed)
+            mask = (
+                None
+                if listed is None
+                else torch.isin(nearest, torch.tensor(listed[1], device=u.device))
             )
+            estimate = evidence_summary(log_weights, mask)
             group_log_z[g] = estimate[0]
             for p in members:
                 log_z[p], evidence_ess[p], evidence_khat[p] = estimate
