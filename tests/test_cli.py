@@ -35,7 +35,9 @@ def test_demo_writes_datatrees_figures_and_summary(tmp_path, capsys):
     assert dps["posterior"]["x"].shape == (4, 2, 1, 8, 8)  # 4 chains of 8 // 4 draws
     assert dps["sample_stats"].sizes["step"] == 3  # --num-steps reached the engine
     summary = (output / "summary.txt").read_text()
-    assert all(name in summary for name in ("MCGDiff", "DPS", "DAPS", "psnr", "coverage"))
+    assert all(
+        name in summary for name in ("MCGDiff", "DPS", "DAPS", "psnr", "coverage", "rank_coverage")
+    )
     assert summary.strip() in printed
 
 
